@@ -1,0 +1,3 @@
+"""nextstep-jax: NextStep-1 (autoregressive image generation with continuous tokens) in JAX/Flax NNX."""
+
+__version__ = "0.1.0"
