@@ -1,0 +1,169 @@
+"""The unified NextStep-1 model (SPEC §2, §5): one causal backbone, an LM head for text and a
+flow-matching head for continuous image tokens.
+
+Inputs follow the batch contract (``nextstep_jax/data/batch.py``). At image positions the token embedding is
+replaced by ``image_in_projector(token)``; the head's condition for the image token at position p is
+``image_out_projector(h[p - 1])`` (the BOI position predicts token 0). The loss is
+``ce_weight * CE + fm_weight * FM`` with rectified flow (t=0 noise, t=1 data), t = sigmoid(N(0, 1)), and
+every (target, condition) pair repeated ``batch_mul`` times with fresh noise and t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.models import backbone as bb
+from nextstep_jax.models import fm_head
+from nextstep_jax.models import layers as L
+
+
+def normalize_tokens(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Token-wise LayerNorm without affine over the last dim (SPEC §2), computed in fp32."""
+  return L.layer_norm(x.astype(jnp.float32), eps=eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextStepConfig:
+  backbone: bb.BackboneConfig
+  head: fm_head.HeadConfig
+  token_dim: int
+  token_norm: bool = True
+  ce_weight: float = 0.01
+  fm_weight: float = 1.0
+  ce_chunk: int = 0  # > 0: compute the LM head and CE in sequence chunks of this size (saves the logits)
+
+  @classmethod
+  def from_config(cls, config: Any) -> "NextStepConfig":
+    """From the full experiment config (fields model, head, image, loss)."""
+    b = bb.BackboneConfig.from_config(config.model)
+    img = config.image
+    token_dim = int(img.latent_channels) * int(img.patch_size) ** 2
+    h = fm_head.HeadConfig(dim=config.head.dim, num_layers=config.head.num_layers, cond_dim=b.hidden_size,
+                           token_dim=token_dim, batch_mul=config.head.batch_mul, dtype=b.dtype,
+                           param_dtype=b.param_dtype, remat=b.remat)
+    return cls(backbone=b, head=h, token_dim=token_dim, token_norm=bool(img.get("token_norm", True)),
+               ce_weight=float(config.loss.ce_weight), fm_weight=float(config.loss.fm_weight),
+               ce_chunk=int(config.loss.get("ce_chunk", 0)))
+
+
+def cross_entropy(logits_blv: jax.Array, targets_bl: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed CE over positions whose target is not IGNORE, and their count (both fp32)."""
+  valid = targets_bl != IGNORE
+  logz = jax.nn.logsumexp(logits_blv, axis=-1)
+  tgt = jnp.take_along_axis(logits_blv, jnp.where(valid, targets_bl, 0)[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, logz - tgt, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def sample_fm_inputs(key: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Rectified-flow training inputs for data x1 (N, d): (x_t, t, v_target); t = sigmoid(N(0,1))."""
+  k_noise, k_t = jax.random.split(key)
+  x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
+  t = jax.nn.sigmoid(jax.random.normal(k_t, x1.shape[:1], jnp.float32))
+  x_t = t[:, None] * x1 + (1.0 - t[:, None]) * x0
+  return x_t, t, x1 - x0
+
+
+class NextStep(nnx.Module):
+  """Backbone + image projectors + flow-matching head."""
+
+  def __init__(self, c: NextStepConfig, *, rngs: nnx.Rngs):
+    self.config = c
+    hid, pd = c.backbone.hidden_size, L.dtype_of(c.backbone.param_dtype)
+    self.backbone = bb.Backbone(c.backbone, rngs=rngs)
+    self.image_in_kernel = L.param(rngs, L.xavier_uniform(), (c.token_dim, hid), (None, "embed"), pd)
+    self.image_in_bias = L.param(rngs, L.zeros_init, (hid,), ("embed",), pd)
+    self.image_out_kernel = L.param(rngs, L.xavier_uniform(), (hid, hid), ("embed", "mlp"), pd)
+    self.image_out_bias = L.param(rngs, L.zeros_init, (hid,), ("mlp",), pd)
+    self.head = fm_head.FlowHead(c.head, rngs=rngs)
+
+  # -- pieces shared by training and sampling --------------------------------------------------------
+  def prepare_tokens(self, tokens: jax.Array) -> jax.Array:
+    """Token-wise norm of image tokens (N.., d) when configured; fp32."""
+    return normalize_tokens(tokens) if self.config.token_norm else tokens.astype(jnp.float32)
+
+  def image_in(self, tokens: jax.Array) -> jax.Array:
+    dt = L.dtype_of(self.config.backbone.dtype)
+    return tokens.astype(dt) @ self.image_in_kernel[...].astype(dt) + self.image_in_bias[...].astype(dt)
+
+  def image_out(self, h: jax.Array) -> jax.Array:
+    dt = h.dtype
+    return h @ self.image_out_kernel[...].astype(dt) + self.image_out_bias[...].astype(dt)
+
+  def embed_inputs(self, tokens_bl: jax.Array, image_seq_bld: jax.Array | None,
+                   image_mask_bl: jax.Array | None) -> jax.Array:
+    """Token embeddings with in-projected image tokens at image positions. (B, L, D)."""
+    x = self.backbone.embed(tokens_bl)
+    if image_seq_bld is not None:
+      x = jnp.where(image_mask_bl[..., None], self.image_in(image_seq_bld), x)
+    return x
+
+  # -- training ------------------------------------------------------------------------------------
+  def loss(self, batch: dict[str, jax.Array], image_tokens_bmd: jax.Array, key: jax.Array
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and metrics for one packed batch.
+
+    image_tokens_bmd: the row's image-token buffer (B, M, d) (already decoded from pixels when the
+    batch carried images); batch['image_index'] (B, L) points into it, -1 on text.
+    """
+    c = self.config
+    tokens, index = batch["tokens"], batch["image_index"]
+    b, l = tokens.shape
+    m = image_tokens_bmd.shape[1]
+    img_tokens = self.prepare_tokens(image_tokens_bmd)  # (B, M, d) fp32
+    image_mask = index >= 0
+    img_seq = jnp.take_along_axis(img_tokens, jnp.clip(index, 0, m - 1)[..., None], axis=1)  # (B, L, d)
+    x = self.embed_inputs(tokens, img_seq, image_mask)
+    h, _ = self.backbone(x, batch["positions"], batch["segment_ids"])  # (B, L, D)
+
+    # Text: CE on labelled positions (fp32), optionally chunked so the (B, L, V) logits never exist whole.
+    targets = batch["targets"]
+    if c.ce_chunk and l > c.ce_chunk and l % c.ce_chunk == 0:
+      n = l // c.ce_chunk
+      hc = h.reshape(b, n, c.ce_chunk, -1).swapaxes(0, 1)
+      tc = targets.reshape(b, n, c.ce_chunk).swapaxes(0, 1)
+
+      @jax.checkpoint
+      def chunk(carry, xs):
+        s, cnt = cross_entropy(self.backbone.logits(xs[0]), xs[1])
+        return (carry[0] + s, carry[1] + cnt), None
+
+      (ce_sum, ce_cnt), _ = jax.lax.scan(chunk, (jnp.zeros(()), jnp.zeros(())), (hc, tc))
+    else:
+      ce_sum, ce_cnt = cross_entropy(self.backbone.logits(h), targets)
+    ce = ce_sum / jnp.maximum(ce_cnt, 1.0)
+
+    # Images: run the head on the M buffer slots. Slot s sits at position pos[s]; its condition is the
+    # out-projected hidden state one position earlier.
+    slot_pos = jnp.full((b, m), -1, jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
+    slot_pos = slot_pos.at[rows, jnp.where(image_mask, index, m)].set(
+        jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), mode="drop")
+    used = slot_pos >= 1
+    cond_pos = jnp.clip(slot_pos - 1, 0, l - 1)
+    h_cond = jnp.take_along_axis(h, cond_pos[..., None], axis=1)  # (B, M, D)
+    cond = self.image_out(h_cond)
+    weight = used * jnp.take_along_axis(batch["fm_mask"].astype(jnp.float32), jnp.clip(slot_pos, 0, l - 1),
+                                        axis=1)  # (B, M)
+    k = c.head.batch_mul
+    x1 = jnp.repeat(img_tokens.reshape(b * m, -1), k, axis=0)
+    cond_rep = jnp.repeat(cond.reshape(b * m, -1), k, axis=0)
+    w_rep = jnp.repeat(weight.reshape(b * m), k, axis=0)
+    x_t, t, v_target = sample_fm_inputs(key, x1)
+    v_pred = self.head(x_t, t, cond_rep)
+    mse = jnp.mean(jnp.square(v_pred - v_target), axis=-1)  # (B*M*k,)
+    fm = jnp.sum(mse * w_rep) / jnp.maximum(jnp.sum(w_rep), 1.0)
+
+    total = c.ce_weight * ce + c.fm_weight * fm
+    metrics = {"loss": total, "ce": ce, "fm": fm, "text_tokens": ce_cnt, "image_tokens": jnp.sum(weight)}
+    return total, metrics
+
+
+def build_model(config: Any, seed: int = 0) -> NextStep:
+  """Materialised model from the experiment config."""
+  return NextStep(NextStepConfig.from_config(config), rngs=nnx.Rngs(params=seed))
