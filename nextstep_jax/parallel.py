@@ -1,0 +1,349 @@
+"""Devices, mesh and sharding: multi-host start-up, the (data, fsdp, tensor) mesh, logical axes.
+
+Parameters carry logical axis names as nnx Variable metadata (``nnx.Param(w, axes=("embed",
+"mlp"))``). A rules table (``config.mesh.rules``) maps each logical name to a mesh axis, a tuple
+of mesh axes, or None (replicated). ``logical_to_spec`` turns one tuple of logical names into a
+PartitionSpec; ``shardings_for`` does it for a whole abstract state. FSDP versus tensor
+parallelism is a change of ``config.mesh.axes`` and the rules, never of model code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (str), several mesh axes (tuple), or None (replicated).
+# Logical names not listed map to None.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("layers", None),
+  # The flow-matching head's width: sharded like `embed` under FSDP (a (D, D) weight with
+  # this name on both dims is sharded on the first only, as no mesh axis is used twice).
+  ("head_dim_fm", "fsdp"),
+)
+
+_ENV_SWITCH = "NEXTSTEP_DISTRIBUTED"
+_initialized_here = False
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-host start-up
+# ------------------------------------------------------------------------------------------
+
+
+def detect_cluster(env: Mapping[str, str] | None = None) -> str | None:
+  """Names the multi-process launcher visible in `env` (os.environ by default), or None.
+
+  "forced": NEXTSTEP_DISTRIBUTED=1 (let jax auto-detect: Cloud TPU VMs without TPU env vars,
+  or any cluster jax knows); NEXTSTEP_DISTRIBUTED=0 disables detection. "env":
+  JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID). "slurm": an srun step with
+  more than one task. "ompi": mpirun with more than one rank. "tpu": a multi-host TPU slice
+  (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES list several hosts) or a multislice job
+  (MEGASCALE_COORDINATOR_ADDRESS).
+  """
+  env = os.environ if env is None else env
+  switch = env.get(_ENV_SWITCH, "").strip().lower()
+  if switch in ("0", "false", "no", "off"):
+    return None
+  if switch in ("1", "true", "yes", "on"):
+    return "forced"
+  if switch:
+    raise ValueError(f"{_ENV_SWITCH}={env[_ENV_SWITCH]!r}: expected 0/1 (or unset)")
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "env"
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+  if all(k in env for k in slurm) and int(env["SLURM_NTASKS"]) > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return "ompi"
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu"
+  hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+  if len([h for h in hosts.split(",") if h.strip()]) > 1:
+    return "tpu"
+  return None
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+  """Calls jax.distributed.initialize() once when a multi-process launcher is detected.
+
+  Must run before anything touches a jax backend (device lists, arrays). Idempotent: a second
+  call, or a call after someone else initialised, does nothing. Returns True when jax runs
+  distributed (initialised now or before), False for a single process.
+  """
+  global _initialized_here
+  if _initialized_here or jax.distributed.is_initialized():
+    return True
+  env = os.environ if env is None else env
+  kind = detect_cluster(env)
+  if kind is None:
+    return False
+  kwargs: dict[str, Any] = {}
+  if kind == "env":
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not: set all three "
+                       "(or NEXTSTEP_DISTRIBUTED=0 for a single process)")
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+  logging.info("jax.distributed.initialize (launcher: %s)", kind)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except RuntimeError as e:
+    raise RuntimeError(f"jax.distributed.initialize failed (launcher: {kind}); it must be "
+                       f"called before any jax computation or device query: {e}") from e
+  _initialized_here = True
+  return True
+
+
+# ------------------------------------------------------------------------------------------
+# Mesh
+# ------------------------------------------------------------------------------------------
+
+
+def resolve_mesh_axes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Sizes of ('data', 'fsdp', 'tensor') for `num_devices`, with one -1 filling the rest.
+
+  Missing axes count as 1. Raises ValueError naming ``mesh.axes`` for unknown axes, sizes
+  that are not positive, several -1, or a product that does not match the device count.
+  """
+  axes = dict(axes)
+  unknown = sorted(set(axes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"mesh.axes has unknown axes {unknown}; the mesh axes are {MESH_AXES}")
+  sizes = {name: int(axes.get(name, 1)) for name in MESH_AXES}
+  bad = {k: v for k, v in sizes.items() if v != -1 and v < 1}
+  if bad:
+    raise ValueError(f"mesh.axes sizes must be >= 1 or -1 (fill), got {bad}")
+  fill = [k for k, v in sizes.items() if v == -1]
+  if len(fill) > 1:
+    raise ValueError(f"mesh.axes may have at most one -1 (fill) axis, got {fill} in {sizes}")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ValueError(f"mesh.axes {sizes}: the fixed axes' product {fixed} does not divide "
+                       f"the {num_devices} devices")
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f"mesh.axes {sizes} has product {fixed}, but there are {num_devices} "
+                     "devices (use -1 on one axis to fill)")
+  return sizes
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ('data', 'fsdp', 'tensor') mesh over `devices` (all devices by default).
+
+  `mesh_config` is ``config.mesh`` (anything with ``.axes``) or the axes mapping itself.
+  Axis types are Auto: jit with NamedShardings partitions like classic pjit, and sharding
+  constraints inside the model are hints to the compiler.
+  """
+  axes = mesh_config.axes if hasattr(mesh_config, "axes") else mesh_config
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_axes(axes, len(devices))
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+# ------------------------------------------------------------------------------------------
+# Logical axes -> PartitionSpec
+# ------------------------------------------------------------------------------------------
+
+
+def rules_dict(rules: Any) -> dict[str, tuple[str, ...]]:
+  """Normalises a rules table (pairs or a mapping) to {logical: tuple of mesh axes}."""
+  items = rules.items() if isinstance(rules, Mapping) else rules
+  out: dict[str, tuple[str, ...]] = {}
+  for item in items:
+    if len(item) != 2:
+      raise ValueError(f"mesh.rules entries must be (logical, mesh axes) pairs, got {item!r}")
+    logical, target = item
+    if logical in out:
+      raise ValueError(f"mesh.rules names logical axis {logical!r} twice")
+    if target is None:
+      out[logical] = ()
+    elif isinstance(target, str):
+      out[logical] = (target,)
+    else:
+      out[logical] = tuple(target)
+    for ax in out[logical]:
+      if not isinstance(ax, str):
+        raise ValueError(f"mesh.rules[{logical!r}] must name mesh axes, got {target!r}")
+  return out
+
+
+def _mesh_sizes(mesh: Mesh | Mapping[str, int] | None) -> dict[str, int] | None:
+  if mesh is None:
+    return None
+  if isinstance(mesh, Mesh):
+    return dict(mesh.shape)
+  return dict(mesh)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Any,
+                    shape: Sequence[int] | None = None,
+                    mesh: Mesh | Mapping[str, int] | None = None) -> PartitionSpec:
+  """PartitionSpec for one array whose dims carry the logical names `axes`.
+
+  Each dim takes the mesh axes its rule names, except mesh axes an earlier dim already took
+  (a spec never uses a mesh axis twice). With `shape` and `mesh` (a Mesh or {axis: size}),
+  a mesh axis whose size (times those already chosen for the dim) does not divide the dim is
+  skipped, so the dim falls back to fewer axes or to replication.
+  """
+  table = rules_dict(rules)
+  sizes = _mesh_sizes(mesh)
+  known = set(sizes) if sizes is not None else set(MESH_AXES)
+  if shape is not None and len(shape) != len(axes):
+    raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  entries: list[Any] = []
+  for i, name in enumerate(axes):
+    targets = table.get(name, ()) if name is not None else ()
+    chosen: list[str] = []
+    prod = 1
+    for ax in targets:
+      if ax not in known:
+        raise ValueError(f"mesh.rules maps {name!r} to mesh axis {ax!r}, which is not one of "
+                         f"{sorted(known)}")
+      if ax in used:
+        continue
+      if shape is not None and sizes is not None and shape[i] % (prod * sizes[ax]):
+        continue
+      chosen.append(ax)
+      prod *= sizes[ax] if sizes is not None else 1
+    used.update(chosen)
+    entries.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*entries)
+
+
+def logical_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Any,
+                     shape: Sequence[int] | None = None) -> NamedSharding:
+  """NamedSharding for logical `axes` on `mesh` (e.g. for activation sharding constraints)."""
+  return NamedSharding(mesh, logical_to_spec(axes, rules, shape=shape, mesh=mesh))
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'layers.0.attn.q_proj' from a jax key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return ".".join(parts)
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _value_of(leaf: Any) -> Any:
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def param_axes(state: Any) -> Any:
+  """Maps an nnx.State (or any pytree) of Variables to the same tree of logical-axes tuples.
+
+  Every leaf must be an nnx.Variable declared with ``axes=(...)`` metadata of the value's
+  rank; otherwise ValueError lists the offending paths. The result has tuples where the
+  Variables were; use it as the `axes` of ``shardings_for`` (tuples are pytree nodes, so map
+  it together with a tree whose leaves sit at those positions).
+  """
+  problems: list[str] = []
+
+  def one(path, leaf):
+    p = path_str(path)
+    if not _is_variable(leaf):
+      problems.append(f"{p}: a {type(leaf).__name__}, not an nnx.Variable with axes metadata")
+      return ()
+    meta = leaf.get_metadata()
+    if "axes" not in meta:
+      problems.append(f"{p}: {type(leaf).__name__} has no `axes` metadata")
+      return ()
+    axes = tuple(meta["axes"])
+    ndim = len(np.shape(_value_of(leaf)))
+    if len(axes) != ndim:
+      problems.append(f"{p}: axes {axes} do not match the value's rank {ndim}")
+    return axes
+
+  out = jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
+  if problems:
+    raise ValueError("parameters without valid logical axes:\n  " + "\n  ".join(problems))
+  return out
+
+
+def shardings_for(abstract: Any, mesh: Mesh, rules: Any, axes: Any = None) -> Any:
+  """NamedShardings for every leaf of `abstract`, from logical axes and the rules table.
+
+  `abstract` is a pytree whose leaves are jax.ShapeDtypeStruct (or arrays), or nnx.Variables
+  holding them; `axes` is the parallel tree of logical-axes tuples (default:
+  ``param_axes(abstract)``, which reads the Variables' metadata). The result has a
+  NamedSharding where each leaf (or Variable) was: usable as jit in/out_shardings for the
+  state and as the shardings of restore/eval_shape targets.
+  """
+  if axes is None:
+    axes = param_axes(abstract)
+
+  def is_leaf(x):
+    return _is_variable(x) or isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray))
+
+  def one(path, leaf, leaf_axes):
+    shape = np.shape(_value_of(leaf))
+    if not isinstance(leaf_axes, tuple) or len(leaf_axes) != len(shape):
+      raise ValueError(f"{path_str(path)}: logical axes {leaf_axes!r} do not match shape {shape}")
+    return NamedSharding(mesh, logical_to_spec(leaf_axes, rules, shape=shape, mesh=mesh))
+
+  return jax.tree_util.tree_map_with_path(one, abstract, axes, is_leaf=is_leaf)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """The abstract tree with each ShapeDtypeStruct carrying its sharding (a restore target)."""
+
+  def is_leaf(x):
+    return _is_variable(x) or isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray))
+
+  def one(leaf, sharding):
+    value = _value_of(leaf)
+    sds = jax.ShapeDtypeStruct(np.shape(value), value.dtype, sharding=sharding)
+    if _is_variable(leaf):
+      return leaf.replace(sds)
+    return sds
+
+  return jax.tree.map(one, abstract, shardings, is_leaf=is_leaf)
+
+
+# ------------------------------------------------------------------------------------------
+# Batch
+# ------------------------------------------------------------------------------------------
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of every batch array: leading (row) dim over ('data', 'fsdp'), rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Global jax.Arrays from this process's rows (B_local = B / process_count of each array)."""
+  sharding = data_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
