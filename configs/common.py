@@ -129,7 +129,9 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
   # Derived and stored: follows latent_channels / patch_size when they are overridden.
   c.image.token_dim = c.image.get_ref("latent_channels") * c.image.get_ref("patch_size") ** 2
 
-  c.loss = ml_collections.ConfigDict(dict(ce_weight=0.01, fm_weight=1.0))
+  # ce_chunk > 0: LM head + CE in sequence chunks of this many positions (never holds the
+  # full (B, L, vocab) logits); must divide data.seq_len.
+  c.loss = ml_collections.ConfigDict(dict(ce_weight=0.01, fm_weight=1.0, ce_chunk=0))
 
   c.optim = ml_collections.ConfigDict(dict(
     lr=1e-4, min_lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.1,
@@ -187,6 +189,7 @@ def stage_config(name: str) -> ml_collections.ConfigDict:
 
   c.loss.ce_weight = row["ce_weight"]
   c.loss.fm_weight = row["fm_weight"]
+  c.loss.ce_chunk = 2048          # 2048 x 152064 fp32 logits = 1.2 GB per row at a time
   c.optim.lr = row["lr"]
   c.optim.min_lr = row["min_lr"]
   c.optim.schedule = row["schedule"]

@@ -133,6 +133,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     err(f"image.token_dim={im.token_dim} != image.latent_channels * image.patch_size**2 = "
         f"{im.latent_channels * im.patch_size ** 2}")
   non_negative("loss.ce_weight", "loss.fm_weight")
+  ce_chunk = config.loss.get("ce_chunk", 0)
+  if ce_chunk < 0 or (ce_chunk > 0 and config.data.seq_len % ce_chunk):
+    err(f"loss.ce_chunk={ce_chunk} must be 0 (off) or divide data.seq_len={config.data.seq_len}")
 
   # Optimiser.
   o = config.optim

@@ -34,9 +34,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("mlp", "tensor"),
   ("vocab", "tensor"),
   ("layers", None),
-  # The flow-matching head's width: sharded like `embed` under FSDP (a (D, D) weight with
-  # this name on both dims is sharded on the first only, as no mesh axis is used twice).
-  ("head_dim_fm", "fsdp"),
+  ("norm", None),
+  # The flow-matching head's two widths, sharded like embed / mlp of the backbone.
+  ("fm_embed", "fsdp"),
+  ("fm_mlp", "tensor"),
 )
 
 _ENV_SWITCH = "NEXTSTEP_DISTRIBUTED"
@@ -330,6 +331,36 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return sds
 
   return jax.tree.map(one, abstract, shardings, is_leaf=is_leaf)
+
+
+def shardings_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree that holds copies of the parameters, e.g. an optax state.
+
+  A leaf of `tree` whose key path ends with a parameter's key path and has that parameter's
+  shape gets the parameter's sharding (Adam's mu/nu follow the params); every other leaf
+  (step counts, scalars) is replicated. `params` is the abstract parameter tree and
+  `param_shardings` its shardings (as from ``shardings_for``).
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  is_sharding = lambda x: isinstance(x, NamedSharding)
+  # Expand shardings given per Variable to every array leaf under it.
+  full = jax.tree.map(lambda sh, sub: jax.tree.map(lambda _: sh, sub), param_shardings, params,
+                      is_leaf=is_sharding)
+  by_path: dict[tuple, tuple[tuple[int, ...], NamedSharding]] = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                              jax.tree.leaves(full, is_leaf=is_sharding)):
+    by_path[tuple(path)] = (tuple(np.shape(leaf)), sh)
+  longest = max((len(p) for p in by_path), default=0)
+
+  def one(path, leaf):
+    shape = tuple(np.shape(leaf))
+    for n in range(min(len(path), longest), 0, -1):
+      hit = by_path.get(tuple(path[-n:]))
+      if hit is not None and hit[0] == shape:
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 # ------------------------------------------------------------------------------------------
