@@ -184,7 +184,8 @@ def stage_config(name: str) -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  # Flash attention on GPU (the paper trained on GPUs); use "splash" on TPU.
+  # cuDNN flash attention on NVIDIA GPUs (the paper trained on GPUs); elsewhere choose another
+  # of the model's attention implementations with --config.model.attention.
   c.model.attention = "cudnn"
 
   c.loss.ce_weight = row["ce_weight"]

@@ -23,6 +23,7 @@ from nextstep_jax.parallel import MESH_AXES, resolve_mesh_axes, rules_dict
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+# The schema's attention names; validate() uses the model's own list when it is importable.
 ATTENTION = ("xla", "cudnn", "splash")
 SCHEDULES = ("constant", "cosine")
 PAYLOADS = ("images", "image_tokens")
@@ -49,6 +50,14 @@ SCHEMA: dict[str, tuple[str, ...]] = {
   "tokenizer": ("kind", "path", "vocab_size"),
   "vae": ("preset", "checkpoint"),
 }
+
+
+def _attention_implementations() -> tuple[str, ...]:
+  try:
+    from nextstep_jax.models.attention import IMPLEMENTATIONS
+  except ImportError:
+    return ATTENTION
+  return tuple(IMPLEMENTATIONS)
 
 
 class ConfigError(ValueError):
@@ -114,7 +123,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   for n in ("dtype", "param_dtype"):
     one_of(f"model.{n}", DTYPES)
   one_of("model.remat", REMAT)
-  one_of("model.attention", ATTENTION)
+  one_of("model.attention", _attention_implementations())
   if m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
     err(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
   if m.head_dim % 2:
