@@ -1,0 +1,400 @@
+"""VAE weights across the border: FLUX / NextStep state dicts, diffusers AutoencoderKL, and back.
+
+Formats read:
+  * FLUX / LDM / NextStep names (NextStep's ``checkpoint.pt``, FLUX's ``ae.safetensors``):
+    ``encoder.down.{i}.block.{j}.conv1.weight``, ``encoder.mid.attn_1.q.weight`` (a 1x1 conv),
+    ``decoder.up.{i}.upsample.conv.weight`` (``up.{i}`` is resolution level i, as in FLUX).
+    A leading ``first_stage_model.``, ``vae.`` or ``ae.`` is stripped (documented conversion).
+  * diffusers ``AutoencoderKL`` (``encoder.down_blocks.{i}.resnets.{j}``, ``mid_block.attentions.0.to_q``
+    as a Linear, ``decoder.up_blocks.{k}`` deepest first). Only the FLUX layout: no quant convs.
+Files: ``.safetensors`` (preferred) or a PyTorch pickle (``.pt``/``.pth``/``.bin``/``.ckpt``) read
+with ``torch.load(weights_only=True)``, which refuses to run code; without torch such files are
+refused. Nothing else is unpickled.
+
+Written: ``export_vae(vae, out_dir)`` -> ``checkpoint.safetensors`` (FLUX names, PyTorch layouts,
+float32) + ``config.json`` (NextStep's fields ``psz``, ``encoder_norm``, ``scaling_factor``,
+``shift_factor``, ``deterministic`` plus the FLUX architecture fields ``ch``, ``ch_mult``,
+``num_res_blocks``, ``z_channels``, ``in_channels``, ``out_ch`` and ours ``norm_groups``,
+``mid_attention``, ``norm_eps``).
+
+Layouts: conv weight [out, in, kh, kw] <-> our kernel [kh, kw, in, out]; attention q/k/v/proj_out
+are 1x1 convs in FLUX ([C, C, 1, 1]) and Linears in diffusers ([C, C]); GroupNorm weight <-> scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nextstep_jax.models import vae as vae_lib
+from nextstep_jax.models.vae import AutoencoderKL, VAEConfig
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+STRIP_PREFIXES = ("first_stage_model.", "vae.", "ae.")
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class StateDictError(ValueError):
+  """A state dict that does not fit the VAE (missing, unexpected or misshapen keys)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files.
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a checkpoint file into {name: float32 numpy array} without running any pickled code."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"VAE checkpoint {path} does not exist")
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open
+    out = {}
+    try:
+      with safe_open(path, framework="numpy") as f:
+        for k in f.keys():
+          out[k] = np.asarray(f.get_tensor(k))
+    except TypeError:  # bfloat16 has no numpy dtype: read through torch when it is there
+      out = _load_safetensors_via_torch(path)
+    return _to_float32(out, path)
+  if path.endswith(PICKLE_SUFFIXES):
+    try:
+      import torch
+    except ImportError as e:
+      raise ValueError(f"{path} is a PyTorch pickle; reading it safely needs torch "
+                       f"(torch.load(weights_only=True)). Convert it to safetensors instead.") from e
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary objects
+      raise ValueError(f"{path}: refused by torch.load(weights_only=True) (it holds more than "
+                       f"tensors, or is corrupt): {e}") from e
+    if isinstance(obj, Mapping) and len(obj) == 1:
+      (key, inner), = obj.items()
+      if key in ("state_dict", "model", "module") and isinstance(inner, Mapping):
+        obj = inner  # a trainer's wrapper around the state dict
+    if not isinstance(obj, Mapping):
+      raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    out = {}
+    for k, v in obj.items():
+      if not hasattr(v, "detach"):
+        raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+      out[str(k)] = v.detach().float().cpu().numpy()
+    return _to_float32(out, path)
+  raise ValueError(f"{path}: unsupported checkpoint type; use .safetensors "
+                   f"(or a PyTorch state dict {PICKLE_SUFFIXES}, read with weights_only=True)")
+
+
+def _load_safetensors_via_torch(path: str) -> dict[str, np.ndarray]:
+  try:
+    from safetensors.torch import load_file
+  except ImportError as e:
+    raise ValueError(f"{path} holds bfloat16 tensors; reading them needs torch") from e
+  return {k: v.float().numpy() for k, v in load_file(path).items()}
+
+
+def _to_float32(sd: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in sd.items():
+    if not np.issubdtype(v.dtype, np.floating):
+      raise ValueError(f"{path}: tensor {k!r} has dtype {v.dtype}, expected floating point")
+    out[k] = v.astype(np.float32)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Name conventions.
+
+
+def strip_prefixes(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Removes one leading ``first_stage_model.`` / ``vae.`` / ``ae.`` when every key has it."""
+  for prefix in STRIP_PREFIXES:
+    if sd and all(k.startswith(prefix) for k in sd):
+      return {k[len(prefix):]: v for k, v in sd.items()}
+  return dict(sd)
+
+
+def is_diffusers(sd: Mapping[str, Any]) -> bool:
+  return any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in sd)
+
+
+_DIFF_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+              "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def diffusers_to_flux(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames a diffusers AutoencoderKL state dict (FLUX layout) to FLUX names and layouts."""
+  quant = sorted(k for k in sd if k.startswith(("quant_conv.", "post_quant_conv.")))
+  if quant:
+    raise StateDictError(f"state dict has quant convs {quant}: the FLUX/NextStep layout has none "
+                         f"(use_quant_conv=False, use_post_quant_conv=False)")
+  up_ids = {int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
+  n_up = max(up_ids) + 1 if up_ids else 0
+  out = {}
+  for k, v in sd.items():
+    name = k
+    m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", k)
+    if m:
+      part = _DIFF_ATTN.get(m.group(2))
+      if part is None:
+        raise StateDictError(f"unknown diffusers attention parameter {k!r}")
+      name = f"{m.group(1)}.mid.attn_1.{part}.{m.group(3)}"
+      if m.group(3) == "weight" and part != "norm" and v.ndim == 2:
+        v = v[:, :, None, None]  # Linear -> 1x1 conv
+      out[name] = v
+      continue
+    name = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1.", name)
+    name = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2.", name)
+    name = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", name)
+    name = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.",
+                  name)
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(.*)$", name)
+    if m:
+      level = n_up - 1 - int(m.group(1))
+      rest = re.sub(r"^resnets\.(\d+)\.", r"block.\1.", m.group(2))
+      rest = re.sub(r"^upsamplers\.0\.", "upsample.", rest)
+      name = f"decoder.up.{level}.{rest}"
+    name = name.replace(".conv_shortcut.", ".nin_shortcut.")
+    name = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", name)
+    out[name] = v
+  return out
+
+
+def to_flux_names(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Any supported naming (FLUX/LDM/NextStep, diffusers, prefixed) -> FLUX names."""
+  sd = strip_prefixes(sd)
+  return diffusers_to_flux(sd) if is_diffusers(sd) else dict(sd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Our parameter tree <-> FLUX names.
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _flux_name(path: tuple) -> str:
+  leaf = path[-1]
+  return ".".join(str(p) for p in path[:-1]) + "." + ("bias" if leaf == "bias" else "weight")
+
+
+def _to_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    return np.transpose(x, (3, 2, 0, 1))  # HWIO -> OIHW
+  return x
+
+
+def _from_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    return np.transpose(x, (2, 3, 1, 0))  # OIHW -> HWIO
+  return x
+
+
+def vae_to_flux_state_dict(vae: AutoencoderKL) -> dict[str, np.ndarray]:
+  """FLUX-named float32 numpy state dict of a model (PyTorch layouts)."""
+  pure = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
+  return {_flux_name(p): np.ascontiguousarray(_to_torch_layout(p, np.asarray(v, np.float32)))
+          for p, v in _flatten(pure).items()}
+
+
+def load_flux_state_dict(vae: AutoencoderKL, sd: Mapping[str, np.ndarray],
+                         source: str = "state dict") -> AutoencoderKL:
+  """Copies a FLUX-named state dict into ``vae`` in place (and returns it).
+
+  Raises StateDictError listing every missing, unexpected and misshapen key.
+  """
+  state = nnx.state(vae, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  flat = _flatten(pure)
+  by_name = {_flux_name(p): p for p in flat}
+  missing = sorted(set(by_name) - set(sd))
+  unexpected = sorted(set(sd) - set(by_name))
+  misshapen = []
+  new_flat = {}
+  for name, path in by_name.items():
+    if name not in sd:
+      continue
+    want = tuple(np.shape(flat[path]))
+    got = _from_torch_layout(path, np.asarray(sd[name], np.float32))
+    if tuple(got.shape) != want:
+      misshapen.append(f"{name}: expected {tuple(_to_torch_layout(path, np.zeros(want)).shape)}, "
+                       f"got {tuple(np.shape(sd[name]))}")
+    new_flat[path] = got
+  problems = []
+  if missing:
+    problems.append(f"missing keys ({len(missing)}): {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+  if unexpected:
+    problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}"
+                    f"{' ...' if len(unexpected) > 10 else ''}")
+  if misshapen:
+    problems.append(f"misshapen keys ({len(misshapen)}): {misshapen[:10]}"
+                    f"{' ...' if len(misshapen) > 10 else ''}")
+  if problems:
+    raise StateDictError(f"{source} does not fit the VAE config "
+                         f"{vae.config.to_dict()}: " + "; ".join(problems))
+  new_pure: dict = {}
+  for path, v in new_flat.items():
+    node = new_pure
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = v
+  nnx.replace_by_pure_dict(state, new_pure)
+  nnx.update(vae, state)
+  return vae
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs.
+
+
+def config_from_state_dict(sd: Mapping[str, np.ndarray], **fields) -> VAEConfig:
+  """Reads the architecture from FLUX-named weight shapes; ``fields`` set what weights cannot
+  tell (norm_groups, patch_size, token_norm, scaling/shift factors, ...)."""
+  def need(name):
+    if name not in sd:
+      raise StateDictError(f"state dict is missing {name!r}, needed to infer the VAE architecture")
+    return sd[name].shape
+  base, in_ch = need("encoder.conv_in.weight")[:2]
+  levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+  if not levels or levels != list(range(len(levels))):
+    raise StateDictError(f"encoder.down.* levels are {levels}, expected 0..N-1")
+  mults = []
+  for i in levels:
+    out_ch = need(f"encoder.down.{i}.block.0.conv2.weight")[0]
+    if out_ch % base:
+      raise StateDictError(f"encoder.down.{i} has {out_ch} channels, not a multiple of {base}")
+    mults.append(out_ch // base)
+  n_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+  dec_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.0\.block\.(\d+)\.", k))})
+  if dec_blocks != n_blocks + 1:
+    raise StateDictError(f"decoder has {dec_blocks} ResNet blocks per level, encoder {n_blocks}: "
+                         f"the FLUX layout has one more in the decoder")
+  latent = need("decoder.conv_in.weight")[1]
+  if need("encoder.conv_out.weight")[0] != 2 * latent:
+    raise StateDictError(f"encoder.conv_out has {need('encoder.conv_out.weight')[0]} outputs, "
+                         f"expected 2 x {latent} latent channels (mean, logvar)")
+  arch = dict(in_channels=int(in_ch), out_channels=int(need("decoder.conv_out.weight")[0]),
+              base_channels=int(base), channel_mults=tuple(mults), num_res_blocks=n_blocks,
+              latent_channels=int(latent), mid_attention="encoder.mid.attn_1.q.weight" in sd)
+  arch.update(fields)
+  return VAEConfig(**arch)
+
+
+def config_fields_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
+  """VAEConfig fields from a NextStep/FLUX ``config.json`` or a diffusers one (known keys only)."""
+  f: dict[str, Any] = {}
+  if "block_out_channels" in d:  # diffusers
+    boc = list(d["block_out_channels"])
+    f["base_channels"] = boc[0]
+    if any(c % boc[0] for c in boc):
+      raise ValueError(f"block_out_channels {boc} are not multiples of the first")
+    f["channel_mults"] = tuple(c // boc[0] for c in boc)
+    if "layers_per_block" in d:
+      f["num_res_blocks"] = d["layers_per_block"]
+    if "norm_num_groups" in d:
+      f["norm_groups"] = d["norm_num_groups"]
+    if "mid_block_add_attention" in d:
+      f["mid_attention"] = bool(d["mid_block_add_attention"])
+    if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
+      raise ValueError("diffusers config has quant convs; the FLUX/NextStep layout has none")
+    f["token_norm"] = False  # plain diffusers VAEs have no token norm
+  for src, dst in (("ch", "base_channels"), ("ch_mult", "channel_mults"),
+                   ("num_res_blocks", "num_res_blocks"), ("z_channels", "latent_channels"),
+                   ("latent_channels", "latent_channels"), ("in_channels", "in_channels"),
+                   ("out_ch", "out_channels"), ("out_channels", "out_channels"),
+                   ("psz", "patch_size"), ("encoder_norm", "token_norm"),
+                   ("scaling_factor", "scaling_factor"), ("shift_factor", "shift_factor"),
+                   ("deterministic", "deterministic"), ("norm_groups", "norm_groups"),
+                   ("norm_eps", "norm_eps"), ("mid_attention", "mid_attention")):
+    if d.get(src) is not None:
+      f[dst] = tuple(d[src]) if dst == "channel_mults" else d[src]
+  if "psz" in d and d["psz"] is None:  # NextStep: no patching -> 1x1 tokens
+    f["patch_size"] = 1
+  return f
+
+
+def config_to_json(cfg: VAEConfig) -> dict[str, Any]:
+  """NextStep-style config.json for an exported VAE."""
+  return {
+      "ch": cfg.base_channels, "ch_mult": list(cfg.channel_mults),
+      "num_res_blocks": cfg.num_res_blocks, "z_channels": cfg.latent_channels,
+      "in_channels": cfg.in_channels, "out_ch": cfg.out_channels, "psz": cfg.patch_size,
+      "encoder_norm": cfg.token_norm, "scaling_factor": cfg.scaling_factor,
+      "shift_factor": cfg.shift_factor, "deterministic": cfg.deterministic,
+      "norm_groups": cfg.norm_groups, "norm_eps": cfg.norm_eps, "mid_attention": cfg.mid_attention,
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def vae_from_state_dict(sd: Mapping[str, np.ndarray], cfg: VAEConfig | None = None,
+                        source: str = "state dict", **fields) -> AutoencoderKL:
+  """A model holding ``sd`` (any supported naming). Without ``cfg`` the architecture is read from
+  the weights, with ``fields`` for what they cannot tell."""
+  flux = to_flux_names(sd)
+  if cfg is None:
+    cfg = config_from_state_dict(flux, **fields)
+  # Zero-filled (not randomly initialised) placeholders, overwritten by the state dict.
+  graphdef, state = nnx.split(vae_lib.abstract_vae(cfg))
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+  return load_flux_state_dict(nnx.merge(graphdef, state), flux, source)
+
+
+def load_vae_file(path: str, config_json: str | None = None, **fields) -> AutoencoderKL:
+  """A model from one weights file (FLUX/NextStep or diffusers names); the architecture comes from
+  the weights, the latent conventions from ``config_json`` (a NextStep/diffusers config.json) and
+  ``fields``. FLUX's 32 GroupNorm groups are assumed unless a config says otherwise."""
+  cfg_fields: dict[str, Any] = {}
+  if config_json:
+    with open(config_json) as f:
+      cfg_fields = config_fields_from_json(json.load(f))
+  cfg_fields.update(fields)
+  sd = load_state_dict(path)
+  arch_keys = ("base_channels", "channel_mults", "num_res_blocks", "latent_channels",
+               "in_channels", "out_channels", "mid_attention")
+  extra = {k: v for k, v in cfg_fields.items() if k not in arch_keys}
+  vae = vae_from_state_dict(sd, source=path, **extra)
+  for k in arch_keys:  # the config, when given, must agree with the weights
+    if k in cfg_fields and getattr(vae.config, k) != cfg_fields[k]:
+      raise StateDictError(f"{config_json}: {k}={cfg_fields[k]!r} but the weights in {path} have "
+                           f"{getattr(vae.config, k)!r}")
+  return vae
+
+
+def load_vae_dir(directory: str, **fields) -> AutoencoderKL:
+  """A model from a directory: ``config.json`` plus ``checkpoint.safetensors`` (our export),
+  ``diffusion_pytorch_model.safetensors`` (diffusers) or ``checkpoint.pt`` (NextStep release)."""
+  config_json = os.path.join(directory, CONFIG_FILE)
+  for name in (CHECKPOINT_FILE, "diffusion_pytorch_model.safetensors", "ae.safetensors",
+               "checkpoint.pt"):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return load_vae_file(path, config_json if os.path.isfile(config_json) else None, **fields)
+  raise FileNotFoundError(f"{directory}: no VAE weights (looked for {CHECKPOINT_FILE}, "
+                          f"diffusion_pytorch_model.safetensors, ae.safetensors, checkpoint.pt)")
+
+
+def export_vae(vae: AutoencoderKL, out_dir: str) -> str:
+  """Writes ``checkpoint.safetensors`` (FLUX names) and ``config.json`` into ``out_dir``."""
+  from safetensors.numpy import save_file
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, CHECKPOINT_FILE)
+  save_file(vae_to_flux_state_dict(vae), path, metadata={"format": "pt", "names": "flux"})
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    json.dump(config_to_json(vae.config), f, indent=2)
+  return path
