@@ -1,0 +1,671 @@
+"""The training input pipeline (grain): sources -> named weighted mixture -> host shard -> samples
+-> packed rows -> per-process numpy batches (batch.py), with an exactly resumable iterator.
+
+The stream, stage by stage:
+1. Per source (named component: "text", "pair", "edit", "interleaved"): records, shuffled with a
+   per-source seed and repeated forever with a fresh shuffle each epoch
+   (``MapDataset.source(...).shuffle(seed).repeat()``).
+2. The named mixture (``NamedMixMapDataset``): global position k -> (component, ordinal n) ->
+   that component's record n. Positions come in blocks of ``MIX_BLOCK``; every block holds each
+   component's exact quota of the stage ratios (largest remainder), in a seeded random order, so
+   realised shares match the ratios to 1/MIX_BLOCK. The mapping is pure index arithmetic.
+3. Host sharding: process p of P takes global positions p, p+P, p+2P, ... (``ds[p::P]``), so the
+   hosts' shards are disjoint and their union is the single-host stream, record for record.
+4. ``ElementBuilder`` (grain map, parallel in threads or worker processes): decode the record
+   (bad ones become counted markers, never exceptions), prepare images, build the sample
+   sequences (sequences.py).
+5. ``PackedBatchDataset``: best-fit packing into rows and batches of ``batch_size //
+   process_count`` rows (packing.py); counters of skipped and converted records.
+
+Checkpointing: the iterator's state (JSON) holds the position in the stream, the open and queued
+rows as sample keys ``[component, n, k, j]`` (samples are rebuilt from keys on restore), the
+counters, and the mixture's anchor and ratios by component name. Restoring under different
+ratios (a later stage) keeps each component's position (no record repeats) and re-anchors the
+block schedule at the restore point; components absent from the new ratios keep their counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import sys
+import threading
+import zlib
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from nextstep_jax.data import digits as digits_lib
+from nextstep_jax.data import sources as sources_lib
+from nextstep_jax.data.batch import validate_batch
+from nextstep_jax.data.packing import RowPacker, RowSpec, assemble_batch
+from nextstep_jax.data.sequences import Image, Sample, SequenceBuilder
+
+COMPONENTS = ("text", "pair", "edit", "interleaved")
+MIX_BLOCK = 1000
+STATE_VERSION = 1
+_log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings read from the config.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """Everything the pipeline reads from a config, validated (see notes/config.md)."""
+  source: str
+  batch_size: int          # global rows
+  local_batch: int         # rows per process
+  seq_len: int
+  ratios: dict
+  image_size: int
+  unit: int                # pixels per token side: vae_factor * patch_size
+  token_dim: int
+  min_image_tokens: int
+  max_image_tokens: int
+  sides: tuple             # base grid sides of the area range (sources.area_sides)
+  payload: str
+  max_images: int
+  max_row_image_tokens: int
+  drop_text_prob: float
+  num_workers: int
+  num_threads: int
+  seed: int
+  open_rows: int
+  workdir: str
+
+  @property
+  def pixel(self) -> bool:
+    return self.payload == "images"
+
+  def row_spec(self, pad_id: int) -> RowSpec:
+    return RowSpec(seq_len=self.seq_len, payload=self.payload, max_images=self.max_images,
+                   max_image_tokens=self.max_row_image_tokens, token_dim=self.token_dim,
+                   image_shape=(self.image_size, self.image_size), pad_id=pad_id,
+                   open_rows=self.open_rows)
+
+
+def normalise_ratios(ratios) -> dict[str, float]:
+  """Component -> share (positive ones only, summing to 1); clear errors for bad ratio tables."""
+  ratios = dict(ratios)
+  unknown = sorted(set(ratios) - set(COMPONENTS))
+  if unknown:
+    raise ValueError(f"data.ratios has unknown components {unknown}; known: {COMPONENTS}")
+  for name, v in ratios.items():
+    if not isinstance(v, (int, float)) or v < 0 or v != v:
+      raise ValueError(f"data.ratios.{name} must be a non-negative number, got {v!r}")
+  total = float(sum(ratios.values()))
+  if total <= 0:
+    raise ValueError(f"data.ratios must have a positive entry, got {ratios}")
+  return {n: float(ratios[n]) / total for n in COMPONENTS if ratios.get(n, 0) > 0}
+
+
+def data_settings(config, process_count: int = 1) -> DataSettings:
+  """Reads and validates config.data / config.image (errors name the field)."""
+  d, im = config.data, config.image
+  get = lambda cfg, k, default: cfg[k] if k in cfg else default  # noqa: E731
+  unit = int(im.vae_factor) * int(im.patch_size)
+  token_dim = int(get(im, "token_dim", int(im.latent_channels) * int(im.patch_size) ** 2))
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1, got {process_count}")
+  if d.batch_size % process_count:
+    raise ValueError(f"data.batch_size ({d.batch_size}) must be divisible by the process count "
+                     f"({process_count})")
+  if d.seq_len < 8:
+    raise ValueError(f"data.seq_len must be at least 8, got {d.seq_len}")
+  if d.payload not in ("images", "image_tokens"):
+    raise ValueError(f"data.payload must be 'images' or 'image_tokens', got {d.payload!r}")
+  if not d.source:
+    raise ValueError("data.source is empty: 'digits' or a directory written by data/sources.py")
+  sides = sources_lib.area_sides(int(d.min_image_tokens), int(d.max_image_tokens))
+  if d.source == "digits" or d.payload == "images":
+    if d.image_size % unit:
+      raise ValueError(f"data.image_size ({d.image_size}) must be a multiple of vae_factor * "
+                       f"patch_size ({unit})")
+  if d.source == "digits":
+    per_image = (d.image_size // unit) ** 2
+    if not d.min_image_tokens <= per_image <= d.max_image_tokens:
+      raise ValueError(f"digits of {d.image_size} px make {per_image} tokens per image, outside "
+                       f"data.min_image_tokens..max_image_tokens ({d.min_image_tokens}.."
+                       f"{d.max_image_tokens})")
+  return DataSettings(
+      source=str(d.source), batch_size=int(d.batch_size),
+      local_batch=int(d.batch_size) // process_count, seq_len=int(d.seq_len),
+      ratios=normalise_ratios(d.ratios), image_size=int(d.image_size), unit=unit,
+      token_dim=token_dim, min_image_tokens=int(d.min_image_tokens),
+      max_image_tokens=int(d.max_image_tokens), sides=sides, payload=str(d.payload),
+      max_images=int(d.max_images), max_row_image_tokens=int(d.max_row_image_tokens),
+      drop_text_prob=float(d.drop_text_prob), num_workers=int(get(d, "num_workers", 0)),
+      num_threads=int(get(d, "num_threads", 0)), seed=int(get(d, "seed", 0)),
+      open_rows=int(get(d, "pack_open_rows", 8)), workdir=str(get(config, "workdir", "") or ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# The named mixture.
+# ---------------------------------------------------------------------------------------------
+
+def block_quotas(weights: dict[str, float], block: int = MIX_BLOCK) -> dict[str, int]:
+  """Records per component in one block: floor(w * block), remainders by largest fraction."""
+  names = list(weights)
+  raw = np.array([weights[n] * block for n in names])
+  q = np.floor(raw).astype(np.int64)
+  order = sorted(range(len(names)), key=lambda i: (-(raw[i] - q[i]), i))
+  for i in order[:block - int(q.sum())]:
+    q[i] += 1
+  return {n: int(v) for n, v in zip(names, q)}
+
+
+class MixSchedule:
+  """Global position k -> (component, ordinal n), anchored at (anchor_k, anchor_counts).
+
+  Position k >= anchor_k is offset r = k - anchor_k in block r // block. Each block holds every
+  component's quota in a random order seeded by (seed, anchor_k, block index), so
+  n = anchor_counts[c] + blocks_before * quota[c] + (earlier positions of c in the block).
+  """
+
+  def __init__(self, weights: dict[str, float], seed: int, anchor_k: int = 0,
+               anchor_counts: dict[str, int] | None = None, block: int = MIX_BLOCK):
+    if not weights:
+      raise ValueError("the mixture needs at least one component with a positive ratio")
+    self.weights = dict(weights)
+    self.names = tuple(weights)
+    self.seed, self.block = int(seed), int(block)
+    self.quota = block_quotas(self.weights, self.block)
+    self.anchor_k = int(anchor_k)
+    self.anchor_counts = {n: 0 for n in self.names}
+    self.anchor_counts.update({n: int(v) for n, v in (anchor_counts or {}).items()})
+    self._cache: dict = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_cache"], state["_lock"] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(component index per position, ordinal among that component's positions in the block)."""
+    key = (self.anchor_k, b)
+    with self._lock:
+      hit = self._cache.get(key)
+    if hit is not None:
+      return hit
+    counts = np.array([self.quota[n] for n in self.names])
+    sel = np.repeat(np.arange(len(self.names)), counts)
+    rng = np.random.default_rng([self.seed, self.anchor_k, b, 0x6D6978])
+    sel = rng.permutation(sel)
+    within = np.zeros(self.block, np.int64)
+    for c in range(len(self.names)):
+      idx = np.flatnonzero(sel == c)
+      within[idx] = np.arange(idx.size)
+    with self._lock:
+      if len(self._cache) >= 16:
+        self._cache.clear()
+      self._cache[key] = (sel, within)
+    return sel, within
+
+  def select(self, k: int) -> tuple[str, int]:
+    r = int(k) - self.anchor_k
+    if r < 0:
+      raise IndexError(f"mixture position {k} precedes the anchor {self.anchor_k}")
+    b, o = divmod(r, self.block)
+    sel, within = self._block(b)
+    name = self.names[int(sel[o])]
+    return name, self.anchor_counts[name] + b * self.quota[name] + int(within[o])
+
+  def counts_at(self, k: int) -> dict[str, int]:
+    """Records of each component at global positions anchor_k..k-1 plus the anchor counts."""
+    r = int(k) - self.anchor_k
+    if r < 0:
+      raise IndexError(f"mixture position {k} precedes the anchor {self.anchor_k}")
+    b, o = divmod(r, self.block)
+    sel, _ = self._block(b)
+    out = dict(self.anchor_counts)
+    for c, n in enumerate(self.names):
+      out[n] = out.get(n, 0) + b * self.quota[n] + int(np.count_nonzero(sel[:o] == c))
+    return out
+
+  def rebase(self, anchor_k: int, anchor_counts: dict[str, int]) -> None:
+    self.anchor_k = int(anchor_k)
+    self.anchor_counts = {n: 0 for n in self.names}
+    self.anchor_counts.update({n: int(v) for n, v in anchor_counts.items()})
+    with self._lock:
+      self._cache.clear()
+
+  def state(self) -> dict:
+    return dict(weights=dict(self.weights), anchor_k=self.anchor_k,
+                anchor_counts=dict(self.anchor_counts), block=self.block)
+
+
+@dataclasses.dataclass
+class MixItem:
+  """One position of the mixed stream: component, its record ordinal n, global position k."""
+  name: str
+  n: int
+  k: int
+  record: Any = None
+  error: str | None = None
+
+
+class NamedMixMapDataset(grain.MapDataset):
+  """Infinite random-access mixture of named per-source MapDatasets (module docstring).
+
+  Not strictly immutable: the pipeline's iterator re-anchors the schedule on restore.
+  """
+
+  def __init__(self, parents: dict[str, grain.MapDataset], schedule: MixSchedule):
+    missing = [n for n in schedule.names if n not in parents]
+    if missing:
+      raise ValueError(f"mixture components {missing} have a positive ratio but no source")
+    super().__init__([parents[n] for n in schedule.names])
+    self.sources = {n: parents[n] for n in schedule.names}
+    self.schedule = schedule
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"NamedMixMapDataset({self.schedule.weights})"
+
+  def item(self, name: str, n: int, k: int) -> MixItem:
+    """The record of component `name` at ordinal n (read errors become a counted marker)."""
+    try:
+      return MixItem(name, n, k, self.sources[name][n])
+    except Exception as e:  # a corrupt shard must not stop training
+      _log.warning("reading %s record %d failed: %s", name, n, e)
+      return MixItem(name, n, k, None, "read_error")
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    name, n = self.schedule.select(index)
+    return self.item(name, n, int(index))
+
+
+def _per_source_seed(seed: int, name: str) -> int:
+  return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> samples.
+# ---------------------------------------------------------------------------------------------
+
+def _digits_decode(record: dict) -> sources_lib.DecodedRecord:
+  images = list(record.get("images", []))
+  return sources_lib.DecodedRecord(record, images, [None] * len(images), [])
+
+
+@dataclasses.dataclass
+class Element:
+  """The samples of one mixture position, or why it was skipped."""
+  key: list
+  samples: list
+  bad: str | None = None
+  notes: tuple = ()
+
+
+class ElementBuilder:
+  """MixItem -> Element: decode, prepare images (pixel or latent payload), build sequences.
+
+  image_encoder (latent path without stored latents): uint8 (H, W, 3) -> (h*w, d) or (h, w, d).
+  """
+
+  def __init__(self, builder: SequenceBuilder, decoders: dict[str, Callable], settings: DataSettings,
+               image_encoder: Callable[[np.ndarray], np.ndarray] | None = None):
+    self.builder, self.decoders, self.settings = builder, decoders, settings
+    self.image_encoder = image_encoder
+
+  def _prepare(self, img: np.ndarray, latent: np.ndarray | None) -> Image:
+    s = self.settings
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] % s.unit or img.shape[1] % s.unit:
+      raise sources_lib.BadRecord("bad_image_shape", f"{img.shape} (unit {s.unit} px)")
+    grid = (img.shape[0] // s.unit, img.shape[1] // s.unit)
+    if s.pixel:
+      return Image(img, grid)
+    if latent is None:
+      if self.image_encoder is None:
+        raise sources_lib.BadRecord("no_latents")
+      latent = np.asarray(self.image_encoder(img))
+    tokens = np.asarray(latent, np.float32).reshape(-1, latent.shape[-1])
+    if tokens.shape != (grid[0] * grid[1], s.token_dim):
+      raise sources_lib.BadRecord("bad_latents", f"{latent.shape} for grid {grid}, d {s.token_dim}")
+    return Image(tokens, grid)
+
+  def samples(self, item: MixItem) -> tuple[list[Sample], tuple]:
+    if item.error:
+      raise sources_lib.BadRecord(item.error)
+    decoded = self.decoders[item.name](item.record)
+    images = [self._prepare(im, lat) for im, lat in zip(decoded.images, decoded.latents)]
+    rng = np.random.default_rng([self.settings.seed, int(item.k), 0x666C6970])
+    out = self.builder.from_record(decoded.record, images, rng, self.settings.seq_len,
+                                   source=item.name)
+    for j, s in enumerate(out):
+      s.key = [item.name, int(item.n), int(item.k), j]
+    return out, tuple(decoded.notes)
+
+  def __call__(self, item: MixItem) -> Element:
+    key = [item.name, int(item.n), int(item.k)]
+    try:
+      samples, notes = self.samples(item)
+    except sources_lib.BadRecord as e:
+      return Element(key, [], e.reason)
+    except Exception as e:  # pylint: disable=broad-except
+      _log.warning("building %s record %d failed: %r", item.name, item.n, e)
+      return Element(key, [], f"error_{type(e).__name__}")
+    return Element(key, samples, None, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing into batches, with a resumable iterator.
+# ---------------------------------------------------------------------------------------------
+
+class PackedBatchDataset(grain.IterDataset):
+  """Elements -> packed numpy batches of `batch_rows` rows (see packing.py)."""
+
+  def __init__(self, parent: grain.IterDataset, mixture: NamedMixMapDataset,
+               builder: ElementBuilder, spec: RowSpec, batch_rows: int):
+    super().__init__(parent)
+    self.mixture, self.builder, self.spec, self.batch_rows = mixture, builder, spec, batch_rows
+
+  def __iter__(self) -> "PackedBatchIterator":
+    return PackedBatchIterator(self._parent.__iter__(), self.mixture, self.builder, self.spec,
+                               self.batch_rows)
+
+  def __str__(self) -> str:
+    return f"PackedBatchDataset(rows={self.batch_rows}, seq_len={self.spec.seq_len})"
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+  """Packs elements from the parent into batches; state = stream position + rows as keys."""
+
+  def __init__(self, parent, mixture: NamedMixMapDataset, builder: ElementBuilder, spec: RowSpec,
+               batch_rows: int):
+    super().__init__(parent)
+    self.mixture, self.builder, self.spec, self.batch_rows = mixture, builder, spec, batch_rows
+    self.packer = RowPacker(spec)
+    self.counters: collections.Counter = collections.Counter()
+    self.last_k: int | None = None
+    self.last_batch_keys: list[list] = []   # sample keys per row of the last batch (debugging)
+
+  def consume(self, element: Element) -> None:
+    self.last_k = element.key[2]
+    self.counters[f"records/{element.key[0]}"] += 1
+    if element.bad:
+      self.counters[f"skipped/{element.bad}"] += 1
+      return
+    for note in element.notes:
+      self.counters[f"converted/{note}"] += 1
+    for sample in element.samples:
+      reason = self.spec.reject_reason(sample)
+      if reason:
+        self.counters[f"skipped/{reason}"] += 1
+        continue
+      self.counters[f"samples/{sample.key[0]}"] += 1
+      self.packer.add(sample)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._assert_not_closed()
+    while True:
+      rows = self.packer.take_batch(self.batch_rows)
+      if rows is not None:
+        batch = assemble_batch(rows, self.spec, self.batch_rows)
+        self.last_batch_keys = [r.keys() for r in rows]
+        self.counters["batches"] += 1
+        self.counters["tokens"] += int(np.count_nonzero(batch["segment_ids"]))
+        return batch
+      self.consume(next(self._parent))
+
+  def materialise(self, key) -> Sample | None:
+    """The sample of a checkpointed key (None when its component left the mixture)."""
+    name, n, k, j = key
+    if name not in self.mixture.sources:
+      self.counters["skipped/component_removed"] += 1
+      return None
+    samples, _ = self.builder.samples(self.mixture.item(name, int(n), int(k)))
+    if j >= len(samples):
+      raise ValueError(f"checkpointed sample {key} no longer exists: the data changed")
+    return samples[j]
+
+  def get_state(self) -> dict:
+    return dict(version=STATE_VERSION, parent=self._parent.get_state(),
+                packer=self.packer.state(), counters=dict(self.counters),
+                mixture=self.mixture.schedule.state(), last_k=self.last_k)
+
+  def set_state(self, state: dict) -> None:
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"data iterator state has version {state.get('version')}, this code "
+                       f"reads version {STATE_VERSION}")
+    schedule = self.mixture.schedule
+    saved = state["mixture"]
+    if _same_weights(saved["weights"], schedule.weights) and saved["block"] == schedule.block:
+      schedule.rebase(saved["anchor_k"], saved["anchor_counts"])
+    else:
+      # New ratios (a later stage): keep every component's position, re-anchor at the resume point.
+      old = MixSchedule(saved["weights"], schedule.seed, saved["anchor_k"], saved["anchor_counts"],
+                        saved["block"])
+      resume_k = saved["anchor_k"] if state["last_k"] is None else state["last_k"] + 1
+      schedule.rebase(resume_k, old.counts_at(resume_k))
+      _log.info("data mixture ratios changed from %s to %s: re-anchored at position %d",
+                saved["weights"], schedule.weights, resume_k)
+    self._parent.set_state(state["parent"])
+    self.counters = collections.Counter(state["counters"])
+    self.packer = RowPacker(self.spec)
+    self.packer.load_state(state["packer"], self.materialise)
+    self.last_k = state["last_k"]
+
+  def __str__(self) -> str:
+    return f"PackedBatchIterator(rows={self.batch_rows})"
+
+
+def _same_weights(a: dict, b: dict, tol: float = 1e-9) -> bool:
+  names = set(a) | set(b)
+  return all(abs(float(a.get(n, 0.0)) - float(b.get(n, 0.0))) <= tol for n in names)
+
+
+def collect_counters(state: Any) -> dict[str, int]:
+  """Sums the counters of every packing iterator state found in an iterator state (in-process or
+  grain worker states)."""
+  total: collections.Counter = collections.Counter()
+
+  def walk(node):
+    if isinstance(node, dict):
+      if node.get("version") == STATE_VERSION and "packer" in node and "counters" in node:
+        total.update(node["counters"])
+        return
+      for v in node.values():
+        walk(v)
+    elif isinstance(node, (list, tuple)):
+      for v in node:
+        walk(v)
+    elif isinstance(node, (str, bytes)):
+      try:
+        import json  # pylint: disable=import-outside-toplevel
+        walk(json.loads(node))
+      except (ValueError, TypeError):
+        pass
+  walk(state)
+  return dict(total)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """What train.py holds: ``next(it)`` -> numpy batch (batch.py, local rows), ``get_state()`` /
+  ``set_state()`` (JSON; grain's orbax CheckpointHandler saves it beside the model), and
+  ``counters`` (records, samples per component, skipped/<reason>, converted/<what>, batches,
+  tokens) for the train loop to log."""
+
+  def __init__(self, inner: grain.DatasetIterator, settings: DataSettings):
+    super().__init__(inner)
+    self.settings = settings
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
+
+  @property
+  def counters(self) -> dict[str, int]:
+    if isinstance(self._parent, PackedBatchIterator):
+      return dict(self._parent.counters)
+    return collect_counters(self._parent.get_state())
+
+  @property
+  def packer_iterator(self) -> PackedBatchIterator | None:
+    """The in-process packing iterator (None with worker processes)."""
+    return self._parent if isinstance(self._parent, PackedBatchIterator) else None
+
+  def __str__(self) -> str:
+    return f"TrainIterator({self._parent})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pipeline.
+# ---------------------------------------------------------------------------------------------
+
+def _cache_dir(settings: DataSettings) -> str | None:
+  return os.path.join(settings.workdir, "cache") if settings.workdir else None
+
+
+def build_record_sources(settings: DataSettings, split: str = "train",
+                         names: Sequence[str] | None = None,
+                         image_encoder=None) -> dict[str, tuple[Any, Callable]]:
+  """name -> (random-access records, decoder) for the components in `names` (default: those
+  with a positive ratio). Components without data in `split` are left out for held-out splits
+  and are an error for training."""
+  names = list(names if names is not None else settings.ratios)
+  out: dict[str, tuple[Any, Callable]] = {}
+  if settings.source == "digits":
+    if not settings.pixel and image_encoder is None:
+      raise ValueError("data.payload='image_tokens' with the digits needs an image_encoder "
+                       "(pixels -> patch tokens); use data.payload='images' for the demo")
+    for name in names:
+      out[name] = (digits_lib.DigitRecords(name, split, settings.image_size,
+                                           cache_dir=_cache_dir(settings)), _digits_decode)
+    return out
+  root = settings.source
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"data.source {root} is not a directory (nor 'digits')")
+  for name in names:
+    src = sources_lib.open_records(root, name, split)
+    if src is None or len(src) == 0:
+      if split == "train":
+        raise ValueError(f"data.source {root}: component {name!r} has a positive ratio but no "
+                         f"records in split {split!r}")
+      continue
+    if not settings.pixel and image_encoder is None and name != "text":
+      if not list(src[0].get("latents", [])):
+        raise ValueError(f"data.source {root}: {name} records carry no latents, needed by "
+                         "data.payload='image_tokens' (convert with ConvertOptions.latent_fn, or "
+                         "pass an image_encoder, or use data.payload='images')")
+    out[name] = (src, sources_lib.RecordDecoder(name, settings.unit, settings.sides,
+                                                settings.pixel))
+  return out
+
+
+def _mixture(settings: DataSettings, sources: dict[str, tuple[Any, Callable]],
+             weights: dict[str, float], seed: int) -> NamedMixMapDataset:
+  parents = {name: grain.MapDataset.source(src).shuffle(seed=_per_source_seed(seed, name)).repeat()
+             for name, (src, _) in sources.items()}
+  return NamedMixMapDataset(parents, MixSchedule(weights, seed))
+
+
+def build_sample_dataset(config, tokenizer, *, split: str = "train", image_encoder=None,
+                         drop_text_prob: float | None = None,
+                         process_count: int = 1) -> tuple[grain.MapDataset, NamedMixMapDataset,
+                                                          ElementBuilder, DataSettings]:
+  """The global element stream (position k -> Element) before sharding and packing, plus the
+  pieces the packer needs. Used by build_train_iterator and by tests of shares and sharding."""
+  settings = data_settings(config, process_count)
+  sources = build_record_sources(settings, split, image_encoder=image_encoder)
+  mixture = _mixture(settings, sources, settings.ratios, settings.seed)
+  builder = ElementBuilder(
+      SequenceBuilder(tokenizer, settings.drop_text_prob if drop_text_prob is None
+                      else drop_text_prob),
+      {name: dec for name, (_, dec) in sources.items()}, settings, image_encoder)
+  return mixture.map(builder), mixture, builder, settings
+
+
+def build_train_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1, *,
+                         image_encoder=None) -> TrainIterator:
+  """The training iterator of one process: local batches of data.batch_size // process_count
+  rows. With data.num_workers > 0 the per-sample work and packing run in grain worker processes
+  (the launching script needs a ``__main__`` guard; absl flags parsed as grain requires)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  elements, mixture, builder, settings = build_sample_dataset(
+      config, tokenizer, image_encoder=image_encoder, process_count=process_count)
+  spec = settings.row_spec(tokenizer.pad_id)
+  shard = elements[process_index::process_count]
+  read = grain.ReadOptions(num_threads=settings.num_threads,
+                           prefetch_buffer_size=64 if settings.num_threads else 0)
+  ds: grain.IterDataset = PackedBatchDataset(shard.to_iter_dataset(read), mixture, builder, spec,
+                                             settings.local_batch)
+  if settings.num_workers > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():   # grain reads its absl flags; keep defaults when unparsed
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.num_workers,
+                                                     per_worker_buffer_size=2))
+  return TrainIterator(iter(ds), settings)
+
+
+def build_eval_batches(config, tokenizer, num_batches: int, *,
+                       image_encoder=None) -> dict[str, list[dict[str, np.ndarray]]]:
+  """Fixed held-out batches per component: source name -> `num_batches` batches of
+  data.batch_size rows (global; evaluation runs them as given). Digits: the held-out split
+  (500 digits, every 20th stdlib docstring); a data directory: its 'heldout' split where one
+  exists. Captions are never flipped (drop_text_prob 0), so pair loss measures text-to-image.
+  Components with a positive ratio are evaluated."""
+  settings = data_settings(config)
+  sources = build_record_sources(settings, "heldout", image_encoder=image_encoder)
+  spec = settings.row_spec(tokenizer.pad_id)
+  seq = SequenceBuilder(tokenizer, 0.0)
+  out: dict[str, list[dict[str, np.ndarray]]] = {}
+  for name, (src, decoder) in sources.items():
+    mixture = _mixture(settings, {name: (src, decoder)}, {name: 1.0}, settings.seed + 7919)
+    builder = ElementBuilder(seq, {name: decoder}, settings, image_encoder)
+    packer, batches, k = RowPacker(spec), [], 0
+    limit = 1000 * max(1, num_batches) * settings.batch_size
+    while len(batches) < num_batches:
+      if k >= limit:
+        raise ValueError(f"held-out {name}: no usable samples after {k} records")
+      element = builder(mixture[k])
+      k += 1
+      for sample in element.samples:
+        if spec.reject_reason(sample) is None:
+          packer.add(sample)
+      rows = packer.take_batch(settings.batch_size)
+      if rows is not None:
+        batch = assemble_batch(rows, spec, settings.batch_size)
+        validate_batch(batch, settings.seq_len)
+        batches.append(batch)
+    out[name] = batches
+  return out
+
+
+def to_global(batch: dict[str, np.ndarray], mesh, spec=None) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over `mesh` along the rows.
+
+  spec: a PartitionSpec for every key (its first entry shards the rows), a dict key -> spec, or
+  None for the mesh's data-parallel axes ("data", "fsdp" where present) on the rows.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  if spec is None:
+    axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp"))
+    spec = PartitionSpec(axes if axes else None)
+  out = {}
+  for key, value in batch.items():
+    s = spec[key] if isinstance(spec, dict) else spec
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, s), np.asarray(value))
+  return out

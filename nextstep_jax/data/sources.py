@@ -1,0 +1,718 @@
+"""Data on disk: converters that write ArrayRecord datasets (TFDS, no tensorflow) and their readers.
+
+One TFDS builder, ``NextstepRecords``, writes every kind with one schema (a BuilderConfig per
+kind: "pair", "edit", "interleaved", "text") under ``{root}/nextstep_records/{kind}/1.0.0``;
+``data.source = root`` then feeds the mixture. A record is a small document:
+
+  layout   text   "T"/"I" per segment in order: pair "TI" (caption, image), edit "I..ITI"
+                  (sources, instruction, target), interleaved any, text "T"
+  texts    [text]       the text segments in order
+  images   [bytes]      encoded images (JPEG or PNG), already resized into an aspect bucket
+  latents  [bytes]      optional precomputed patch tokens, float16 (h, w, d) per image
+  latent_shapes [(h, w, d)]
+
+Converters read (a) a folder of images with .txt captions, (b) webdataset-style tar shards
+(jpg/png/webp with txt/json), (c) a jsonl of image path and caption, (d) jsonl of editing
+triplets and of interleaved documents (and text-only jsonl). Every image is decoded, converted to
+RGB, checked (empty, truncated, too small, too large) and resized into an aspect bucket of the
+stage's area range. Bad inputs are skipped or converted and counted in the returned counters
+(``skipped/<reason>``, ``converted/<what>``, ``written``); nothing raises for a bad record.
+The same checks run again when records are read for training (``RecordDecoder``), so a corrupt
+record in a shard is skipped and counted by the pipeline instead of stopping training.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+KINDS = ("pair", "edit", "interleaved", "text")
+BUILDER_NAME = "nextstep_records"
+VERSION = "1.0.0"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# SPEC §1: aspect buckets at the 256 base in units of 16 px, (h, w); transposes added below.
+BASE_BUCKETS = ((8, 32), (9, 28), (10, 25), (11, 23), (12, 21), (13, 19), (14, 18), (15, 17),
+                (16, 16))
+DEFAULT_MAX_PIXELS = 64_000_000   # larger inputs are skipped as "too_large" before decoding
+
+
+class BadRecord(Exception):
+  """A record that cannot be used; `reason` names the counter it is counted under."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Aspect buckets.
+# ---------------------------------------------------------------------------------------------
+
+def aspect_buckets(side: int) -> tuple[tuple[int, int], ...]:
+  """The (h, w) token grids of one area: SPEC §1's buckets scaled from side 16 (256 tokens) to
+  `side` (32: the x2 buckets of 512 px), with their transposes, sorted by aspect h/w."""
+  if side < 1:
+    raise ValueError(f"bucket side must be >= 1, got {side}")
+  scale = side / 16
+  out = set()
+  for h, w in BASE_BUCKETS:
+    hs, ws = max(1, round(h * scale)), max(1, round(w * scale))
+    out.add((hs, ws))
+    out.add((ws, hs))
+  return tuple(sorted(out, key=lambda hw: hw[0] / hw[1]))
+
+
+def area_sides(min_tokens: int, max_tokens: int) -> tuple[int, ...]:
+  """Base grid sides of a stage's area range: sqrt(min_tokens), doubled while the area stays
+  within max_tokens (256..1024 tokens -> (16, 32), i.e. 256 px and 512 px at 16 px per token)."""
+  side = math.isqrt(int(min_tokens))
+  if side < 1 or side * side != min_tokens:
+    raise ValueError(f"data.min_image_tokens must be a square number of tokens, got {min_tokens}")
+  if max_tokens < min_tokens:
+    raise ValueError(f"data.max_image_tokens ({max_tokens}) < data.min_image_tokens ({min_tokens})")
+  sides = []
+  while side * side <= max_tokens:
+    sides.append(side)
+    side *= 2
+  return tuple(sides)
+
+
+def choose_bucket(height: int, width: int, sides: Sequence[int], unit: int,
+                  min_area_ratio: float = 0.9) -> tuple[int, int] | None:
+  """The bucket grid for an image of height x width px: the largest base area the image covers
+  (up to a 1/min_area_ratio upscale), then the bucket nearest its aspect. None: too small."""
+  area = height * width
+  usable = [s for s in sides if (s * unit) ** 2 * min_area_ratio <= area]
+  if not usable:
+    return None
+  target = math.log(height / width)
+  return min(aspect_buckets(max(usable)), key=lambda hw: abs(math.log(hw[0] / hw[1]) - target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and fitting images.
+# ---------------------------------------------------------------------------------------------
+
+def _to_rgb(img, notes: list[str]):
+  """Any PIL mode -> RGB (alpha composited on white, 16-bit and float scaled), noting the mode."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  mode = img.mode
+  if mode == "RGB":
+    return img
+  notes.append(f"mode_{mode.replace(';', '_')}")
+  if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+  if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    x = np.asarray(img, dtype=np.float64)
+    hi = 65535.0 if mode.startswith("I;16") else max(1.0, float(x.max()))
+    x = np.clip(x / hi * 255.0, 0, 255).astype(np.uint8)
+    return Image.fromarray(x, "L").convert("RGB")
+  return img.convert("RGB")
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+  """Opens encoded image bytes lazily; BadRecord for empty, unreadable or too large input."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  if not data:
+    raise BadRecord("empty_file")
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise BadRecord("too_large", str(e)) from e
+  except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+    raise BadRecord("decode_error", str(e)) from e
+  w, h = img.size
+  if w < 1 or h < 1:
+    raise BadRecord("decode_error", f"image size {w}x{h}")
+  if w * h > max_pixels:
+    raise BadRecord("too_large", f"{w}x{h} px > max_pixels {max_pixels}")
+  return img
+
+
+def fit_image(img, grid: tuple[int, int], unit: int, notes: list[str]) -> np.ndarray:
+  """PIL image -> uint8 (grid_h*unit, grid_w*unit, 3): scaled to cover the bucket, centre-cropped."""
+  from PIL import Image, ImageOps  # pylint: disable=import-outside-toplevel
+  th, tw = grid[0] * unit, grid[1] * unit
+  w, h = img.size
+  scale = max(tw / w, th / h)
+  try:
+    if img.format == "JPEG" and scale < 0.5:
+      img.draft("RGB", (max(tw, math.ceil(w * scale)), max(th, math.ceil(h * scale))))
+    img = ImageOps.exif_transpose(img)
+    img.load()
+  except Exception as e:  # truncated or corrupt data surfaces here
+    raise BadRecord("decode_error", str(e)) from e
+  img = _to_rgb(img, notes)
+  w, h = img.size
+  scale = max(tw / w, th / h)
+  cw, ch = tw / scale, th / scale
+  left, top = (w - cw) / 2, (h - ch) / 2
+  out = img.resize((tw, th), Image.BICUBIC, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
+  arr = np.asarray(out, dtype=np.uint8)
+  if arr.shape != (th, tw, 3):
+    raise BadRecord("decode_error", f"fitted image has shape {arr.shape}")
+  return arr
+
+
+def prepare_image(data: bytes, sides: Sequence[int], unit: int, notes: list[str],
+                  max_pixels: int = DEFAULT_MAX_PIXELS, min_area_ratio: float = 0.9,
+                  grid: tuple[int, int] | None = None) -> np.ndarray:
+  """Encoded bytes -> uint8 RGB image of a bucket of the area range (or of `grid` when given)."""
+  img = open_image(data, max_pixels)
+  w, h = img.size
+  if grid is None:
+    grid = choose_bucket(h, w, sides, unit, min_area_ratio)
+    if grid is None:
+      raise BadRecord("too_small", f"{w}x{h} px < {(min(sides) * unit) ** 2} px area")
+    if w * h > 4 * (grid[0] * grid[1] * unit * unit):
+      notes.append("downscaled_large")
+  return fit_image(img, grid, unit, notes)
+
+
+def encode_image(arr: np.ndarray, image_format: str = "jpeg", quality: int = 95) -> bytes:
+  """uint8 (H, W, 3) -> JPEG or PNG bytes."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  if image_format == "jpeg":
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+  elif image_format == "png":
+    Image.fromarray(arr).save(buf, format="PNG")
+  else:
+    raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
+  return buf.getvalue()
+
+
+def decode_text(value: Any, field: str, notes: list[str]) -> str:
+  """bytes/str -> str; non-UTF-8 bytes are decoded with replacement (noted), empty -> BadRecord."""
+  if isinstance(value, (bytes, bytearray, np.bytes_)):
+    try:
+      value = bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+      notes.append(f"{field}_not_utf8")
+      value = bytes(value).decode("utf-8", errors="replace")
+  if value is None or not isinstance(value, str):
+    raise BadRecord(f"missing_{field}")
+  value = value.strip()
+  if not value:
+    raise BadRecord(f"missing_{field}")
+  return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The TFDS builder (ArrayRecord, no tensorflow).
+# ---------------------------------------------------------------------------------------------
+
+def _builder_class():
+  """NextstepRecords, defined lazily so importing this module does not import TFDS."""
+  global _BUILDER  # pylint: disable=global-statement
+  if _BUILDER is not None:
+    return _BUILDER
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class NextstepRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Documents of texts and images for the NextStep mixture, one config per kind."""
+
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=k) for k in KINDS]
+
+    def __init__(self, *, examples: dict[str, Iterable[dict]] | None = None, **kwargs):
+      self._examples = examples or {}
+      super().__init__(**kwargs)
+
+    def _info(self):
+      f = tfds.features
+      return tfds.core.DatasetInfo(builder=self, features=f.FeaturesDict({
+          "layout": f.Text(),
+          "texts": f.Sequence(f.Text()),
+          "images": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
+          "latents": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
+          "latent_shapes": f.Sequence(f.Tensor(shape=(3,), dtype=np.int32)),
+      }))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(it) for split, it in self._examples.items()}
+
+    def _generate_examples(self, examples):
+      for i, ex in enumerate(examples):
+        yield i, ex
+
+  _BUILDER = NextstepRecords
+  return NextstepRecords
+
+
+_BUILDER = None
+
+
+def record_dir(root: str, kind: str) -> str:
+  """Where the records of `kind` live under a data root."""
+  if kind not in KINDS:
+    raise ValueError(f"record kind must be one of {KINDS}, got {kind!r}")
+  return os.path.join(root, BUILDER_NAME, kind, VERSION)
+
+
+def write_records(root: str, kind: str, splits: dict[str, Iterable[dict]],
+                  overwrite: bool = False) -> str:
+  """Writes record dicts (schema in the module docstring) of each split as ArrayRecord files."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  out = record_dir(root, kind)
+  if os.path.exists(out):
+    if not overwrite:
+      raise FileExistsError(f"{out} already holds {kind} records; pass overwrite=True to replace")
+    shutil.rmtree(out)
+  tfds.disable_progress_bar()
+  builder = _builder_class()(examples=splits, data_dir=root, config=kind,
+                             file_format="array_record")
+  builder.download_and_prepare()
+  return out
+
+
+def open_records(root: str, kind: str, split: str = "train"):
+  """The random-access data source of one kind and split (None when the split is absent)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  path = record_dir(root, kind)
+  if not os.path.exists(os.path.join(path, "dataset_info.json")):
+    raise FileNotFoundError(f"no {kind} records at {path} (write them with the converters in "
+                            "nextstep_jax/data/sources.py)")
+  builder = tfds.builder_from_directory(path)
+  if split not in builder.info.splits:
+    return None
+  return builder.as_data_source(split)
+
+
+def available_kinds(root: str) -> list[str]:
+  return [k for k in KINDS if os.path.exists(os.path.join(record_dir(root, k), "dataset_info.json"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records for training.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DecodedRecord:
+  """A record ready for SequenceBuilder.from_record: texts decoded, images as uint8 RGB arrays
+  (or latent tokens), plus notes of what was converted."""
+  record: dict
+  images: list[np.ndarray]
+  latents: list[np.ndarray | None]
+  notes: list[str]
+
+
+class RecordDecoder:
+  """Turns a stored record into a DecodedRecord, re-checking everything; BadRecord when unusable.
+
+  Images whose token area is outside the stage's range are re-fitted into a bucket of the range;
+  on the pixel path every image of a record is fitted to the first image's shape.
+  """
+
+  def __init__(self, kind: str, unit: int, sides: Sequence[int], pixel: bool,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
+    self.kind, self.unit, self.sides, self.pixel = kind, unit, tuple(sides), pixel
+    self.max_pixels = max_pixels
+    self.min_tokens = min(self.sides) ** 2
+
+  def _image(self, data: bytes, notes: list[str], grid=None) -> np.ndarray:
+    img = open_image(bytes(data), self.max_pixels)
+    w, h = img.size
+    own = (h // self.unit, w // self.unit)
+    fitted = (w % self.unit == 0 and h % self.unit == 0
+              and self.min_tokens * 0.9 <= own[0] * own[1] <= max(self.sides) ** 2 * 1.05)
+    if grid is not None and own != tuple(grid):
+      notes.append("refit_shape")
+    elif not fitted:
+      notes.append("refit_area")
+    else:
+      try:
+        img.load()
+      except Exception as e:  # truncated or corrupt data surfaces here
+        raise BadRecord("decode_error", str(e)) from e
+      return np.asarray(_to_rgb(img, notes), dtype=np.uint8)
+    return prepare_image(bytes(data), self.sides, self.unit, notes, self.max_pixels, grid=grid)
+
+  def __call__(self, raw: dict) -> DecodedRecord:
+    notes: list[str] = []
+    layout = decode_text(raw.get("layout", b""), "layout", notes)
+    field = {"pair": "caption", "edit": "instruction"}.get(self.kind, "text")
+    texts = [decode_text(t, field, notes) for t in raw.get("texts", [])]
+    blobs = list(raw.get("images", []))
+    latent_blobs = list(raw.get("latents", []))
+    latent_shapes = list(raw.get("latent_shapes", []))
+    if layout.count("T") != len(texts) or layout.count("I") != len(blobs) or \
+        set(layout) - {"T", "I"}:
+      raise BadRecord("bad_layout", f"layout {layout!r} with {len(texts)} texts, {len(blobs)} images")
+    images: list[np.ndarray] = []
+    for blob in blobs:
+      grid = None
+      if self.pixel and images:
+        grid = (images[0].shape[0] // self.unit, images[0].shape[1] // self.unit)
+      images.append(self._image(blob, notes, grid))
+    latents: list[np.ndarray | None] = [None] * len(images)
+    if latent_blobs:
+      if len(latent_blobs) != len(blobs) or len(latent_shapes) != len(blobs):
+        raise BadRecord("bad_latents", "latents do not match the images")
+      for i, (blob, shape) in enumerate(zip(latent_blobs, latent_shapes)):
+        shape = tuple(int(v) for v in shape)
+        arr = np.frombuffer(bytes(blob), np.float16)
+        if arr.size != int(np.prod(shape)):
+          raise BadRecord("bad_latents", f"{arr.size} values for shape {shape}")
+        latents[i] = arr.reshape(shape)
+    record = _record_from_layout(self.kind, layout, texts)
+    return DecodedRecord(record, images, latents, notes)
+
+
+def _record_from_layout(kind: str, layout: str, texts: list[str]) -> dict:
+  n_images = layout.count("I")
+  if kind == "text":
+    if layout != "T":
+      raise BadRecord("bad_layout", f"text record with layout {layout!r}")
+    return dict(kind="text", text=texts[0])
+  if kind == "pair":
+    if layout != "TI":
+      raise BadRecord("bad_layout", f"pair record with layout {layout!r}")
+    return dict(kind="pair", caption=texts[0])
+  if kind == "edit":
+    if n_images < 2 or not layout.endswith("TI") or layout[:-2] != "I" * (n_images - 1):
+      raise BadRecord("bad_layout", f"edit record with layout {layout!r}")
+    return dict(kind="edit", instruction=texts[0])
+  if kind == "interleaved":
+    segments: list = []
+    ti = ii = 0
+    for c in layout:
+      if c == "T":
+        segments.append(texts[ti])
+        ti += 1
+      else:
+        segments.append(ii)
+        ii += 1
+    if ii == 0:
+      raise BadRecord("bad_layout", "interleaved record without images")
+    return dict(kind="interleaved", segments=segments)
+  raise ValueError(f"unknown record kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ConvertOptions:
+  """How converters fit images: token unit in px (vae_factor * patch_size), the stage's base grid
+  sides (area_sides(min_tokens, max_tokens)), the storage format, and optional latents
+  (latent_fn: uint8 (H, W, 3) -> float (h, w, d) patch tokens, stored as float16)."""
+  unit: int = 16
+  sides: tuple[int, ...] = (16,)
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  min_area_ratio: float = 0.9
+  image_format: str = "jpeg"
+  quality: int = 95
+  latent_fn: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+class _Converter:
+  """Shared image and text handling of the converters, with the counters."""
+
+  def __init__(self, options: ConvertOptions | None):
+    self.opt = options or ConvertOptions()
+    self.counters: collections.Counter = collections.Counter()
+
+  def image(self, data: bytes | None, grid=None) -> tuple[bytes, np.ndarray]:
+    if data is None:
+      raise BadRecord("missing_image")
+    notes: list[str] = []
+    arr = prepare_image(data, self.opt.sides, self.opt.unit, notes, self.opt.max_pixels,
+                        self.opt.min_area_ratio, grid)
+    for n in notes:
+      self.counters[f"converted/{n}"] += 1
+    return encode_image(arr, self.opt.image_format, self.opt.quality), arr
+
+  def text(self, value, field: str) -> str:
+    notes: list[str] = []
+    out = decode_text(value, field, notes)
+    for n in notes:
+      self.counters[f"converted/{n}"] += 1
+    return out
+
+  def document(self, layout: str, texts: list[str], image_data: list[bytes | None],
+               same_shape: bool = False) -> dict:
+    blobs, arrays = [], []
+    for data in image_data:
+      grid = None
+      if same_shape and arrays:
+        grid = (arrays[0].shape[0] // self.opt.unit, arrays[0].shape[1] // self.opt.unit)
+      blob, arr = self.image(data, grid)
+      blobs.append(blob)
+      arrays.append(arr)
+    latents, shapes = [], []
+    if self.opt.latent_fn is not None:
+      for arr in arrays:
+        lat = np.asarray(self.opt.latent_fn(arr), np.float16)
+        if lat.ndim != 3 or lat.shape[:2] != (arr.shape[0] // self.opt.unit,
+                                               arr.shape[1] // self.opt.unit):
+          raise ValueError(f"latent_fn returned shape {lat.shape} for an image of {arr.shape}")
+        latents.append(lat.tobytes())
+        shapes.append(np.asarray(lat.shape, np.int32))
+    return dict(layout=layout, texts=texts, images=blobs, latents=latents,
+                latent_shapes=np.asarray(shapes, np.int32).reshape(-1, 3))
+
+  def run(self, items: Iterable[Callable[[], dict]]) -> Iterator[dict]:
+    """Builds each record, counting BadRecord reasons instead of raising."""
+    for make in items:
+      try:
+        ex = make()
+      except BadRecord as e:
+        self.counters[f"skipped/{e.reason}"] += 1
+        continue
+      self.counters["written"] += 1
+      yield ex
+
+
+def _read(path: str) -> bytes | None:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
+def _resolve(path: str, base: str) -> str:
+  return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def _jsonl(path: str, conv: _Converter) -> Iterator[dict]:
+  with open(path, "rb") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except ValueError:
+        conv.counters["skipped/bad_json"] += 1
+        continue
+      if not isinstance(obj, dict):
+        conv.counters["skipped/bad_json"] += 1
+        continue
+      yield obj
+
+
+def _pair_from_bytes(conv: _Converter, image: bytes | None, caption) -> Callable[[], dict]:
+  def make():
+    if image is None:
+      raise BadRecord("missing_image")
+    text = conv.text(caption, "caption")
+    return conv.document("TI", [text], [image])
+  return make
+
+
+def convert_image_folder(folder: str, root: str, options: ConvertOptions | None = None,
+                         split: str = "train", overwrite: bool = False) -> collections.Counter:
+  """Pairs from a folder tree of images, each with a caption in ``<same name>.txt``."""
+  conv = _Converter(options)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"image folder {folder} does not exist")
+
+  def items():
+    for dirpath, dirnames, filenames in os.walk(folder):
+      dirnames.sort()
+      for name in sorted(filenames):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_EXTS:
+          continue
+        cap_path = os.path.join(dirpath, stem + ".txt")
+        caption = _read(cap_path)
+        if caption is None:
+          conv.counters["skipped/missing_caption"] += 1
+          continue
+        yield _pair_from_bytes(conv, _read(os.path.join(dirpath, name)), caption)
+
+  write_records(root, "pair", {split: conv.run(items())}, overwrite)
+  return conv.counters
+
+
+def _caption_from_json(data: bytes) -> Any:
+  obj = json.loads(data)
+  if isinstance(obj, dict):
+    for k in ("caption", "text", "txt", "prompt"):
+      if k in obj:
+        return obj[k]
+  return None
+
+
+def convert_webdataset(shards: Sequence[str], root: str, options: ConvertOptions | None = None,
+                       split: str = "train", overwrite: bool = False) -> collections.Counter:
+  """Pairs from webdataset-style tar shards: members grouped by key (name up to the first dot),
+  an image (jpg/jpeg/png/webp) and a caption in ``.txt`` or ``.json`` ("caption"/"text")."""
+  conv = _Converter(options)
+  for s in shards:
+    if not os.path.exists(s):
+      raise FileNotFoundError(f"webdataset shard {s} does not exist")
+
+  def groups(path):
+    current, parts = None, {}
+    try:
+      with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+          if not member.isfile():
+            continue
+          base = os.path.basename(member.name)
+          if "." not in base:
+            continue
+          key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
+          ext = base.split(".", 1)[1].lower()
+          if key != current and current is not None:
+            yield current, parts
+            parts = {}
+          current = key
+          f = tar.extractfile(member)
+          parts[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError):
+      conv.counters["skipped/bad_shard"] += 1
+    if current is not None:
+      yield current, parts
+
+  def items():
+    for shard in shards:
+      for _, parts in groups(shard):
+        image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+        if image is None:
+          conv.counters["skipped/missing_image"] += 1
+          continue
+        caption = parts.get("txt")
+        if caption is None and "json" in parts:
+          try:
+            caption = _caption_from_json(parts["json"])
+          except ValueError:
+            caption = None
+        if caption is None:
+          conv.counters["skipped/missing_caption"] += 1
+          continue
+        yield _pair_from_bytes(conv, image, caption)
+
+  write_records(root, "pair", {split: conv.run(items())}, overwrite)
+  return conv.counters
+
+
+def convert_pairs_jsonl(jsonl: str, root: str, options: ConvertOptions | None = None,
+                        image_root: str | None = None, split: str = "train",
+                        overwrite: bool = False) -> collections.Counter:
+  """Pairs from a jsonl of {"image": path, "caption": text} (paths relative to `image_root`,
+  default the jsonl's folder)."""
+  conv = _Converter(options)
+  base = image_root or os.path.dirname(os.path.abspath(jsonl))
+
+  def items():
+    for obj in _jsonl(jsonl, conv):
+      if not obj.get("image"):
+        conv.counters["skipped/missing_image"] += 1
+        continue
+      data = _read(_resolve(str(obj["image"]), base))
+      if data is None:
+        conv.counters["skipped/missing_file"] += 1
+        continue
+      yield _pair_from_bytes(conv, data, obj.get("caption"))
+
+  write_records(root, "pair", {split: conv.run(items())}, overwrite)
+  return conv.counters
+
+
+def convert_edits_jsonl(jsonl: str, root: str, options: ConvertOptions | None = None,
+                        image_root: str | None = None, split: str = "train",
+                        overwrite: bool = False) -> collections.Counter:
+  """Editing triplets from a jsonl of {"source": path or [paths], "instruction": text,
+  "target": path}; every image is fitted to the first source's bucket."""
+  conv = _Converter(options)
+  base = image_root or os.path.dirname(os.path.abspath(jsonl))
+
+  def items():
+    for obj in _jsonl(jsonl, conv):
+      sources = obj.get("source")
+      sources = [sources] if isinstance(sources, str) else list(sources or [])
+      if not sources or not obj.get("target"):
+        conv.counters["skipped/missing_image"] += 1
+        continue
+      paths = [_resolve(str(p), base) for p in sources + [obj["target"]]]
+      data = [_read(p) for p in paths]
+      if any(d is None for d in data):
+        conv.counters["skipped/missing_file"] += 1
+        continue
+      instruction = obj.get("instruction")
+
+      def make(data=data, instruction=instruction, n=len(sources)):
+        text = conv.text(instruction, "instruction")
+        return conv.document("I" * n + "TI", [text], data, same_shape=True)
+      yield make
+
+  write_records(root, "edit", {split: conv.run(items())}, overwrite)
+  return conv.counters
+
+
+def convert_interleaved_jsonl(jsonl: str, root: str, options: ConvertOptions | None = None,
+                              image_root: str | None = None, split: str = "train",
+                              overwrite: bool = False) -> collections.Counter:
+  """Interleaved documents from a jsonl of {"segments": [{"text": ...} | {"image": path}, ...]}."""
+  conv = _Converter(options)
+  base = image_root or os.path.dirname(os.path.abspath(jsonl))
+
+  def items():
+    for obj in _jsonl(jsonl, conv):
+      segments = obj.get("segments")
+      if not isinstance(segments, list) or not segments:
+        conv.counters["skipped/bad_layout"] += 1
+        continue
+      layout, texts, data = "", [], []
+      ok = True
+      for seg in segments:
+        if isinstance(seg, dict) and "image" in seg:
+          d = _read(_resolve(str(seg["image"]), base))
+          if d is None:
+            ok = False
+            break
+          layout += "I"
+          data.append(d)
+        elif isinstance(seg, dict) and "text" in seg:
+          layout += "T"
+          texts.append(seg["text"])
+        else:
+          ok = False
+          break
+      if not ok:
+        conv.counters["skipped/missing_file"] += 1
+        continue
+      if "I" not in layout:
+        conv.counters["skipped/bad_layout"] += 1
+        continue
+
+      def make(layout=layout, texts=texts, data=data):
+        return conv.document(layout, [conv.text(t, "text") for t in texts], data)
+      yield make
+
+  write_records(root, "interleaved", {split: conv.run(items())}, overwrite)
+  return conv.counters
+
+
+def convert_text_jsonl(jsonl: str, root: str, split: str = "train",
+                       overwrite: bool = False) -> collections.Counter:
+  """Text-only documents from a jsonl of {"text": ...} (chunked to the row length at read time)."""
+  conv = _Converter(None)
+
+  def items():
+    for obj in _jsonl(jsonl, conv):
+      value = obj.get("text")
+
+      def make(value=value):
+        return dict(layout="T", texts=[conv.text(value, "text")], images=[], latents=[],
+                    latent_shapes=np.zeros((0, 3), np.int32))
+      yield make
+
+  write_records(root, "text", {split: conv.run(items())}, overwrite)
+  return conv.counters
