@@ -300,26 +300,39 @@ def _stdlib_root() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
-@functools.lru_cache(maxsize=4)
+_DOCSTRINGS: tuple[str, ...] | None = None   # parsed once per process
+
+
 def stdlib_docstrings(cache_dir: str | None = None) -> tuple[str, ...]:
   """Docstrings (module, class, function) of the standard library's .py files, in sorted file
-  order. Parsing takes ~2 s; with `cache_dir` the result is kept in a JSON file there (keyed by
-  the Python version) and read back in milliseconds."""
-  import ast  # pylint: disable=import-outside-toplevel
+  order. Parsing takes a few seconds once per process; with `cache_dir` the result is also kept
+  in a JSON file there (keyed by the Python version) for later processes."""
+  global _DOCSTRINGS  # pylint: disable=global-statement
   import json  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   version = ".".join(map(str, sys.version_info[:3]))
-  cache_file = None
-  if cache_dir:
-    cache_file = os.path.join(cache_dir, f"stdlib_docstrings_py{version}.json")
-    if os.path.exists(cache_file):
-      try:
-        with open(cache_file, encoding="utf-8") as f:
-          cached = json.load(f)
-        if isinstance(cached, list) and cached and all(isinstance(s, str) for s in cached):
-          return tuple(cached)
-      except (OSError, ValueError):
-        pass  # unreadable cache: rebuild it below
+  cache_file = os.path.join(cache_dir, f"stdlib_docstrings_py{version}.json") if cache_dir else None
+  if _DOCSTRINGS is None and cache_file and os.path.exists(cache_file):
+    try:
+      with open(cache_file, encoding="utf-8") as f:
+        cached = json.load(f)
+      if isinstance(cached, list) and cached and all(isinstance(s, str) for s in cached):
+        _DOCSTRINGS = tuple(cached)
+    except (OSError, ValueError):
+      pass  # unreadable cache: parse again below
+  if _DOCSTRINGS is None:
+    _DOCSTRINGS = _parse_stdlib_docstrings()
+  if cache_file and not os.path.exists(cache_file):
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache_file}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(list(_DOCSTRINGS), f)
+    os.replace(tmp, cache_file)
+  return _DOCSTRINGS
+
+
+def _parse_stdlib_docstrings() -> tuple[str, ...]:
+  import ast  # pylint: disable=import-outside-toplevel
   root = _stdlib_root()
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -340,12 +353,6 @@ def stdlib_docstrings(cache_dir: str | None = None) -> tuple[str, ...]:
           docs.append(doc)
   if not docs:
     raise FileNotFoundError(f"no docstrings found in the standard library at {root}")
-  if cache_file:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{cache_file}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(docs, f)
-    os.replace(tmp, cache_file)
   return tuple(docs)
 
 

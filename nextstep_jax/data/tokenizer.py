@@ -294,7 +294,8 @@ def tokenizer_from_config(config) -> Tokenizer:
       raise ValueError(f"config tokenizer.path is empty but tokenizer.kind is {tcfg.kind!r}: only "
                        "the demo sentencepiece model is trained on the fly; set tokenizer.path")
     tok = build_demo_tokenizer(config.workdir, vocab_size=tcfg.vocab_size)
-  model_vocab = config.get("model", {}).get("vocab_size") if hasattr(config, "get") else None
+  model_vocab = config.model.vocab_size if "model" in config and "vocab_size" in config.model \
+      else None
   if model_vocab is not None and tok.vocab_size > model_vocab:
     raise ValueError(f"tokenizer {tok.source} has {tok.vocab_size} ids but config "
                      f"model.vocab_size is {model_vocab}")
