@@ -194,13 +194,18 @@ def encode_image(arr: np.ndarray, image_format: str = "jpeg", quality: int = 95)
 
 
 def decode_text(value: Any, field: str, notes: list[str]) -> str:
-  """bytes/str -> str; non-UTF-8 bytes are decoded with replacement (noted), empty -> BadRecord."""
+  """bytes/str -> str; non-UTF-8 bytes are read as Windows-1252 / Latin-1 (noted); empty or
+  missing -> BadRecord(f"missing_{field}")."""
   if isinstance(value, (bytes, bytearray, np.bytes_)):
+    raw = bytes(value)
     try:
-      value = bytes(value).decode("utf-8")
+      value = raw.decode("utf-8")
     except UnicodeDecodeError:
-      notes.append(f"{field}_not_utf8")
-      value = bytes(value).decode("utf-8", errors="replace")
+      notes.append(f"{field}_not_utf8")   # web text that is not UTF-8 is mostly Windows-1252
+      try:
+        value = raw.decode("cp1252")
+      except UnicodeDecodeError:
+        value = raw.decode("latin-1")
   if value is None or not isinstance(value, str):
     raise BadRecord(f"missing_{field}")
   value = value.strip()
@@ -225,6 +230,9 @@ def _builder_class():
 
     VERSION = tfds.core.Version(VERSION)
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=k) for k in KINDS]
+    # No checksums file or package metadata: a None code path keeps TFDS from probing this
+    # package's resources (which needs the optional importlib_resources backport).
+    code_path = None
 
     def __init__(self, *, examples: dict[str, Iterable[dict]] | None = None, **kwargs):
       self._examples = examples or {}
@@ -312,22 +320,22 @@ class DecodedRecord:
 class RecordDecoder:
   """Turns a stored record into a DecodedRecord, re-checking everything; BadRecord when unusable.
 
-  Images whose token area is outside the stage's range are re-fitted into a bucket of the range;
-  on the pixel path every image of a record is fitted to the first image's shape.
+  Images that are not in a bucket of the stage's area range (another stage's data, or written by
+  other tools) are re-fitted into one; on the pixel path every image of a record is fitted to the
+  first image's shape.
   """
 
   def __init__(self, kind: str, unit: int, sides: Sequence[int], pixel: bool,
                max_pixels: int = DEFAULT_MAX_PIXELS):
     self.kind, self.unit, self.sides, self.pixel = kind, unit, tuple(sides), pixel
     self.max_pixels = max_pixels
-    self.min_tokens = min(self.sides) ** 2
+    self.buckets = frozenset(b for side in self.sides for b in aspect_buckets(side))
 
   def _image(self, data: bytes, notes: list[str], grid=None) -> np.ndarray:
     img = open_image(bytes(data), self.max_pixels)
     w, h = img.size
     own = (h // self.unit, w // self.unit)
-    fitted = (w % self.unit == 0 and h % self.unit == 0
-              and self.min_tokens * 0.9 <= own[0] * own[1] <= max(self.sides) ** 2 * 1.05)
+    fitted = w % self.unit == 0 and h % self.unit == 0 and own in self.buckets
     if grid is not None and own != tuple(grid):
       notes.append("refit_shape")
     elif not fitted:
