@@ -295,3 +295,52 @@ def test_worker_process_matches_in_process(workdir, tok):
   for a, b in zip(want, got):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_digit_records_and_pixels(workdir, tok):
+  from nextstep_jax.data import digits as D
+  pairs = D.DigitRecords("pair", "train")
+  images, labels = D.load_split("train")
+  t = len(D.CAPTION_TEMPLATES)
+  for digit in (0, 1234, 4499):
+    rec = pairs[digit * t]   # template 0: the evaluation prompt
+    assert rec["caption"] == f"a handwritten digit {labels[digit]}"
+    np.testing.assert_array_equal(
+        rec["images"][0].astype(np.float32) / 127.5 - 1.0, D.to_pixels(images[digit:digit + 1])[0])
+  assert {D.caption(0, d) for d in range(10)} == {f"a handwritten digit {d}" for d in range(10)}
+  train_idx, held_idx = D.split_indices("train"), D.split_indices("heldout")
+  assert len(train_idx) == 4500 and len(held_idx) == 500 and not set(train_idx) & set(held_idx)
+  assert not set(D.text_split("train")) & set(D.text_split("heldout"))
+  edits = D.DigitRecords("edit", "heldout")
+  assert len(edits) == 500 * len(D.EDITS)
+  inv = edits[0]
+  np.testing.assert_array_equal(inv["images"][1][2:30, 2:30], 255 - inv["images"][0][2:30, 2:30])
+  inter = D.DigitRecords("interleaved", "train")[7]
+  assert sum(isinstance(s, int) for s in inter["segments"]) == len(inter["images"]) >= 2
+  # A pair in a batch carries exactly the digit's pixels.
+  it = M.build_train_iterator(demo_config(workdir, dict(pair=1.0), drop_text_prob=0.0), tok)
+  batch = next(it)
+  name, n, _, _ = it.packer_iterator.last_batch_keys[0][0]
+  record = it.packer_iterator.mixture.sources[name][n]
+  np.testing.assert_array_equal(batch["images"][0, 0],
+                                record["images"][0].astype(np.float32) / 127.5 - 1.0)
+  assert tok.decode(batch["tokens"][0][:batch["positions"][0].tolist().index(0, 1)].tolist()) \
+      .startswith(record["caption"])
+
+
+def test_grain_checkpoint_handler_roundtrip(workdir, tok, tmp_path):
+  """train.py saves the iterator with grain's orbax CheckpointHandler: JSON state per process."""
+  import grain
+  from etils import epath
+  it = M.build_train_iterator(demo_config(workdir), tok)
+  for _ in range(3):
+    next(it)
+  handler = grain.checkpoint.CheckpointHandler()
+  handler.save(epath.Path(tmp_path), it)
+  want = [next(it) for _ in range(3)]
+  fresh = M.build_train_iterator(demo_config(workdir), tok)
+  handler.restore(epath.Path(tmp_path), fresh)
+  for a in want:
+    b = next(fresh)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])

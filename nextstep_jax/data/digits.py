@@ -65,14 +65,11 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_pixels(images_u8: np.ndarray, size: int = 32) -> np.ndarray:
-  """uint8 (N, 28, 28) -> float32 (N, size, size, 3) in [-1, 1]; zero-padded (black border) to `size`."""
-  if images_u8.ndim != 3 or images_u8.shape[1:] != (28, 28):
-    raise ValueError(f"digits must be (N, 28, 28), got {images_u8.shape}")
-  if size < 28 or (size - 28) % 2:
-    raise ValueError(f"digit image size must be >= 28 and even, got {size}")
-  pad = (size - 28) // 2
-  x = np.pad(images_u8, ((0, 0), (pad, pad), (pad, pad))).astype(np.float32) / 127.5 - 1.0
-  return np.repeat(x[..., None], 3, axis=-1)
+  """uint8 (N, 28, 28) -> float32 (N, size, size, 3) in [-1, 1]; zero-padded (black border) to `size`.
+
+  The pipeline keeps pad_digits_u8's uint8 images and applies the same x / 127.5 - 1 when it
+  assembles a batch, so batches hold exactly these values."""
+  return pad_digits_u8(images_u8, size).astype(np.float32) / 127.5 - 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +354,10 @@ def _parse_stdlib_docstrings() -> tuple[str, ...]:
 
 
 def text_split(split: str, cache_dir: str | None = None) -> list[str]:
-  """The 'train' or 'heldout' docstrings (every HELDOUT_TEXT_EVERY-th one is held out)."""
+  """The 'train' or 'heldout' docstrings: distinct texts, every HELDOUT_TEXT_EVERY-th held out."""
   if split not in ("train", "heldout"):
     raise ValueError(f"text split must be 'train' or 'heldout', got {split!r}")
-  docs = stdlib_docstrings(cache_dir)
+  docs = list(dict.fromkeys(stdlib_docstrings(cache_dir)))   # unique texts, first occurrence order
   keep = (lambda i: i % HELDOUT_TEXT_EVERY == 0) if split == "heldout" else \
       (lambda i: i % HELDOUT_TEXT_EVERY != 0)
   return [d for i, d in enumerate(docs) if keep(i)]
