@@ -301,3 +301,16 @@ def test_latent_records_feed_the_latent_path(tmp_path):
   config.data.source = str(plain)
   with pytest.raises(ValueError, match="carry no latents"):
     M.build_train_iterator(config, CharTokenizer())
+
+
+def test_all_bad_data_fails_loudly(tmp_path, monkeypatch):
+  rows = [dict(layout="TI", texts=["x"], images=[b"not an image"], latents=[],
+               latent_shapes=np.zeros((0, 3), np.int32)) for _ in range(3)]
+  S.write_records(str(tmp_path / "root"), "pair", {"train": rows})
+  config = demo_config(tmp_path, dict(pair=1.0), source=str(tmp_path / "root"), image_size=64,
+                       min_image_tokens=16, max_image_tokens=64)
+  config.image.vae_factor = 8
+  monkeypatch.setattr(M.PackedBatchIterator, "MAX_BARREN", 50)
+  it = M.build_train_iterator(config, CharTokenizer())
+  with pytest.raises(RuntimeError, match="skipped/decode_error"):
+    next(it)

@@ -393,10 +393,18 @@ class PackedBatchIterator(grain.DatasetIterator):
     self.counters: collections.Counter = collections.Counter()
     self.last_k: int | None = None
     self.last_batch_keys: list[list] = []   # sample keys per row of the last batch (debugging)
+    self._barren = 0   # consecutive records without a usable sample
+
+  MAX_BARREN = 10_000   # that many unusable records in a row: the data is broken, say so
 
   def consume(self, element: Element) -> None:
     self.last_k = element.key[2]
     self.counters[f"records/{element.key[0]}"] += 1
+    self._barren += 1
+    if self._barren > self.MAX_BARREN:
+      skipped = {k: v for k, v in self.counters.items() if k.startswith("skipped/")}
+      raise RuntimeError(f"{self.MAX_BARREN} records in a row gave no usable sample; the data "
+                         f"source looks broken (skipped so far: {skipped})")
     if element.bad:
       self.counters[f"skipped/{element.bad}"] += 1
       return
@@ -409,6 +417,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         continue
       self.counters[f"samples/{sample.key[0]}"] += 1
       self.packer.add(sample)
+      self._barren = 0
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
