@@ -1,0 +1,281 @@
+"""Train NextStep-1: ``python -m nextstep_jax.train --config=configs/<stage>.py [--config.x.y=...]``.
+
+Reads top to bottom:
+  1. parallel: jax.distributed (multi-host), the (data, fsdp, tensor) mesh, the logical rules;
+  2. data: the tokenizer and the grain mixture of text / pair / edit / interleaved sources;
+  3. model: built abstractly (eval_shape), its shardings derived from the parameters' logical axes,
+     then materialised sharded (or restored, or initialised from another stage's checkpoint);
+  4. step: a pure ``train_step(state, batch) -> (state, metrics)`` under jax.jit with explicit in/out
+     shardings and the state donated; the frozen VAE encodes pixels inside the step when the batch
+     carries images;
+  5. checkpoints: orbax, async, keep-N, with the data iterator's state; resume is exact;
+  6. the loop: metrics to TensorBoard, metrics.jsonl and the console.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nextstep_jax import checkpoint as ckpt_lib
+from nextstep_jax import config as config_lib
+from nextstep_jax import metrics as metrics_lib
+from nextstep_jax import optim as optim_lib
+from nextstep_jax import parallel
+from nextstep_jax.models import nextstep as ns
+
+State = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------
+# Model and state
+# ------------------------------------------------------------------------------------------------
+def abstract_model(config) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract params as a pure dict of ShapeDtypeStructs, logical axes tree) without
+  allocating any weight."""
+  model_cfg = ns.NextStepConfig.from_config(config)
+  abstract = nnx.eval_shape(lambda: ns.NextStep(model_cfg, rngs=nnx.Rngs(params=0)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  axes = nnx.to_pure_dict(parallel.param_axes(state))
+  # param_axes returns tuples at Variable positions; to_pure_dict keeps them as leaves.
+  return graphdef, nnx.to_pure_dict(state), axes
+
+
+class Trainer:
+  """Holds what the step needs: graphdef, optimizer, shardings, the jitted step."""
+
+  def __init__(self, config, mesh, vae=None):
+    self.config = config
+    self.mesh = mesh
+    self.graphdef, self.abstract_params, self.axes = abstract_model(config)
+    rules = config.mesh.rules
+    self.param_shardings = parallel.shardings_for(self.abstract_params, mesh, rules, axes=self.axes)
+    self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.steps)
+    opt_abstract = jax.eval_shape(self.tx.init, self.abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.state_shardings = {
+        "step": replicated,
+        "params": self.param_shardings,
+        "opt_state": parallel.shardings_like_params(opt_abstract, self.abstract_params,
+                                                  self.param_shardings, mesh),
+        "skipped": replicated,
+    }
+    self.abstract_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": self.abstract_params,
+        "opt_state": opt_abstract,
+        "skipped": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    self.batch_sharding = parallel.data_sharding(mesh)
+    self.vae = vae  # (encode_fn(vae_params, images) -> tokens, vae_params) for the pixel path, or None
+    self._step_fn = None
+
+  # -- state ---------------------------------------------------------------------------------------
+  def init_state(self, seed: int) -> State:
+    """Materialises a fresh, sharded state (params born on their shards)."""
+    model_cfg = ns.NextStepConfig.from_config(self.config)
+
+    def init():
+      model = ns.NextStep(model_cfg, rngs=nnx.Rngs(params=seed))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
+              "skipped": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def state_from_params(self, params: dict) -> State:
+    """A fresh optimizer and step counter around given params (init_from another stage)."""
+    def init(p):
+      return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.tx.init(p),
+              "skipped": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
+
+  # -- step ----------------------------------------------------------------------------------------
+  def loss_fn(self, params: dict, batch: dict, key: jax.Array):
+    model = nnx.merge(self.graphdef, params)
+    if "images" in batch:
+      if self.vae is None:
+        raise ValueError("the batch carries pixels (data.payload='images') but no VAE was given")
+      encode, vae_params = self.vae
+      images = batch["images"]  # (B, N, H, W, C)
+      b, n = images.shape[:2]
+      toks = encode(vae_params, images.reshape((b * n,) + images.shape[2:]))  # (B*N, T, d)
+      image_tokens = jax.lax.stop_gradient(toks.reshape(b, n * toks.shape[1], toks.shape[2]))
+    else:
+      image_tokens = batch["image_tokens"]
+    return model.loss(batch, image_tokens, key)
+
+  def train_step(self, state: State, batch: dict) -> tuple[State, dict]:
+    """One optimizer update. Non-finite loss or gradients skip the update (state unchanged except
+    the ``skipped`` counter) instead of poisoning the weights."""
+    key = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
+    (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch, key)
+    grad_norm = global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(params, state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state["step"]),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  @property
+  def step_fn(self) -> Callable:
+    if self._step_fn is None:
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._step_fn = jax.jit(self.train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    return self._step_fn
+
+
+def global_norm(tree) -> jax.Array:
+  """L2 norm over all leaves, accumulated in fp32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+def load_frozen_vae(config) -> tuple[Callable, Any] | None:
+  """(encode(vae_params, images) -> tokens, vae_params) for the pixel path; None for latents."""
+  if config.data.payload != "images":
+    return None
+  from nextstep_jax import latents  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import train_vae  # pylint: disable=import-outside-toplevel
+  if not config.vae.checkpoint:
+    raise ValueError("data.payload='images' needs vae.checkpoint: the workdir of a trained VAE "
+                     "(python -m nextstep_jax.train_vae) to encode pixels inside the step")
+  vae, vae_cfg = train_vae.load_vae(config.vae.checkpoint)
+  want = int(config.image.token_dim)
+  if vae_cfg.token_dim != want or vae_cfg.patch_size != config.image.patch_size:
+    raise ValueError(f"vae.checkpoint {config.vae.checkpoint}: the VAE makes {vae_cfg.token_dim}-d tokens with "
+                     f"patch {vae_cfg.patch_size}, the config expects image.token_dim={want} with "
+                     f"patch {config.image.patch_size}")
+  graphdef, vae_params = nnx.split(vae)
+  encode = lambda p, images: latents.encode_tokens(nnx.merge(graphdef, p), images)
+  return encode, vae_params
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def train(config, workdir: str | None = None) -> dict[str, float]:
+  """Runs (or resumes) training to ``config.steps``. Returns the last logged metrics."""
+  from nextstep_jax.data import mixture  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+
+  # 1. parallel
+  parallel.maybe_initialize_distributed()
+  workdir = workdir or config.workdir
+  config_lib.validate(config, num_devices=jax.device_count())
+  mesh = parallel.make_mesh(config.mesh)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  os.makedirs(workdir, exist_ok=True)
+  _log(f"devices {jax.device_count()} ({jax.default_backend()}), processes {pcount}, mesh {dict(mesh.shape)}")
+
+  # 2. data
+  if config.tokenizer.path:
+    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path, config.tokenizer.kind)
+  else:
+    tokenizer = tok_lib.build_demo_tokenizer(workdir, vocab_size=int(config.tokenizer.vocab_size))
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+                     f"{config.model.vocab_size}")
+  data_iter = mixture.build_train_iterator(config, tokenizer, pidx, pcount)
+
+  # 3. model, state, checkpoints
+  trainer = Trainer(config, mesh, vae=load_frozen_vae(config))
+  _log(f"parameters: {count_params(trainer.abstract_params):,}")
+  ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, "checkpoints"))
+  start = ckpt.latest_step()
+  if start is not None:
+    target = parallel.with_shardings(trainer.abstract_state, trainer.state_shardings)
+    state, data_state = ckpt.restore(start, target)
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    _log(f"resumed from step {start}")
+  elif config.checkpoint.init_from:
+    target = parallel.with_shardings(trainer.abstract_params, trainer.param_shardings)
+    params = ckpt.restore_params_from(config.checkpoint.init_from, target)
+    state = trainer.state_from_params(params)
+    _log(f"initialised params from {config.checkpoint.init_from}")
+  else:
+    state = trainer.init_state(config.seed)
+  step = int(state["step"])
+
+  # 4-6. the loop
+  writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
+  timer = metrics_lib.StepTimer()
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  last: dict[str, float] = {}
+  data_wait = 0.0
+  try:
+    while step < config.steps:
+      t0 = time.perf_counter()
+      local = next(data_iter)
+      data_wait += time.perf_counter() - t0
+      batch = parallel.global_batch(local, mesh)
+      state, metrics = trainer.step_fn(state, batch)
+      step += 1
+      if step % config.log_every == 0 or step == config.steps:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last.update(timer.lap(config.log_every, config.log_every * tokens_per_step))
+        last["data_wait_s"] = data_wait / config.log_every
+        last["skipped_steps"] = float(state["skipped"])
+        data_wait = 0.0
+        for k, v in data_iter.counters.items():
+          if k.startswith("skipped") or k.startswith("converted"):
+            last[f"data/{k}"] = float(v)
+        if not np.isfinite(last["loss"]):
+          _log(f"step {step}: non-finite loss, update skipped")
+        writer.write_scalars(step, last)
+      if ckpt.should_save(step) or step == config.steps:
+        ckpt.save(step, state, data_iter.get_state(), force=step == config.steps)
+      if ckpt.reached_preemption(step):
+        _log(f"preemption notice: saved step {step}, exiting")
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return last
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags, logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+  config = flags.FLAGS.config
+  train(config, flags.FLAGS.workdir or None)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/<name>.py)",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", "", "output directory (default: config.workdir)")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,84 @@
+"""The sharded train step: same numbers on 1 device and on 8-device meshes, params really sharded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.common import base_config
+from nextstep_jax import parallel
+from nextstep_jax import train
+from tests.batches import synthetic_batch
+
+
+def _config(axes):
+  c = base_config("tiny", "tiny")
+  c.model.vocab_size = 64
+  c.model.hidden_size = 64
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.intermediate_size = 128
+  c.model.num_layers = 2
+  c.head.dim = 32
+  c.image.latent_channels = 4
+  c.image.patch_size = 2
+  c.optim.lr = 1e-3
+  c.optim.min_lr = 1e-3
+  c.steps = 10
+  c.data.seq_len = 32
+  c.data.batch_size = 8
+  c.mesh.axes.update(axes)
+  return c
+
+
+def _run(axes, devices, steps=1):
+  c = _config(axes)
+  mesh = parallel.make_mesh(c.mesh, devices=devices)
+  t = train.Trainer(c, mesh)
+  state = t.init_state(seed=0)
+  losses = []
+  for s in range(steps):
+    batch = parallel.global_batch(synthetic_batch(8, 32, 64, 16, seed=s), mesh)
+    state, metrics = t.step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  return t, state, losses
+
+
+def test_sharded_step_equals_single_device():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (virtual) devices")
+  _, ref_state, ref_losses = _run(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  ref_params = jax.tree.map(np.asarray, ref_state["params"])
+  for axes in (dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)):
+    t, state, losses = _run(axes, jax.devices()[:8])
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(axes))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, err_msg=str(axes)),
+                 state["params"], ref_params)
+    q_spec = state["params"]["backbone"]["layers"]["q_kernel"].sharding.spec
+    embed_spec = state["params"]["backbone"]["embed_tokens"].sharding.spec
+    mlp_spec = state["params"]["backbone"]["layers"]["gate_kernel"].sharding.spec
+    if axes["fsdp"] > 1:
+      assert q_spec[1] == "fsdp" and embed_spec[1] == "fsdp", (axes, q_spec, embed_spec)
+    if axes["tensor"] > 1:
+      assert q_spec[2] == "tensor" and mlp_spec[2] == "tensor" and embed_spec[0] == "tensor", (axes, q_spec)
+    # Really sharded: each device holds 1/(fsdp*tensor) of the attention weights, 1/data of nothing.
+    q = state["params"]["backbone"]["layers"]["q_kernel"]
+    shard = q.sharding.shard_shape(q.shape)
+    assert np.prod(q.shape) // np.prod(shard) == axes["fsdp"] * axes["tensor"], (axes, shard)
+    # Adam moments follow their parameters' shardings.
+    mu = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == ref_params["backbone"]["layers"]["q_kernel"].shape]
+    assert mu and all(m.sharding.spec == q_spec for m in mu)
+
+
+def test_non_finite_loss_skips_update():
+  c = _config(dict(data=1, fsdp=1, tensor=1))
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
+  t = train.Trainer(c, mesh)
+  state = t.init_state(seed=0)
+  before = jax.tree.map(np.asarray, state["params"])
+  batch = synthetic_batch(8, 32, 64, 16)
+  batch["image_tokens"][0, 0, 0] = np.nan
+  state, metrics = t.step_fn(state, parallel.global_batch(batch, mesh))
+  assert float(metrics["finite"]) == 0.0 and int(state["skipped"]) == 1 and int(state["step"]) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state["params"], before)
