@@ -39,7 +39,7 @@ from nextstep_jax.models.vae import (AutoencoderKL, VAEConfig, normalize_tokens,
                                      unpatchify, validate_images)
 
 __all__ = ["patchify", "unpatchify", "normalize_tokens", "encode_tokens", "decode_tokens",
-           "token_grid", "make_encode_fn", "latent_stats", "write_token_records",
+           "token_grid", "token_encoder", "token_decoder", "make_encode_fn", "latent_stats", "write_token_records",
            "decode_token_record", "token_source", "main"]
 
 Array = jax.Array
@@ -87,6 +87,31 @@ def decode_tokens(vae: AutoencoderKL, tokens_btd: Array, h: int, w: int) -> Arra
   z = unpatchify(tokens_btd, h, w, cfg.patch_size)
   z = z / cfg.scaling_factor + cfg.shift_factor
   return vae.decode(z)
+
+
+def token_encoder(vae: AutoencoderKL) -> tuple[Callable[[Any, Array], Array], dict]:
+  """(encode(vae_params, images) -> tokens, vae_params): a pure function and the frozen VAE's
+  parameters as a pure dict, for a train step that encodes pixels on the fly (the VAE's
+  parameters are passed in, not closed over, so they are not baked into the compiled step)."""
+  graphdef, state = nnx.split(vae)
+  params = nnx.to_pure_dict(state)
+
+  def encode(vae_params: Any, images_bhwc: Array) -> Array:
+    return encode_tokens(nnx.merge(graphdef, vae_params), images_bhwc)
+
+  return encode, params
+
+
+def token_decoder(vae: AutoencoderKL) -> tuple[Callable[[Any, Array, int, int], Array], dict]:
+  """(decode(vae_params, tokens, h, w) -> images, vae_params), the sampler's counterpart of
+  ``token_encoder`` (``h``, ``w`` must be static under jit)."""
+  graphdef, state = nnx.split(vae)
+  params = nnx.to_pure_dict(state)
+
+  def decode(vae_params: Any, tokens_btd: Array, h: int, w: int) -> Array:
+    return decode_tokens(nnx.merge(graphdef, vae_params), tokens_btd, h, w)
+
+  return decode, params
 
 
 def make_encode_fn(vae: AutoencoderKL) -> Callable[[Array], Array]:

@@ -210,14 +210,21 @@ class PatchDiscriminator(nnx.Module):
 # The step.
 
 
+def latent_noise(z_bhwc: jax.Array, key: jax.Array, gamma: float) -> jax.Array:
+  """z + sigma_b * N(0, I) with one sigma_b ~ U(0, gamma) per sample (NextStep's noise
+  augmentation of the normalised latent, SPEC §8)."""
+  k_std, k_noise = jax.random.split(key)
+  std_b = jax.random.uniform(k_std, (z_bhwc.shape[0], 1, 1, 1), z_bhwc.dtype, 0.0, gamma)
+  return z_bhwc + std_b * jax.random.normal(k_noise, z_bhwc.shape, z_bhwc.dtype)
+
+
 def reconstruct(vae: AutoencoderKL, x: jax.Array, key: jax.Array, train: ml_collections.ConfigDict):
   """Forward pass of training: (reconstruction, mean, logvar)."""
   mean, logvar = vae.encode_moments(x)
-  k_post, k_std, k_noise = jax.random.split(key, 3)
+  k_post, k_noise = jax.random.split(key)
   z = vae_lib.sample_posterior(mean, logvar, k_post) if train.sample_posterior else mean
   if train.noise_aug and train.gamma > 0:
-    std_b = jax.random.uniform(k_std, (z.shape[0], 1, 1, 1), z.dtype, 0.0, train.gamma)
-    z = z + std_b * jax.random.normal(k_noise, z.shape, z.dtype)
+    z = latent_noise(z, k_noise, train.gamma)
   return vae.decode(z), mean, logvar
 
 
@@ -401,7 +408,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   vae_lib.validate_images(heldout_x, vae_cfg, vae_cfg.pixels_per_token, "held-out images")
   if config.eval.num_images:
     heldout_x = heldout_x[:config.eval.num_images]
-  grid_x = heldout_x[:config.eval.grid_images]
+  # spread over the held-out set (it is sorted by label for the digits)
+  grid_x = heldout_x[np.linspace(0, len(heldout_x) - 1, min(config.eval.grid_images,
+                                                             len(heldout_x))).astype(int)]
   n_proc, pid = jax.process_count(), jax.process_index()
   local_bs = t.batch_size // n_proc
 
@@ -448,7 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         recon = trainer.reconstruct(state["params"], heldout_x, config.eval.batch_size)
         ev = evaluate(heldout_x, recon)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in ev.items() if k != "num_images"})
-        writer.write_images(done, "recon", recon_grid(grid_x, recon[:len(grid_x)]))
+        grid_recon = trainer.reconstruct(state["params"], grid_x, config.eval.batch_size)
+        writer.write_images(done, "recon", recon_grid(grid_x, grid_recon))
         last_log = time.perf_counter()
       ckpt.save(done, state, force=done == t.steps)
     train_time = time.perf_counter() - t_start

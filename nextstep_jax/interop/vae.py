@@ -102,7 +102,7 @@ def _load_safetensors_via_torch(path: str) -> dict[str, np.ndarray]:
 def _to_float32(sd: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
   out = {}
   for k, v in sd.items():
-    if not np.issubdtype(v.dtype, np.floating):
+    if not jnp.issubdtype(v.dtype, jnp.floating):  # numpy floats and ml_dtypes' bfloat16
       raise ValueError(f"{path}: tensor {k!r} has dtype {v.dtype}, expected floating point")
     out[k] = v.astype(np.float32)
   return out
