@@ -106,6 +106,11 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
   c.steps = 1000
   c.log_every = 10
   c.eval_every = 500
+  c.eval_batches = 2           # held-out batches per data source at each evaluation
+  c.sample_prompts = ()        # fixed prompts for the periodic sample grid (empty: none)
+  c.ema_decay = 0.0            # EMA of the weights (0 = off), kept in the checkpoint
+  c.max_skipped_steps = 10     # consecutive non-finite steps before the run stops
+  c.profile_steps = ""         # "START,STOP": a jax.profiler trace of those steps
 
   c.model = ml_collections.ConfigDict(dict(BACKBONES[backbone]))
   c.model.preset = backbone
@@ -135,7 +140,7 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
 
   c.optim = ml_collections.ConfigDict(dict(
     lr=1e-4, min_lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.1,
-    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
+    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1))
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

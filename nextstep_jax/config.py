@@ -191,6 +191,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       err(f"data.batch_size={d.batch_size} is not divisible by the fixed data-parallel axes "
           f"(product {fixed})")
 
+  # Gradient accumulation: each micro-batch must still split over the data-parallel devices.
+  accum = o.get("grad_accum", 1)
+  if not isinstance(accum, int) or accum < 1:
+    err(f"optim.grad_accum={accum!r} must be an integer >= 1")
+  elif d.batch_size % accum:
+    err(f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={accum}")
+  elif sizes is not None and (d.batch_size // accum) % (sizes["data"] * sizes["fsdp"]):
+    err(f"data.batch_size / optim.grad_accum = {d.batch_size // accum} rows per micro-batch is not "
+        f"divisible by the data-parallel size {sizes['data'] * sizes['fsdp']}")
+
+  # Training extras.
+  ema = config.get("ema_decay", 0.0)
+  if not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
+    err(f"ema_decay={ema!r} must be in [0, 1) (0 = no EMA)")
+  if config.get("max_skipped_steps", 1) < 1:
+    err(f"max_skipped_steps={config.get('max_skipped_steps')} must be >= 1")
+  prof = config.get("profile_steps", "")
+  if prof:
+    try:
+      lo, hi = (int(x) for x in str(prof).split(","))
+      if not 0 <= lo < hi:
+        raise ValueError
+    except ValueError:
+      err(f"profile_steps={prof!r} must be 'START,STOP' with 0 <= START < STOP (or empty)")
+
   # Checkpoints.
   positive("checkpoint.every", "checkpoint.keep")
 

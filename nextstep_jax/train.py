@@ -62,19 +62,22 @@ class Trainer:
     self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.steps)
     opt_abstract = jax.eval_shape(self.tx.init, self.abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.ema_decay = float(config.get("ema_decay", 0.0))
+    self.grad_accum = int(config.optim.get("grad_accum", 1))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
     self.state_shardings = {
         "step": replicated,
         "params": self.param_shardings,
         "opt_state": parallel.shardings_like_params(opt_abstract, self.abstract_params,
                                                   self.param_shardings, mesh),
         "skipped": replicated,
+        "bad_streak": replicated,
     }
-    self.abstract_state = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": self.abstract_params,
-        "opt_state": opt_abstract,
-        "skipped": jax.ShapeDtypeStruct((), jnp.int32),
-    }
+    self.abstract_state = {"step": scalar, "params": self.abstract_params, "opt_state": opt_abstract,
+                           "skipped": scalar, "bad_streak": scalar}
+    if self.ema_decay > 0:
+      self.state_shardings["ema"] = self.param_shardings
+      self.abstract_state["ema"] = self.abstract_params
     self.batch_sharding = parallel.data_sharding(mesh)
     self.vae = vae  # (encode_fn(vae_params, images) -> tokens, vae_params) for the pixel path, or None
     self._step_fn = None
@@ -86,22 +89,25 @@ class Trainer:
 
     def init():
       model = ns.NextStep(model_cfg, rngs=nnx.Rngs(params=seed))
-      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
-              "skipped": jnp.zeros((), jnp.int32)}
+      return self._fresh_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     return jax.jit(init, out_shardings=self.state_shardings)()
 
+  def _fresh_state(self, params: dict) -> State:
+    zero = jnp.zeros((), jnp.int32)
+    state = {"step": zero, "params": params, "opt_state": self.tx.init(params), "skipped": zero,
+             "bad_streak": zero}
+    if self.ema_decay > 0:
+      state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
   def state_from_params(self, params: dict) -> State:
     """A fresh optimizer and step counter around given params (init_from another stage)."""
-    def init(p):
-      return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.tx.init(p),
-              "skipped": jnp.zeros((), jnp.int32)}
-
-    return jax.jit(init, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
+    return jax.jit(self._fresh_state, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
 
   # -- step ----------------------------------------------------------------------------------------
-  def loss_fn(self, params: dict, batch: dict, key: jax.Array):
+  def loss_fn(self, params: dict, batch: dict, key: jax.Array, row_ids: jax.Array | None = None,
+              normalizers: tuple[jax.Array, jax.Array] | None = None):
     model = nnx.merge(self.graphdef, params)
     if "images" in batch:
       if self.vae is None:
@@ -113,27 +119,75 @@ class Trainer:
       image_tokens = jax.lax.stop_gradient(toks.reshape(b, n * toks.shape[1], toks.shape[2]))
     else:
       image_tokens = batch["image_tokens"]
-    return model.loss(batch, image_tokens, key)
+    return model.loss(batch, image_tokens, key, row_ids=row_ids, normalizers=normalizers)
+
+  def grads(self, params: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
+    """Gradients and metrics of the whole batch; with ``optim.grad_accum`` = K, accumulated over K
+    micro-batches under a scan (each micro-batch is every K-th row, so it stays on its devices).
+    Losses are normalised by the whole batch's token counts, so K micro-batches give the update
+    of one big batch."""
+    k = self.grad_accum
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    b = batch["tokens"].shape[0]
+    if k == 1:
+      (_, metrics), grads = grad_fn(params, batch, key)
+      return grads, metrics
+    from nextstep_jax.data.batch import IGNORE  # pylint: disable=import-outside-toplevel
+    normalizers = (jnp.sum(batch["targets"] != IGNORE).astype(jnp.float32),
+                   jnp.sum(batch["fm_mask"]).astype(jnp.float32))
+    micro = jax.tree.map(lambda x: x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+    rows = jnp.arange(b).reshape(b // k, k).T  # (K, B/K): global row ids of each micro-batch
+
+    def body(acc, xs):
+      mb, row_ids = xs
+      (_, m), g = grad_fn(params, mb, key, row_ids, normalizers)
+      return jax.tree.map(jnp.add, acc, (g, m)), None
+
+    zero_g = jax.tree.map(jnp.zeros_like, params)
+    zero_m = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), key, rows[0],
+                                            normalizers)[0][1])
+    zero_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m)
+    (grads, metrics), _ = jax.lax.scan(body, (zero_g, zero_m), (micro, rows))
+    # Shares of loss/ce/fm add up; the token counts add up too.
+    return grads, metrics
 
   def train_step(self, state: State, batch: dict) -> tuple[State, dict]:
     """One optimizer update. Non-finite loss or gradients skip the update (state unchanged except
     the ``skipped`` counter) instead of poisoning the weights."""
     key = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
-    (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch, key)
+    grads, metrics = self.grads(state["params"], batch, key)
+    loss = metrics["loss"]
     grad_norm = global_norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    bad = (~finite).astype(jnp.int32)
     new_state = {
         "step": state["step"] + 1,
         "params": keep(params, state["params"]),
         "opt_state": keep(opt_state, state["opt_state"]),
-        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        "skipped": state["skipped"] + bad,
+        "bad_streak": (state["bad_streak"] + bad) * bad,
     }
+    if self.ema_decay > 0:
+      d = self.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], new_state["params"])
+      new_state["ema"] = keep(ema, state["ema"])
     metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state["step"]),
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
+
+  def eval_step(self, params: dict, batch: dict) -> dict:
+    """Loss metrics on a held-out batch with a fixed noise key (comparable across steps)."""
+    _, metrics = self.loss_fn(params, batch, jax.random.key(self.config.seed + 1))
+    return metrics
+
+  @functools.cached_property
+  def eval_fn(self) -> Callable:
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(self.eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+                   out_shardings=replicated)
 
   @property
   def step_fn(self) -> Callable:
@@ -229,38 +283,127 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
   writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
   timer = metrics_lib.StepTimer()
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  eval_batches = None
+  profile = _profile_range(config.get("profile_steps", ""))
+  max_bad = int(config.get("max_skipped_steps", 10))
+  stop = _StopSignal()
   last: dict[str, float] = {}
   data_wait = 0.0
   try:
     while step < config.steps:
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
       t0 = time.perf_counter()
       local = next(data_iter)
       data_wait += time.perf_counter() - t0
       batch = parallel.global_batch(local, mesh)
       state, metrics = trainer.step_fn(state, batch)
       step += 1
+      if profile and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        _log(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
+      streak = int(state["bad_streak"])
+      if streak:
+        _log(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a row)")
+        if streak >= max_bad:
+          raise FloatingPointError(
+              f"{streak} consecutive non-finite steps (max_skipped_steps={max_bad}) at step {step}; "
+              f"stopping. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
       if step % config.log_every == 0 or step == config.steps:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last.update(timer.lap(config.log_every, config.log_every * tokens_per_step))
         last["data_wait_s"] = data_wait / config.log_every
+        last["compute_s"] = last.get("step_time", 0.0) - last["data_wait_s"]
         last["skipped_steps"] = float(state["skipped"])
         data_wait = 0.0
         for k, v in data_iter.counters.items():
           if k.startswith("skipped") or k.startswith("converted"):
             last[f"data/{k}"] = float(v)
-        if not np.isfinite(last["loss"]):
-          _log(f"step {step}: non-finite loss, update skipped")
         writer.write_scalars(step, last)
-      if ckpt.should_save(step) or step == config.steps:
-        ckpt.save(step, state, data_iter.get_state(), force=step == config.steps)
-      if ckpt.reached_preemption(step):
-        _log(f"preemption notice: saved step {step}, exiting")
+      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        if eval_batches is None:
+          eval_batches = mixture.build_eval_batches(config, tokenizer, int(config.get("eval_batches", 2)))
+        evals = evaluate_heldout(trainer, state, eval_batches, mesh)
+        writer.write_scalars(step, evals)
+        if config.get("sample_prompts", ()) and trainer.vae is not None:
+          grid = sample_grid(trainer, state, config, tokenizer)
+          writer.write_images(step, "samples", grid)
+      if ckpt.should_save(step) or step == config.steps or stop.requested:
+        ckpt.save(step, state, data_iter.get_state(), force=step == config.steps or stop.requested)
+      if stop.requested or ckpt.reached_preemption(step):
+        ckpt.wait()
+        _log(f"stop requested ({stop.reason or 'preemption'}): saved step {step}, exiting")
         break
   finally:
+    stop.restore()
     ckpt.wait()
     ckpt.close()
     writer.close()
   return last
+
+
+class _StopSignal:
+  """SIGTERM (a preemption notice) or SIGINT asks the loop to save the current step and exit 0."""
+
+  def __init__(self):
+    import signal  # pylint: disable=import-outside-toplevel
+    self.requested = False
+    self.reason = ""
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    import signal  # pylint: disable=import-outside-toplevel
+    self.requested = True
+    self.reason = signal.Signals(signum).name
+
+  def restore(self):
+    import signal  # pylint: disable=import-outside-toplevel
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _profile_range(spec: str) -> tuple[int, int] | None:
+  if not spec:
+    return None
+  lo, hi = (int(x) for x in str(spec).split(","))
+  return lo, hi
+
+
+def evaluate_heldout(trainer: Trainer, state: State, eval_batches: dict, mesh) -> dict[str, float]:
+  """CE and FM on the fixed held-out batches of each source (averaged over its batches)."""
+  out: dict[str, float] = {}
+  for name, batches in eval_batches.items():
+    sums: dict[str, float] = {}
+    for b in batches:
+      m = jax.device_get(trainer.eval_fn(state["params"], parallel.global_batch(b, mesh)))
+      for k in ("loss", "ce", "fm"):
+        sums[k] = sums.get(k, 0.0) + float(m[k]) / len(batches)
+    for k, v in sums.items():
+      out[f"eval/{name}/{k}"] = v
+  return out
+
+
+def sample_grid(trainer: Trainer, state: State, config, tokenizer) -> np.ndarray:
+  """Decoded samples of the config's fixed prompts as one uint8 grid (one image per prompt)."""
+  from nextstep_jax import latents, sampling  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import train_vae  # pylint: disable=import-outside-toplevel
+  params = state.get("ema", state["params"])
+  model = nnx.merge(trainer.graphdef, jax.device_get(params))
+  side = config.data.image_size // (config.image.vae_factor * config.image.patch_size)
+  prompts = list(config.sample_prompts)
+  tokens = sampling.sample_prompts(model, tokenizer, prompts, side, side, jax.random.key(config.seed),
+                                   cfg=float(config.get("sample_cfg", 3.0)), steps=20)
+  vae, _ = train_vae.load_vae(config.vae.checkpoint)
+  images = latents.decode_tokens(vae, tokens, side, side)
+  images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  return metrics_lib.image_grid(images)
 
 
 def main(argv) -> None:

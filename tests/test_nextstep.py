@@ -93,7 +93,7 @@ def _manual_loss(model, batch, img, key):
     ws.append(float(batch["fm_mask"][0, p]) if p is not None else 0.0)
   k = c.head.batch_mul
   x1 = jnp.repeat(jnp.stack(x1s), k, 0)
-  x_t, t, v = ns.sample_fm_inputs(key, x1)
+  x_t, t, v = ns.sample_fm_inputs(jax.random.fold_in(key, 0), x1)  # row 0's noise
   pred = model.head(x_t, t, jnp.repeat(jnp.stack(conds), k, 0))
   w = jnp.repeat(jnp.asarray(ws), k)
   fm = jnp.sum(jnp.mean((pred - v) ** 2, -1) * w) / jnp.sum(w)

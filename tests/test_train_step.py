@@ -82,3 +82,49 @@ def test_non_finite_loss_skips_update():
   state, metrics = t.step_fn(state, parallel.global_batch(batch, mesh))
   assert float(metrics["finite"]) == 0.0 and int(state["skipped"]) == 1 and int(state["step"]) == 1
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state["params"], before)
+
+
+def _single(config_updates):
+  c = _config(dict(data=1, fsdp=1, tensor=1))
+  for k, v in config_updates.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
+  return c, mesh, train.Trainer(c, mesh)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  batch = synthetic_batch(8, 32, 64, 16, seed=3)
+  results = []
+  for k in (1, 4):
+    _, mesh, t = _single({"optim.grad_accum": k})
+    state = t.init_state(seed=0)
+    state, m = t.step_fn(state, parallel.global_batch(batch, mesh))
+    results.append((jax.tree.map(np.asarray, state["params"]), {n: float(v) for n, v in m.items()}))
+  (p1, m1), (p4, m4) = results
+  for n in ("loss", "ce", "fm", "grad_norm", "text_tokens", "image_tokens"):
+    np.testing.assert_allclose(m4[n], m1[n], rtol=1e-5, err_msg=n)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p4, p1)
+
+
+def test_ema_tracks_params_and_survives_checkpoint(tmp_path):
+  from nextstep_jax import checkpoint as ckpt_lib
+  c, mesh, t = _single({"ema_decay": 0.9})
+  state = t.init_state(seed=0)
+  init = jax.tree.map(np.asarray, state["params"])
+  np.testing.assert_array_equal(state["ema"]["head"]["cond_kernel"], init["head"]["cond_kernel"])
+  state, _ = t.step_fn(state, parallel.global_batch(synthetic_batch(8, 32, 64, 16), mesh))
+  new = jax.tree.map(np.asarray, state["params"])
+  jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, 0.9 * a + 0.1 * b, atol=1e-6),
+               jax.tree.map(np.asarray, state["ema"]), init, new)
+  assert not np.allclose(state["ema"]["backbone"]["lm_head_kernel"], new["backbone"]["lm_head_kernel"])
+  ck = ckpt_lib.Checkpointer(tmp_path / "ck", every=1, keep=2, async_save=False)
+  ck.save(1, state, force=True)
+  ck.wait()
+  restored, _ = ck.restore(1, parallel.with_shardings(t.abstract_state, t.state_shardings))
+  ck.close()
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               restored["ema"], state["ema"])

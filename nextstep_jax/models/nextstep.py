@@ -104,12 +104,17 @@ class NextStep(nnx.Module):
     return x
 
   # -- training ------------------------------------------------------------------------------------
-  def loss(self, batch: dict[str, jax.Array], image_tokens_bmd: jax.Array, key: jax.Array
+  def loss(self, batch: dict[str, jax.Array], image_tokens_bmd: jax.Array, key: jax.Array,
+           row_ids: jax.Array | None = None, normalizers: tuple[jax.Array, jax.Array] | None = None
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and metrics for one packed batch.
 
     image_tokens_bmd: the row's image-token buffer (B, M, d) (already decoded from pixels when the
     batch carried images); batch['image_index'] (B, L) points into it, -1 on text.
+    The flow-matching noise of row r is drawn from ``fold_in(key, row_ids[r])`` (default: r), so a
+    row gets the same noise whichever micro-batch it sits in. ``normalizers`` = (labelled text
+    positions, FM-weighted image tokens) of the whole batch when this call sees one micro-batch of
+    it: the returned loss is then this micro-batch's share, and the shares add up to the full loss.
     """
     c = self.config
     tokens, index = batch["tokens"], batch["image_index"]
@@ -136,7 +141,8 @@ class NextStep(nnx.Module):
       (ce_sum, ce_cnt), _ = jax.lax.scan(chunk, (jnp.zeros(()), jnp.zeros(())), (hc, tc))
     else:
       ce_sum, ce_cnt = cross_entropy(self.backbone.logits(h), targets)
-    ce = ce_sum / jnp.maximum(ce_cnt, 1.0)
+    ce_den = ce_cnt if normalizers is None else normalizers[0]
+    ce = ce_sum / jnp.maximum(ce_den, 1.0)
 
     # Images: run the head on the M buffer slots. Slot s sits at position pos[s]; its condition is the
     # out-projected hidden state one position earlier.
@@ -151,13 +157,17 @@ class NextStep(nnx.Module):
     weight = used * jnp.take_along_axis(batch["fm_mask"].astype(jnp.float32), jnp.clip(slot_pos, 0, l - 1),
                                         axis=1)  # (B, M)
     k = c.head.batch_mul
-    x1 = jnp.repeat(img_tokens.reshape(b * m, -1), k, axis=0)
-    cond_rep = jnp.repeat(cond.reshape(b * m, -1), k, axis=0)
-    w_rep = jnp.repeat(weight.reshape(b * m), k, axis=0)
-    x_t, t, v_target = sample_fm_inputs(key, x1)
-    v_pred = self.head(x_t, t, cond_rep)
-    mse = jnp.mean(jnp.square(v_pred - v_target), axis=-1)  # (B*M*k,)
-    fm = jnp.sum(mse * w_rep) / jnp.maximum(jnp.sum(w_rep), 1.0)
+    x1 = jnp.repeat(img_tokens, k, axis=1)  # (B, M*k, d)
+    if row_ids is None:
+      row_ids = jnp.arange(b)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+    x_t, t, v_target = jax.vmap(sample_fm_inputs)(row_keys, x1)
+    cond_rep = jnp.repeat(cond, k, axis=1)
+    w_rep = jnp.repeat(weight, k, axis=1).reshape(-1)  # (B*M*k,)
+    v_pred = self.head(x_t.reshape(b * m * k, -1), t.reshape(-1), cond_rep.reshape(b * m * k, -1))
+    mse = jnp.mean(jnp.square(v_pred - v_target.reshape(b * m * k, -1)), axis=-1)  # (B*M*k,)
+    fm_den = jnp.sum(w_rep) if normalizers is None else normalizers[1] * k
+    fm = jnp.sum(mse * w_rep) / jnp.maximum(fm_den, 1.0)
 
     total = c.ce_weight * ce + c.fm_weight * fm
     metrics = {"loss": total, "ce": ce, "fm": fm, "text_tokens": ce_cnt, "image_tokens": jnp.sum(weight)}
