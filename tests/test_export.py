@@ -1,0 +1,306 @@
+"""Hugging Face export/import: bitwise round trip, SPEC §9 names and shapes, Qwen2 import, clear errors."""
+
+import json
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from nextstep_jax import export as export_cli
+from nextstep_jax.interop import hf
+from nextstep_jax.interop.params import load_pure_params, pure_params
+from nextstep_jax.models import backbone as bb
+from nextstep_jax.models import fm_head
+from nextstep_jax.models import nextstep as ns
+
+BB = bb.BackboneConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128, rope_theta=10000.0)
+CFG = ns.NextStepConfig(backbone=BB, head=fm_head.HeadConfig(dim=64, num_layers=2, cond_dim=64, token_dim=8),
+                        token_dim=8)
+META = hf.ImageMeta(latent_channels=2, latent_patch_size=2, latent_size=8, boi=2, eoi=3, image_placeholder_id=4,
+                    image_area_id=1, eos_token_id=10, pad_token_id=0)
+
+
+def _model(cfg=CFG, seed=0):
+  """A model with every parameter random (no zero or one left to hide a mapping mistake)."""
+  model = nnx.eval_shape(lambda: ns.NextStep(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  load_pure_params(model, params)
+  return model
+
+
+def expected_shapes(hidden, heads, kv, hd, mlp, vocab, layers, head_dim, head_layers, token_dim):
+  """SPEC §9, written out independently of interop/names.py. Linear weights are [out, in]."""
+  s = {"embed_tokens.weight": (vocab, hidden)}
+  for i in range(layers):
+    p = f"layers.{i}."
+    s.update({p + "input_layernorm.weight": (hidden,),
+              p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.q_proj.bias": (heads * hd,),
+              p + "self_attn.k_proj.weight": (kv * hd, hidden), p + "self_attn.k_proj.bias": (kv * hd,),
+              p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.v_proj.bias": (kv * hd,),
+              p + "self_attn.o_proj.weight": (hidden, heads * hd),
+              p + "post_attention_layernorm.weight": (hidden,),
+              p + "mlp.gate_proj.weight": (mlp, hidden), p + "mlp.up_proj.weight": (mlp, hidden),
+              p + "mlp.down_proj.weight": (hidden, mlp)})
+  s.update({"norm.weight": (hidden,), "lm_head.weight": (vocab, hidden),
+            "image_in_projector.weight": (hidden, token_dim), "image_in_projector.bias": (hidden,),
+            "image_out_projector.weight": (hidden, hidden), "image_out_projector.bias": (hidden,)})
+  n = "image_head.net."
+  d = head_dim
+  s.update({n + "time_embed.mlp.0.weight": (d, 256), n + "time_embed.mlp.0.bias": (d,),
+            n + "time_embed.mlp.2.weight": (d, d), n + "time_embed.mlp.2.bias": (d,),
+            n + "cond_embed.weight": (d, hidden), n + "cond_embed.bias": (d,),
+            n + "input_proj.weight": (d, token_dim), n + "input_proj.bias": (d,)})
+  for m in range(head_layers):
+    r = f"{n}res_blocks.{m}."
+    s.update({r + "in_ln.weight": (d,), r + "in_ln.bias": (d,), r + "mlp.0.weight": (d, d), r + "mlp.0.bias": (d,),
+              r + "mlp.2.weight": (d, d), r + "mlp.2.bias": (d,), r + "adaLN_modulation.1.weight": (3 * d, d),
+              r + "adaLN_modulation.1.bias": (3 * d,)})
+  s.update({n + "final_layer.linear.weight": (token_dim, d), n + "final_layer.linear.bias": (token_dim,),
+            n + "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+            n + "final_layer.adaLN_modulation.1.bias": (2 * d,)})
+  return s
+
+
+def test_export_then_import_is_bitwise(tmp_path):
+  model = _model()
+  out = str(tmp_path / "hf")
+  index = hf.export_nextstep(model, CFG, out, META, max_shard_bytes=200_000)
+  files = sorted(os.listdir(out))
+  shards = [f for f in files if f.endswith(".safetensors")]
+  n = len(shards)
+  assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+  assert set(index["weight_map"].values()) == set(shards)
+  with open(os.path.join(out, hf.INDEX_FILE)) as f:
+    assert json.load(f) == index
+  total = sum(hf.SafetensorsFile(os.path.join(out, s)).get(k).nbytes
+              for k, s in index["weight_map"].items())
+  assert index["metadata"]["total_size"] == total
+
+  loaded, meta = hf.load_nextstep(out)
+  assert meta == META and loaded.config == CFG
+  a, b = pure_params(model), pure_params(loaded)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+  # The official safetensors reader agrees with ours on our files.
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  for s in shards:
+    ref = safetensors_numpy.load_file(os.path.join(out, s))
+    ours = hf.load_safetensors(os.path.join(out, s))
+    assert sorted(ref) == sorted(ours)
+    for k in ref:
+      np.testing.assert_array_equal(ref[k], ours[k])
+
+  # config.json: Qwen2/Llama fields plus the NextStep-1 fields.
+  with open(os.path.join(out, "config.json")) as f:
+    c = json.load(f)
+  assert c["hidden_size"] == 64 and c["num_hidden_layers"] == 2 and c["num_attention_heads"] == 4
+  assert c["num_key_value_heads"] == 2 and c["intermediate_size"] == 128 and c["vocab_size"] == 64
+  assert c["rope_theta"] == 10000.0 and c["tie_word_embeddings"] is False
+  assert (c["latent_size"], c["latent_patch_size"], c["latent_channels"]) == (8, 2, 2)
+  assert (c["boi"], c["eoi"], c["image_placeholder_id"]) == (2, 3, 4)
+  assert (c["lm_loss_weight"], c["im_loss_weight"]) == (0.01, 1.0)
+  assert (c["fm_head_dim"], c["fm_head_layers"], c["fm_head_batch_mul"]) == (64, 2, 4)
+
+
+def test_bfloat16_export_rounds_once(tmp_path):
+  model = _model(seed=1)
+  out = str(tmp_path / "hf16")
+  hf.export_nextstep(model, CFG, out, META, dtype="bfloat16")
+  f = hf.TensorDir(out)
+  assert f.get("lm_head.weight").dtype == ml_dtypes.bfloat16
+  loaded, _ = hf.load_nextstep(out)
+  for x, y in zip(jax.tree.leaves(pure_params(model)), jax.tree.leaves(pure_params(loaded))):
+    want = np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(y), want)
+
+
+def test_names_and_shapes_are_spec_9(tmp_path):
+  out = str(tmp_path / "hf")
+  index = hf.export_nextstep(_model(), CFG, out, META)
+  want = expected_shapes(64, 4, 2, 16, 128, 64, 2, 64, 2, 8)
+  assert set(index["weight_map"]) == set(want)
+  files = hf.TensorDir(out)
+  assert {k: tuple(files.shape(k)) for k in files.names()} == want
+
+  # The 14B preset with the base head, abstractly (nothing materialised).
+  c14 = bb.BackboneConfig(vocab_size=152064, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8,
+                          head_dim=128, intermediate_size=13824, rms_norm_eps=1e-5)
+  cfg14 = ns.NextStepConfig(backbone=c14, head=fm_head.HeadConfig(dim=1536, num_layers=12, cond_dim=5120,
+                                                                  token_dim=64), token_dim=64)
+  got = hf.checkpoint_shapes(cfg14)
+  want14 = expected_shapes(5120, 40, 8, 128, 13824, 152064, 48, 1536, 12, 64)
+  assert got == want14
+  n_params = sum(int(np.prod(s)) for s in got.values())
+  assert n_params == 14_770_033_664 + 157_228_096 + (64 * 5120 + 5120) + (5120 * 5120 + 5120)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2.5 import
+# ---------------------------------------------------------------------------------------------
+
+def _save_hf_qwen2(path, tie=False):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf_cfg = transformers.Qwen2Config(
+      vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+      intermediate_size=96, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+      max_position_embeddings=256)
+  model = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+  with torch.no_grad():  # random biases and norm weights, so a wrong mapping cannot hide behind zeros/ones
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+  model.save_pretrained(path, safe_serialization=True)
+  return torch, model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen2_import_gives_transformers_logits(tmp_path, tie):
+  path = str(tmp_path / "qwen")
+  torch, ref = _save_hf_qwen2(path, tie)
+  assert not any(f.endswith((".bin", ".pt")) for f in os.listdir(path))
+  c = hf.qwen2_config(path)
+  assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
+          c.intermediate_size, c.rope_theta) == (96, 64, 3, 4, 2, 16, 96, 10000.0)
+  params = hf.import_qwen2_backbone(path, c)
+  backbone = nnx.eval_shape(lambda: bb.Backbone(c, rngs=nnx.Rngs(0)))
+  load_pure_params(backbone, params, path)
+  tokens = np.random.default_rng(0).integers(0, 96, size=(2, 17))
+  with torch.no_grad():
+    want = ref(torch.tensor(tokens)).logits.numpy()
+  got = np.asarray(backbone.forward_logits(jnp.asarray(tokens)))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # An experiment config whose sizes disagree with config.json is refused, naming the fields.
+  import dataclasses
+  with pytest.raises(hf.CheckpointError, match=r"hidden_size: config 32 vs checkpoint 64"):
+    hf.import_qwen2_backbone(path, dataclasses.replace(c, hidden_size=32))
+  # Runtime fields come from the given config.
+  assert hf.qwen2_config(path, {"dtype": "bfloat16", "remat": "full"}).dtype == "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------------------------
+
+def test_damaged_directories_give_clear_errors(tmp_path):
+  out = str(tmp_path / "hf")
+  index = hf.export_nextstep(_model(), CFG, out, META, max_shard_bytes=200_000)
+  shard = sorted(set(index["weight_map"].values()))[-1]
+
+  def copy(name):
+    d = str(tmp_path / name)
+    shutil.copytree(out, d)
+    return d
+
+  # Truncated shard: names the file and a tensor whose bytes are gone.
+  d = copy("truncated")
+  path = os.path.join(d, shard)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 1000)
+  with pytest.raises(hf.CheckpointError, match=rf"{shard}: truncated file: tensor \S+ needs bytes"):
+    hf.load_nextstep(d)
+  with open(path, "r+b") as f:
+    f.truncate(5)
+  with pytest.raises(hf.CheckpointError, match=rf"{shard}: truncated safetensors file"):
+    hf.load_nextstep(d)
+
+  # A tensor missing from the index.
+  d = copy("missing")
+  with open(os.path.join(d, hf.INDEX_FILE)) as f:
+    idx = json.load(f)
+  del idx["weight_map"]["layers.1.mlp.up_proj.weight"]
+  with open(os.path.join(d, hf.INDEX_FILE), "w") as f:
+    json.dump(idx, f)
+  with pytest.raises(hf.CheckpointError, match=r"tensor layers.1.mlp.up_proj.weight is missing"):
+    hf.load_nextstep(d)
+
+  # config.json that does not match the tensors: the misshapen tensor and its file are named.
+  d = copy("misshapen")
+  with open(os.path.join(d, "config.json")) as f:
+    cfg = json.load(f)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump({**cfg, "intermediate_size": 96}, f)
+  with pytest.raises(hf.CheckpointError, match=r"model-\d+-of-\d+.safetensors: tensor layers.0.mlp.gate_proj.weight "
+                                               r"has shape \[128, 64\], config.json implies \[96, 64\]"):
+    hf.load_nextstep(d)
+
+  # Bad config.json: invalid JSON, a missing field, a wrong type.
+  for name, text, pattern in [("badjson", "{not json", r"config.json: not valid JSON"),
+                              ("nofield", json.dumps({k: v for k, v in cfg.items() if k != "fm_head_dim"}),
+                               r"config.json has no field 'fm_head_dim'"),
+                              ("badtype", json.dumps({**cfg, "hidden_size": "64"}),
+                               r"config.json field 'hidden_size' = '64' is not a int")]:
+    d = copy(name)
+    with open(os.path.join(d, "config.json"), "w") as f:
+      f.write(text)
+    with pytest.raises(hf.CheckpointError, match=pattern):
+      hf.load_nextstep(d)
+
+  # Pickles are never read.
+  d = str(tmp_path / "pickle")
+  os.makedirs(d)
+  with open(os.path.join(d, "pytorch_model.bin"), "wb") as f:
+    f.write(b"\x80\x04not loaded")
+  with pytest.raises(hf.CheckpointError, match="PyTorch pickles are never loaded"):
+    hf.TensorDir(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: a run's checkpoint -> HF directory -> params-only checkpoint
+# ---------------------------------------------------------------------------------------------
+
+class _Tok:
+  """The token-id fields and save() of nextstep_jax.data.tokenizer.Tokenizer."""
+  boi_id, eoi_id, placeholder_id, area_id, eos_id, pad_id = 2, 3, 4, 1, 10, 0
+
+  def save(self, directory):
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+      f.write(b"fake tokenizer")
+
+
+def test_command_line_export_and_import(tmp_path, monkeypatch):
+  import ml_collections
+  from nextstep_jax import checkpoint as ckpt_lib
+  config = ml_collections.ConfigDict(dict(
+      seed=0, workdir=str(tmp_path / "run"),
+      model=dict(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-6, dtype="float32",
+                 param_dtype="float32", remat="none", attention="xla", document_mask=True),
+      head=dict(dim=64, num_layers=2, batch_mul=4), image=dict(latent_channels=2, patch_size=2, vae_factor=4,
+                                                              token_norm=True, token_dim=8),
+      loss=dict(ce_weight=0.01, fm_weight=1.0), data=dict(image_size=32), tokenizer=dict(path=""),
+      vae=dict(checkpoint="")))
+  model = _model()
+  params = pure_params(model)
+  with ckpt_lib.Checkpointer(os.path.join(config.workdir, "checkpoints"), every=1, keep=1, async_save=False,
+                             config=config) as ckpt:
+    ckpt.save(7, {"params": params, "step": jnp.int32(7)}, force=True)
+  monkeypatch.setattr(export_cli, "_find_tokenizer", lambda workdir, config, path: _Tok())
+  out = str(tmp_path / "hf")
+  export_cli.main([f"--workdir={config.workdir}", f"--out={out}", "--max_shard_size=100KB"])
+  assert os.path.exists(os.path.join(out, "tokenizer.model"))
+  loaded, meta = hf.load_nextstep(out)
+  assert meta == META
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(pure_params(loaded))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  ck = str(tmp_path / "imported")
+  export_cli.main([f"--import_dir={out}", f"--out={ck}"])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=jax.sharding.SingleDeviceSharding(
+                                                             jax.local_devices()[0])), params)
+  back = ckpt_lib.restore_params_from(ck, abstract)
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert export_cli.parse_size("5GB") == 5 * 10**9 and export_cli.parse_size("64KiB") == 65536
