@@ -108,6 +108,7 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
   c.eval_every = 500
   c.eval_batches = 2           # held-out batches per data source at each evaluation
   c.sample_prompts = ()        # fixed prompts for the periodic sample grid (empty: none)
+  c.sample_cfg = 3.0           # classifier-free guidance of that grid
   c.ema_decay = 0.0            # EMA of the weights (0 = off), kept in the checkpoint
   c.max_skipped_steps = 10     # consecutive non-finite steps before the run stops
   c.profile_steps = ""         # "START,STOP": a jax.profiler trace of those steps

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.steps = 600
   c.log_every = 10
   c.eval_every = 100
+  c.sample_prompts = tuple(f"a handwritten digit {d}" for d in range(10))
 
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"

@@ -397,9 +397,9 @@ def sample_grid(trainer: Trainer, state: State, config, tokenizer) -> np.ndarray
   params = state.get("ema", state["params"])
   model = nnx.merge(trainer.graphdef, jax.device_get(params))
   side = config.data.image_size // (config.image.vae_factor * config.image.patch_size)
-  prompts = list(config.sample_prompts)
-  tokens = sampling.sample_prompts(model, tokenizer, prompts, side, side, jax.random.key(config.seed),
-                                   cfg=float(config.get("sample_cfg", 3.0)), steps=20)
+  cond, neg = sampling.image_prompts(tokenizer, list(config.sample_prompts), side, side)
+  tokens = sampling.sample_images(model, cond, neg, side, side, jax.random.key(config.seed),
+                                  cfg=float(config.get("sample_cfg", 3.0)), steps=20, pad_id=tokenizer.pad_id)
   vae, _ = train_vae.load_vae(config.vae.checkpoint)
   images = latents.decode_tokens(vae, tokens, side, side)
   images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).astype(np.uint8)
