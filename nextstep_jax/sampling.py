@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import re
 from typing import Any, Protocol, Sequence, Union
 
@@ -695,8 +694,10 @@ def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key
     used += 1
     text_ids.append(tok)
     if tok == boi:
-      if n_images >= max_images or used + max_img + 1 > capacity:
+      if n_images >= max_images or used + max_img + 1 > capacity:  # no room for another image: stop here
         text_ids.pop()
+        if area in text_ids:
+          del text_ids[len(text_ids) - 1 - text_ids[::-1].index(area):]
         break
       start_image(text_ids)
       text_ids = []

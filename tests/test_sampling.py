@@ -284,3 +284,18 @@ def test_generate_writes_text_then_image_then_text():
   assert sampling.trace_count("text_step") == before  # same cache size: no new compilation per token
   segs = sampling.generate(model, tok, "hello", jax.random.key(0), max_new_tokens=3)
   assert segs == [("text", " wo")]
+
+
+def test_image_prompts_with_the_project_tokenizer():
+  from nextstep_jax.data import tokenizer as tok_lib
+  tok = tok_lib.train_sentencepiece(["a 7 drawn thick, 16*16", "draw a 3 next to it", "hello world"] * 20,
+                                    vocab_size=80)
+  texts = ["a 7", "draw a 3 next to it"]
+  cond, neg = sampling.image_prompts(tok, texts, 16, 16, bucket=8)
+  assert cond.tokens.shape[1] % 8 == 0 and neg.tokens.shape[1] % 8 == 0
+  for r, text in enumerate(texts):
+    ids = cond.tokens[r][cond.mask[r]]
+    assert ids[0] != tok.pad_id and np.all(cond.tokens[r][~cond.mask[r]] == tok.pad_id)
+    assert tok.decode(ids) == text + "<|image_area|>16*16<|begin_of_image|>"
+    assert ids[-1] == tok.boi_id and tok.area_id in ids
+    assert tok.decode(neg.tokens[r][neg.mask[r]]) == "<|image_area|>16*16<|begin_of_image|>"

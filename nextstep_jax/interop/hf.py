@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import sys
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import ml_dtypes
