@@ -1,0 +1,229 @@
+"""Evaluation: the Fréchet distance against closed forms, the digit classifier, prompt following, and a whole
+``evaluate_run`` on a tiny untrained model's work directory."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from nextstep_jax import checkpoint as ckpt_lib
+from nextstep_jax import classifier as clf_lib
+from nextstep_jax import evaluate
+from nextstep_jax import train_vae
+from nextstep_jax.data import digits
+from nextstep_jax.data import tokenizer as tok_lib
+from nextstep_jax.interop.vae import export_vae
+from nextstep_jax.models import nextstep as ns
+from nextstep_jax.models import vae as vae_lib
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+  """The classifier trained once for the module (default recipe, seed 0): (dir, model, metrics)."""
+  directory = str(tmp_path_factory.mktemp("classifier"))
+  model, metrics = clf_lib.train_classifier(directory, seed=0)
+  return directory, model, metrics
+
+
+@pytest.fixture(scope="module")
+def heldout():
+  images, labels = digits.load_split("heldout")
+  return digits.pad_digits_u8(images, 32), labels
+
+
+# ------------------------------------------------------------------------------------------------
+# Fréchet distance
+# ------------------------------------------------------------------------------------------------
+
+def _random_spd(rng, f):
+  a = rng.normal(size=(f, f))
+  return a @ a.T / f + 0.1 * np.eye(f)
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_symmetric():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
+  y = rng.normal(size=(200, 16)) + 0.5
+  assert evaluate.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+  assert evaluate.frechet_distance(x, y) == pytest.approx(evaluate.frechet_distance(y, x), rel=1e-9)
+  assert evaluate.frechet_distance(x, y) > 1.0
+
+
+def test_gaussian_frechet_distance_matches_closed_forms():
+  rng = np.random.default_rng(1)
+  f = 6
+  mu1, mu2 = rng.normal(size=f), rng.normal(size=f)
+  # 1-D: (m1 - m2)^2 + (s1 - s2)^2.
+  assert evaluate.gaussian_frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
+  # Covariances sharing eigenvectors: |dmu|^2 + sum (sqrt(a) - sqrt(b))^2.
+  q, _ = np.linalg.qr(rng.normal(size=(f, f)))
+  a, b = rng.uniform(0.1, 3.0, f), rng.uniform(0.1, 3.0, f)
+  c1, c2 = (q * a) @ q.T, (q * b) @ q.T
+  want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  assert evaluate.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-9)
+  # General (non-commuting) covariances: tr sqrt(C1 C2) from the eigenvalues of the non-symmetric C1 C2.
+  c1, c2 = _random_spd(rng, f), _random_spd(rng, f)
+  tr_sqrt = np.sum(np.sqrt(np.real(np.linalg.eigvals(c1 @ c2))))
+  want = np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt
+  assert evaluate.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-9)
+  # A singular covariance is fine (PSD square root).
+  c_sing = np.diag([1.0, 0.0, 2.0, 0.0, 1.0, 3.0])
+  assert np.isfinite(evaluate.gaussian_frechet_distance(mu1, c_sing, mu2, c2))
+
+
+def test_frechet_distance_of_samples_approaches_the_gaussians():
+  rng = np.random.default_rng(2)
+  f = 3
+  mu1, mu2 = np.array([0.0, 1.0, -1.0]), np.array([0.5, 0.0, -1.0])
+  c1, c2 = _random_spd(rng, f), _random_spd(rng, f)
+  x = rng.multivariate_normal(mu1, c1, size=200_000)
+  y = rng.multivariate_normal(mu2, c2, size=200_000)
+  want = evaluate.gaussian_frechet_distance(mu1, c1, mu2, c2)
+  assert evaluate.frechet_distance(x, y) == pytest.approx(want, rel=0.02)
+
+
+def test_frechet_distance_rejects_bad_features():
+  rng = np.random.default_rng(3)
+  with pytest.raises(ValueError, match="feats_a has 4 features per row, feats_b 5"):
+    evaluate.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(10, 5)))
+  with pytest.raises(ValueError, match="at least 2 rows"):
+    evaluate.frechet_distance(rng.normal(size=(1, 4)), rng.normal(size=(10, 4)))
+  with pytest.raises(ValueError, match="feats_b must be \\(N, F\\)"):
+    evaluate.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(10,)))
+  bad = rng.normal(size=(10, 4))
+  bad[3, 1] = np.nan
+  with pytest.raises(ValueError, match="non-finite"):
+    evaluate.frechet_distance(rng.normal(size=(10, 4)), bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# The classifier and the judging functions
+# ------------------------------------------------------------------------------------------------
+
+def test_classifier_heldout_accuracy_and_files(judge, heldout):
+  directory, model, metrics = judge
+  assert metrics["heldout_accuracy"] >= 0.97, metrics
+  images, labels = heldout
+  logits = clf_lib.predict(model, images)
+  assert logits.shape == (500, 10) and logits.dtype == np.float32
+  assert clf_lib.features(model, images[:7]).shape == (7, model.config.feature_dim)
+  # uint8 and [-1, 1] inputs are the same pixels.
+  np.testing.assert_allclose(clf_lib.predict(model, digits.to_pixels(digits.load_split("heldout")[0])),
+                             logits, rtol=1e-5, atol=1e-5)
+  # Saved and reloaded: the same function; load_or_train reuses the files for the same recipe.
+  loaded, meta = clf_lib.load_classifier(directory)
+  np.testing.assert_array_equal(clf_lib.predict(loaded, images[:50]), logits[:50])
+  assert meta["heldout_accuracy"] == metrics["heldout_accuracy"]
+  weights = os.path.join(directory, clf_lib.WEIGHTS_FILE)
+  mtime = os.stat(weights).st_mtime_ns
+  _, meta2 = clf_lib.load_or_train_classifier(directory, seed=0)
+  assert os.stat(weights).st_mtime_ns == mtime and meta2["recipe"] == metrics["recipe"]
+
+
+def test_classifier_rejects_bad_images(judge):
+  _, model, _ = judge
+  with pytest.raises(ValueError, match=r"images must be \(N, 32, 32, 3\)"):
+    clf_lib.predict(model, np.zeros((4, 28, 28), np.uint8))
+  with pytest.raises(ValueError, match=r"must be pixels in \[-1, 1\]"):
+    clf_lib.predict(model, np.full((4, 32, 32, 3), 200.0, np.float32))
+  with pytest.raises(ValueError, match="labels must be 4 integers"):
+    evaluate.prompt_following(model, np.zeros((4, 32, 32, 3), np.uint8), [1, 2, 3])
+
+
+def test_prompt_following_on_real_digits(judge, heldout):
+  _, model, _ = judge
+  images, labels = heldout
+  assert evaluate.prompt_following(model, images, labels) >= 0.97
+  shuffled = np.random.default_rng(0).permutation(labels)
+  assert 0.03 <= evaluate.prompt_following(model, images, shuffled) <= 0.2
+
+
+def test_evaluate_generated_real_vs_real_and_noise(judge, heldout):
+  _, model, _ = judge
+  images, labels = heldout
+  perm = np.random.default_rng(0).permutation(len(labels))
+  a, b = perm[:250], perm[250:]
+  real = evaluate.evaluate_generated(model, images[a], labels[a], images[b])
+  assert set(real) >= {"prompt_accuracy", "per_class_accuracy", "frechet_distance"}
+  assert sorted(real["per_class_accuracy"]) == list(range(10))
+  assert real["prompt_accuracy"] >= 0.95
+  noise = np.random.default_rng(1).integers(0, 256, size=(250, 32, 32, 3), dtype=np.uint8)
+  fake = evaluate.evaluate_generated(model, noise, labels[a], images[b])
+  assert fake["prompt_accuracy"] <= 0.3
+  assert fake["frechet_distance"] > 10 * real["frechet_distance"], (real, fake)
+  print(f"FD real-vs-real halves {real['frechet_distance']:.2f}, noise {fake['frechet_distance']:.2f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole run: a tiny untrained model, a random VAE, the demo tokenizer recipe on digit captions
+# ------------------------------------------------------------------------------------------------
+
+def _jit_build(make):
+  """A module built under jit (one compilation instead of one per eager op)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  from configs import demo
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = demo.get_config()
+  with config.unlocked():
+    config.workdir = workdir
+    config.vae.checkpoint = os.path.join(workdir, "vae")
+  vae = _jit_build(lambda: vae_lib.build_vae("demo", seed=0))
+  export_vae(vae, os.path.join(config.vae.checkpoint, train_vae.EXPORT_DIR))
+  with open(os.path.join(config.vae.checkpoint, train_vae.VAE_CONFIG_FILE), "w") as f:
+    f.write(vae.config.to_json())
+  tok_lib.train_sentencepiece(digits.demo_texts(), 128).save(os.path.join(workdir, "tokenizer"))
+  model = _jit_build(lambda: ns.build_model(config, seed=0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1, async_save=False,
+                             config=config) as ckpt:
+    ckpt.save(5, {"step": jnp.int32(5), "params": params}, force=True)
+  return workdir, params
+
+
+def test_load_trained_and_generate_digits(run_dir):
+  workdir, params = run_dir
+  model, config, tokenizer, vae = evaluate.load_trained(workdir)
+  assert config.data.image_size == 32 and evaluate.latest_step(workdir) == 5
+  restored = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  assert vae.config.token_dim == model.config.token_dim == 16
+  assert tokenizer.decode(tokenizer.encode(evaluate.PROMPT_TEMPLATE.format(d=7))) == "a handwritten digit 7"
+  key = jax.random.key(0)
+  imgs = evaluate.generate_digits(model, config, tokenizer, vae, range(10), 1, key, cfg=3.0, steps=2)
+  assert imgs.shape == (10, 32, 32, 3) and imgs.dtype == np.uint8
+  again = evaluate.generate_digits(model, config, tokenizer, vae, range(10), 1, key, cfg=3.0, steps=2)
+  np.testing.assert_array_equal(imgs, again)
+  np.testing.assert_array_equal(evaluate.digit_labels([2, 5], 3), [2, 2, 2, 5, 5, 5])
+  with pytest.raises(ValueError, match="digits must be a non-empty list of 0..9"):
+    evaluate.generate_digits(model, config, tokenizer, vae, [10], 1, key)
+
+
+def test_evaluate_run_writes_eval_json_and_grid(run_dir, judge):
+  workdir, _ = run_dir
+  result = evaluate.evaluate_run(workdir, per_digit=1, cfg=3.0, steps=2, classifier_dir=judge[0],
+                                 vae_eval_images=8)
+  with open(os.path.join(workdir, evaluate.EVAL_FILE)) as f:
+    saved = json.load(f)
+  expected = {"prompt_accuracy", "per_class_accuracy", "frechet_distance", "frechet_distance_real", "vae_psnr",
+              "vae_ssim", "classifier_heldout_accuracy", "num_samples", "num_real", "per_digit",
+              "prompt_template", "cfg", "sampling_steps", "seed", "checkpoint_step", "vae"}
+  assert expected <= set(saved), expected - set(saved)
+  assert saved["prompt_template"] == "a handwritten digit {d}"
+  assert saved["num_samples"] == 10 and saved["num_real"] == 500 and saved["checkpoint_step"] == 5
+  assert sorted(saved["per_class_accuracy"]) == [str(d) for d in range(10)]
+  assert 0.0 <= saved["prompt_accuracy"] <= 1.0 and saved["frechet_distance"] >= 0.0
+  assert saved["classifier_heldout_accuracy"] == judge[2]["heldout_accuracy"]
+  assert saved["vae"]["num_images"] == 8 and np.isfinite(saved["vae_psnr"])
+  assert saved["prompt_accuracy"] == result["prompt_accuracy"]
+  with Image.open(os.path.join(workdir, evaluate.GRID_FILE)) as im:
+    assert im.size == (32, 10 * 32)  # one row per digit, per_digit columns
