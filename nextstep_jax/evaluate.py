@@ -334,8 +334,8 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
   use, ~30 s); vae_eval_images: held-out digits for PSNR/SSIM (0 = all 500)."""
   t0 = time.perf_counter()
   say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if log else (lambda msg: None)
-  model, config, tokenizer, vae = load_trained(workdir, config, step)
   ckpt_step = latest_step(workdir) if step is None else int(step)
+  model, config, tokenizer, vae = load_trained(workdir, config, ckpt_step)
   size = int(config.data.image_size)
   t_load = time.perf_counter() - t0
 
