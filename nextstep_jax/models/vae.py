@@ -243,9 +243,11 @@ def validate_images(x: np.ndarray | Array, cfg: VAEConfig, multiple: int | None 
                     name: str = "images") -> None:
   """Host-side check: shape as in ``check_image_shape`` and finite values (no NaN/Inf)."""
   check_image_shape(tuple(x.shape), cfg, multiple, name)
-  if isinstance(x, jax.core.Tracer):
+  try:
+    values = np.asarray(x)
+  except jax.errors.TracerArrayConversionError:  # under jit: values unknown, shapes checked
     return
-  finite = np.isfinite(np.asarray(x))
+  finite = np.isfinite(values)
   if not finite.all():
     bad = np.unique(np.nonzero(~finite)[0])
     raise ValueError(f"{name} contain NaN or Inf pixels (in batch rows {bad[:8].tolist()}"
