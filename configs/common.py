@@ -167,6 +167,8 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
   c.tokenizer = ml_collections.ConfigDict(dict(kind="sentencepiece", path="",
                                                vocab_size=c.model.vocab_size))
   c.vae = ml_collections.ConfigDict(dict(preset="f8d16", checkpoint=""))
+  # LoRA (rank 0 = off): adapters on the named projections train, the base weights stay frozen.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, targets=("q", "k", "v", "o"), head_targets=()))
   return c
 
 

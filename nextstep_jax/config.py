@@ -216,6 +216,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     except ValueError:
       err(f"profile_steps={prof!r} must be 'START,STOP' with 0 <= START < STOP (or empty)")
 
+  if "lora" in config and int(config.lora.get("rank", 0) or 0) > 0:
+    from nextstep_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    try:
+      lora_lib.LoraConfig.from_config(config.lora)
+    except ValueError as e:
+      err(str(e))
+
   # Checkpoints.
   positive("checkpoint.every", "checkpoint.keep")
 

@@ -28,9 +28,11 @@ from flax import nnx
 
 from nextstep_jax import checkpoint as ckpt_lib
 from nextstep_jax import config as config_lib
+from nextstep_jax import lora as lora_lib
 from nextstep_jax import metrics as metrics_lib
 from nextstep_jax import optim as optim_lib
 from nextstep_jax import parallel
+from nextstep_jax.models import layers as layers_lib
 from nextstep_jax.models import nextstep as ns
 
 State = dict[str, Any]
@@ -39,6 +41,13 @@ State = dict[str, Any]
 # ------------------------------------------------------------------------------------------------
 # Model and state
 # ------------------------------------------------------------------------------------------------
+def lora_config(config) -> lora_lib.LoraConfig | None:
+  """The run's LoRA settings (``config.lora``), or None for full fine-tuning (absent or rank 0)."""
+  if "lora" not in config or not int(config.lora.rank):
+    return None
+  return lora_lib.LoraConfig.from_config(config.lora)
+
+
 def abstract_model(config) -> tuple[nnx.GraphDef, Any, Any]:
   """(graphdef, abstract params as a pure dict of ShapeDtypeStructs, logical axes tree) without
   allocating any weight."""
@@ -59,6 +68,15 @@ class Trainer:
     self.graphdef, self.abstract_params, self.axes = abstract_model(config)
     rules = config.mesh.rules
     self.param_shardings = parallel.shardings_for(self.abstract_params, mesh, rules, axes=self.axes)
+    # LoRA: state["params"] holds only the adapters (trained, in the optimizer, EMA'd); the model's
+    # weights sit frozen in state["base"] and are merged with the adapters inside the loss.
+    self.lora = lora_config(config)
+    self.compute_dtype = layers_lib.dtype_of(config.model.dtype)
+    if self.lora is not None:
+      self.base_abstract, self.base_shardings = self.abstract_params, self.param_shardings
+      self.lora_axes = lora_lib.lora_axes(self.base_abstract, self.axes, self.lora)
+      self.abstract_params = lora_lib.abstract_lora(self.base_abstract, self.axes, self.lora)
+      self.param_shardings = parallel.shardings_for(self.abstract_params, mesh, rules, axes=self.lora_axes)
     self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.steps)
     opt_abstract = jax.eval_shape(self.tx.init, self.abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -78,6 +96,9 @@ class Trainer:
     if self.ema_decay > 0:
       self.state_shardings["ema"] = self.param_shardings
       self.abstract_state["ema"] = self.abstract_params
+    if self.lora is not None:
+      self.state_shardings["base"] = self.base_shardings
+      self.abstract_state["base"] = self.base_abstract
     self.batch_sharding = parallel.data_sharding(mesh)
     self.vae = vae  # (encode_fn(vae_params, images) -> tokens, vae_params) for the pixel path, or None
     self._step_fn = None
@@ -94,21 +115,37 @@ class Trainer:
     return jax.jit(init, out_shardings=self.state_shardings)()
 
   def _fresh_state(self, params: dict) -> State:
+    """State around model params; with LoRA, `params` become the frozen base and fresh adapters train."""
     zero = jnp.zeros((), jnp.int32)
+    base = None
+    if self.lora is not None:
+      base = params
+      params = lora_lib.init_lora(self.base_abstract, self.axes, self.lora,
+                                  jax.random.fold_in(jax.random.key(self.config.seed), 1))[0]
     state = {"step": zero, "params": params, "opt_state": self.tx.init(params), "skipped": zero,
              "bad_streak": zero}
     if self.ema_decay > 0:
       state["ema"] = jax.tree.map(jnp.copy, params)
+    if base is not None:
+      state["base"] = base
     return state
 
   def state_from_params(self, params: dict) -> State:
-    """A fresh optimizer and step counter around given params (init_from another stage)."""
-    return jax.jit(self._fresh_state, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
+    """A fresh optimizer and step counter around given model params (init_from another stage); with
+    LoRA they become the frozen base."""
+    in_sh = self.param_shardings if self.lora is None else self.base_shardings
+    return jax.jit(self._fresh_state, in_shardings=(in_sh,), out_shardings=self.state_shardings)(params)
+
+  def model_params(self, params: dict, base: dict | None = None, dtype=None) -> dict:
+    """The model's full params: `params` itself, or with LoRA the base with the adapters merged in."""
+    if self.lora is None:
+      return params
+    return lora_lib.apply_lora(jax.lax.stop_gradient(base), params, self.lora, dtype=dtype)
 
   # -- step ----------------------------------------------------------------------------------------
   def loss_fn(self, params: dict, batch: dict, key: jax.Array, row_ids: jax.Array | None = None,
-              normalizers: tuple[jax.Array, jax.Array] | None = None):
-    model = nnx.merge(self.graphdef, params)
+              normalizers: tuple[jax.Array, jax.Array] | None = None, base: dict | None = None):
+    model = nnx.merge(self.graphdef, self.model_params(params, base, self.compute_dtype))
     if "images" in batch:
       if self.vae is None:
         raise ValueError("the batch carries pixels (data.payload='images') but no VAE was given")
@@ -121,7 +158,7 @@ class Trainer:
       image_tokens = batch["image_tokens"]
     return model.loss(batch, image_tokens, key, row_ids=row_ids, normalizers=normalizers)
 
-  def grads(self, params: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
+  def grads(self, params: dict, batch: dict, key: jax.Array, base: dict | None = None) -> tuple[dict, dict]:
     """Gradients and metrics of the whole batch; with ``optim.grad_accum`` = K, accumulated over K
     micro-batches under a scan (each micro-batch is every K-th row, so it stays on its devices).
     Losses are normalised by the whole batch's token counts, so K micro-batches give the update
@@ -130,7 +167,7 @@ class Trainer:
     grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
     b = batch["tokens"].shape[0]
     if k == 1:
-      (_, metrics), grads = grad_fn(params, batch, key)
+      (_, metrics), grads = grad_fn(params, batch, key, base=base)
       return grads, metrics
     from nextstep_jax.data.batch import IGNORE  # pylint: disable=import-outside-toplevel
     normalizers = (jnp.sum(batch["targets"] != IGNORE).astype(jnp.float32),
@@ -140,12 +177,12 @@ class Trainer:
 
     def body(acc, xs):
       mb, row_ids = xs
-      (_, m), g = grad_fn(params, mb, key, row_ids, normalizers)
+      (_, m), g = grad_fn(params, mb, key, row_ids, normalizers, base=base)
       return jax.tree.map(jnp.add, acc, (g, m)), None
 
     zero_g = jax.tree.map(jnp.zeros_like, params)
     zero_m = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), key, rows[0],
-                                            normalizers)[0][1])
+                                            normalizers, base=base)[0][1])
     zero_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m)
     (grads, metrics), _ = jax.lax.scan(body, (zero_g, zero_m), (micro, rows))
     # Shares of loss/ce/fm add up; the token counts add up too.
@@ -155,7 +192,7 @@ class Trainer:
     """One optimizer update. Non-finite loss or gradients skip the update (state unchanged except
     the ``skipped`` counter) instead of poisoning the weights."""
     key = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
-    grads, metrics = self.grads(state["params"], batch, key)
+    grads, metrics = self.grads(state["params"], batch, key, base=state.get("base"))
     loss = metrics["loss"]
     grad_norm = global_norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -170,6 +207,8 @@ class Trainer:
         "skipped": state["skipped"] + bad,
         "bad_streak": (state["bad_streak"] + bad) * bad,
     }
+    if "base" in state:
+      new_state["base"] = state["base"]
     if self.ema_decay > 0:
       d = self.ema_decay
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], new_state["params"])
@@ -178,15 +217,16 @@ class Trainer:
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
 
-  def eval_step(self, params: dict, batch: dict) -> dict:
+  def eval_step(self, params: dict, batch: dict, base: dict | None = None) -> dict:
     """Loss metrics on a held-out batch with a fixed noise key (comparable across steps)."""
-    _, metrics = self.loss_fn(params, batch, jax.random.key(self.config.seed + 1))
+    _, metrics = self.loss_fn(params, batch, jax.random.key(self.config.seed + 1), base=base)
     return metrics
 
   @functools.cached_property
   def eval_fn(self) -> Callable:
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(self.eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+    base = () if self.lora is None else (self.base_shardings,)
+    return jax.jit(self.eval_step, in_shardings=(self.param_shardings, self.batch_sharding) + base,
                    out_shardings=replicated)
 
   @property
@@ -382,7 +422,8 @@ def evaluate_heldout(trainer: Trainer, state: State, eval_batches: dict, mesh) -
   for name, batches in eval_batches.items():
     sums: dict[str, float] = {}
     for b in batches:
-      m = jax.device_get(trainer.eval_fn(state["params"], parallel.global_batch(b, mesh)))
+      base = (state["base"],) if "base" in state else ()
+      m = jax.device_get(trainer.eval_fn(state["params"], parallel.global_batch(b, mesh), *base))
       for k in ("loss", "ce", "fm"):
         sums[k] = sums.get(k, 0.0) + float(m[k]) / len(batches)
     for k, v in sums.items():
@@ -395,6 +436,8 @@ def sample_grid(trainer: Trainer, state: State, config, tokenizer) -> np.ndarray
   from nextstep_jax import latents, sampling  # pylint: disable=import-outside-toplevel
   from nextstep_jax import train_vae  # pylint: disable=import-outside-toplevel
   params = state.get("ema", state["params"])
+  if trainer.lora is not None:
+    params = lora_lib.merge_lora(state["base"], params, trainer.lora)
   model = nnx.merge(trainer.graphdef, jax.device_get(params))
   side = config.data.image_size // (config.image.vae_factor * config.image.patch_size)
   cond, neg = sampling.image_prompts(tokenizer, list(config.sample_prompts), side, side)

@@ -128,3 +128,22 @@ def test_ema_tracks_params_and_survives_checkpoint(tmp_path):
   ck.close()
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                restored["ema"], state["ema"])
+
+
+def test_lora_trains_only_adapters_through_the_train_step():
+  c, mesh, t = _single({"lora.rank": 4, "lora.alpha": 8.0})
+  state = t.init_state(seed=0)
+  assert set(state) >= {"base", "params"}
+  base0 = jax.tree.map(np.asarray, state["base"])
+  lora0 = jax.tree.map(np.asarray, state["params"])
+  n_lora = sum(x.size for x in jax.tree.leaves(lora0))
+  n_base = sum(x.size for x in jax.tree.leaves(base0))
+  assert n_lora < 0.2 * n_base
+  # Only the adapters carry optimizer moments.
+  assert sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * n_lora + 8
+  for s in range(2):
+    state, m = t.step_fn(state, parallel.global_batch(synthetic_batch(8, 32, 64, 16, seed=s), mesh))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state["base"], base0)
+  b_changed = [not np.array_equal(np.asarray(state["params"]["backbone"]["layers"][k]["lora_b"]),
+                                  lora0["backbone"]["layers"][k]["lora_b"]) for k in ("q_kernel", "o_kernel")]
+  assert all(b_changed)
