@@ -1,4 +1,4 @@
-"""Checkpoints: a thin layer over orbax's CheckpointManager.
+"""Checkpoints: a thin layer over orbax's CheckpointManager, hardened against faults.
 
 One checkpoint per saved step, under ``<directory>/<step>/``, with three items:
   state   the train-state pytree (params, optimizer state, step...), arrays restored straight
@@ -10,6 +10,23 @@ One checkpoint per saved step, under ``<directory>/<step>/``, with three items:
 Saves are asynchronous (the device->host copy happens in ``save``; writing continues in the
 background) and the newest ``keep`` checkpoints are kept. Preemption: ``should_save`` is also
 true at a preemption sync point, so a run that saves when it says so stops cleanly.
+
+Faults:
+  * A save is atomic: orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it when every
+    process has finished, so a writer killed mid-save leaves no step behind (the leftover is
+    reported at start-up and replaced when that step is saved again).
+  * Every step carries ``integrity.json``: the size and CRC-32 of each of its files, written by
+    process 0 after all writes and before the rename (so it is part of the atomic step).
+    ``verify(step)`` checks a step against it: truncated, missing or altered files are found
+    before orbax reads anything (orbax alone reports truncated or missing files, but reads
+    flipped bits back as wrong numbers).
+  * ``restore_latest_good`` tries steps newest first; a step that fails its check or cannot be
+    read is named in a warning with the reason, and the next older one is tried. When an older
+    step restores, the unreadable newer ones are moved aside to ``<step>.corrupt`` (never
+    deleted, never written over), so the resumed run saves those steps afresh. When no step
+    can be read, nothing is moved and the error lists every step and its reason (a changed
+    config, not corruption, is the likely cause then).
+  * Nothing here unpickles: arrays are tensorstore/zarr, metadata and iterator states JSON.
 """
 
 from __future__ import annotations
@@ -19,14 +36,29 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 STATE, DATA, CONFIG = "state", "data", "config"
+INTEGRITY_FILE = "integrity.json"
+INTEGRITY_MODES = ("auto", "crc32", "size", "off")
+# "auto" checksums steps up to this many bytes and records only sizes above (reading back a
+# multi-hundred-GB checkpoint on process 0 after every save would cost more than it is worth).
+AUTO_CRC_LIMIT_BYTES = 4 << 30
+# Files orbax itself rewrites after our manifest is written (step metadata, commit markers).
+_UNLISTED = frozenset({INTEGRITY_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"})
+QUARANTINE_SUFFIX = ".corrupt"
+_ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint step that does not match its integrity manifest, or no readable step at all."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,6 +131,98 @@ def config_to_json(config: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# Integrity manifests
+# ------------------------------------------------------------------------------------------
+
+
+def _files_under(root: epath.Path) -> Iterator[tuple[str, epath.Path]]:
+  """(path relative to `root` with '/' separators, path) of every file below `root`."""
+  for dirpath, _, filenames in root.walk():
+    for name in filenames:
+      path = epath.Path(dirpath) / name
+      yield path.relative_to(root).as_posix(), path
+
+
+def _crc32(path: epath.Path, chunk: int = 1 << 20) -> int:
+  crc = 0
+  with path.open("rb") as f:
+    while block := f.read(chunk):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def write_integrity(step_dir: str | os.PathLike, mode: str = "auto") -> dict:
+  """Lists every file of a checkpoint step directory in ``<step_dir>/integrity.json``.
+
+  ``mode``: "crc32" records size and CRC-32, "size" only sizes, "auto" is crc32 up to
+  ``AUTO_CRC_LIMIT_BYTES`` in total and size above. Written through a temporary file and a
+  rename, so a reader never sees half a manifest. Returns the manifest.
+  """
+  if mode not in INTEGRITY_MODES or mode == "off":
+    raise ValueError(f"integrity mode {mode!r} must be one of {INTEGRITY_MODES[:-1]}")
+  root = epath.Path(step_dir)
+  files = {rel: {"size": int(path.stat().length)} for rel, path in _files_under(root)
+           if path.name not in _UNLISTED and not path.name.startswith(INTEGRITY_FILE)}
+  if mode == "auto":
+    mode = "crc32" if sum(f["size"] for f in files.values()) <= AUTO_CRC_LIMIT_BYTES else "size"
+  if mode == "crc32":
+    for rel, entry in files.items():
+      entry["crc32"] = _crc32(root / rel)
+  manifest = {"version": 1, "mode": mode, "files": files}
+  tmp = root / (INTEGRITY_FILE + ".partial")
+  tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+  tmp.replace(root / INTEGRITY_FILE)
+  return manifest
+
+
+def check_integrity(step_dir: str | os.PathLike, checksums: bool = True) -> str | None:
+  """Why the step directory does not match its ``integrity.json`` (a sentence), or None.
+
+  A step without a manifest (written before manifests existed, or whose writer was killed
+  between orbax's rename and the manifest in synchronous mode) passes: orbax's own reads are
+  then the only check. `checksums=False` compares sizes only.
+  """
+  root = epath.Path(step_dir)
+  if not root.is_dir():
+    return f"{root} is not a directory"
+  path = root / INTEGRITY_FILE
+  if not path.exists():
+    return None
+  try:
+    manifest = json.loads(path.read_text())
+    files = manifest["files"]
+    if not isinstance(files, dict):
+      raise TypeError(f"'files' is a {type(files).__name__}")
+  except (ValueError, KeyError, TypeError) as e:
+    return f"its {INTEGRITY_FILE} is unreadable ({e})"
+  for rel, entry in sorted(files.items()):
+    file = root / rel
+    if not file.exists():
+      return f"{rel} is missing"
+    size = int(file.stat().length)
+    if size != entry.get("size"):
+      return f"{rel} has {size} bytes, {entry.get('size')} were written (truncated or overwritten)"
+    if checksums and "crc32" in entry and _crc32(file) != entry["crc32"]:
+      return f"{rel} does not match the CRC-32 recorded when it was written (altered on disk)"
+  return None
+
+
+def _agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (an all-gather; no-op for a single process)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  flags = multihost_utils.process_allgather(np.asarray(int(ok), np.int32))
+  return bool(np.all(np.asarray(flags)))
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  line = text[0] if text else ""
+  return f"{type(e).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
+
+
+# ------------------------------------------------------------------------------------------
 # The manager
 # ------------------------------------------------------------------------------------------
 
@@ -113,24 +237,37 @@ class Checkpointer:
   Usage in a train loop::
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=1000, keep=3, config=config)
-    if ckpt.latest_step() is not None:
-      state, data_state = ckpt.restore(ckpt.latest_step(), abstract_state_with_shardings)
+    restored = ckpt.restore_latest_good(abstract_state_with_shardings)
+    if restored is not None:
+      step, state, data_state = restored
     ...
     ckpt.save(step, state, data_state=iterator.get_state())   # saves when should_save(step)
     ...
     ckpt.save(last_step, state, data_state, force=True); ckpt.close()
+
+  `integrity`: what each step's ``integrity.json`` records ("auto", "crc32", "size") or "off"
+  (no manifest). Restores check whatever the manifest holds.
   """
 
   def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
-               async_save: bool = True, config: Any = None):
+               async_save: bool = True, config: Any = None, integrity: str = "auto"):
     if every < 1 or keep < 1:
       raise ValueError(f"checkpoint.every={every} and checkpoint.keep={keep} must be >= 1")
+    if integrity not in INTEGRITY_MODES:
+      raise ValueError(f"checkpoint.integrity={integrity!r} must be one of {INTEGRITY_MODES}")
     self.directory = epath.Path(directory)
     self.every = int(every)
+    self.integrity = integrity
+    self._async = bool(async_save)
+    self._pending_step: int | None = None
     self._config_json = config_to_json(config) if config is not None else None
+    self._report_unfinished()
+    async_options = None
+    if self._async and integrity != "off":
+      async_options = ocp.AsyncOptions(post_finalization_callback=self._seal_pending)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=int(keep), save_interval_steps=1, create=True,
-      enable_async_checkpointing=bool(async_save))
+      enable_async_checkpointing=self._async, async_options=async_options)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     if self._config_json is not None and jax.process_index() == 0:
       (self.directory / "config.json").write_text(json.dumps(self._config_json, indent=2))
@@ -140,16 +277,41 @@ class Checkpointer:
     """From ``config.checkpoint``; the directory defaults to ``<workdir>/checkpoints``."""
     c = config.checkpoint
     directory = directory or os.path.join(config.workdir, "checkpoints")
-    return cls(directory, every=c.every, keep=c.keep, async_save=c.async_save, config=config)
+    return cls(directory, every=c.every, keep=c.keep, async_save=c.async_save, config=config,
+               integrity=c.get("integrity", "auto"))
+
+  def _report_unfinished(self) -> None:
+    """Warns about saves that never finished (a writer killed mid-save) and steps moved aside."""
+    if jax.process_index() != 0 or not self.directory.exists():
+      return
+    names = [p.name for p in self.directory.iterdir()]
+    unfinished = sorted(n for n in names if _ORBAX_TMP_MARK in n)
+    if unfinished:
+      logging.warning("checkpoint: %s holds unfinished save(s) %s (the writer stopped mid-save); "
+                      "they are not checkpoints and are ignored; a save of the same step replaces "
+                      "them", self.directory, unfinished)
+    moved = sorted(n for n in names if QUARANTINE_SUFFIX in n)
+    if moved:
+      logging.warning("checkpoint: %s holds step(s) moved aside as unreadable: %s (kept for "
+                      "inspection; delete them when no longer needed)", self.directory, moved)
 
   # Queries --------------------------------------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """Newest finished checkpoint step, or None."""
+    """Newest finished checkpoint step, or None. (Finished is not the same as readable: use
+    ``restore_latest_good`` to resume.)"""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
+
+  def step_dir(self, step: int) -> epath.Path:
+    """The directory of a finished step."""
+    return self.directory / str(int(step))
+
+  def verify(self, step: int, checksums: bool = True) -> str | None:
+    """Why `step` does not match its integrity manifest (a sentence), or None."""
+    return check_integrity(self.step_dir(step), checksums=checksums)
 
   def reached_preemption(self, step: int) -> bool:
     """True when the job is being preempted and every process has reached `step`."""
@@ -159,7 +321,7 @@ class Checkpointer:
     """Every `every` steps, and at a preemption sync point."""
     return step % self.every == 0 or self.reached_preemption(step)
 
-  # Save / restore -------------------------------------------------------------------------
+  # Save -----------------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, data_state: dict | bytes | None = None,
            force: bool = False) -> bool:
@@ -175,27 +337,133 @@ class Checkpointer:
     items = {STATE: ocp.args.StandardSave(state), DATA: DataStateSave(data_state)}
     if self._config_json is not None:
       items[CONFIG] = ocp.args.JsonSave(self._config_json)
+    # One save in flight at a time (orbax waits too): the finalize callback reads _pending_step.
+    self._manager.wait_until_finished()
+    self._pending_step = int(step)
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
+      if not self._async and self.integrity != "off" and jax.process_index() == 0:
+        self._write_integrity(self.step_dir(step), step)
     return bool(saved)
 
+  def _seal_pending(self) -> None:
+    """orbax's post-finalization callback (process 0, after every process has written, before
+    the rename that publishes the step): writes the pending step's integrity manifest."""
+    step = self._pending_step
+    if step is None:
+      return
+    try:
+      tmp = [p for p in self.directory.iterdir()
+             if p.name.startswith(f"{step}.") and _ORBAX_TMP_MARK in p.name]
+      target = tmp[0] if len(tmp) == 1 else self.step_dir(step)
+      if len(tmp) > 1 or not target.is_dir():
+        logging.warning("checkpoint: cannot tell where step %d is being written (%s); it gets no "
+                        "integrity manifest", step, [p.name for p in tmp])
+        return
+    except OSError as e:
+      logging.warning("checkpoint: step %d gets no integrity manifest: %s", step, e)
+      return
+    self._write_integrity(target, step)
+
+  def _write_integrity(self, step_dir: epath.Path, step: int) -> None:
+    try:
+      write_integrity(step_dir, self.integrity)
+    except OSError as e:  # never fail a save over its manifest
+      logging.warning("checkpoint: could not write the integrity manifest of step %d: %s", step, e)
+
+  # Restore --------------------------------------------------------------------------------
+
   def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict | bytes | None]:
-    """(state, data_state) of `step` (None = latest).
+    """(state, data_state) of `step`; None = the newest readable step (``restore_latest_good``).
 
     `abstract_state` has the saved state's tree structure with jax.ShapeDtypeStruct leaves
     carrying the target shardings (``parallel.with_shardings``); arrays land there directly.
+    None restores with the saved shapes, dtypes and shardings (for inspection).
+    Raises CorruptCheckpointError when an explicit step fails its integrity check.
     """
     if step is None:
-      step = self.latest_step()
-      if step is None:
+      restored = self.restore_latest_good(abstract_state)
+      if restored is None:
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return restored[1], restored[2]
     if step not in self._manager.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                               f"steps: {self.all_steps()}")
+    reason = self.verify(step)
+    if reason is not None:
+      raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: {reason}")
+    return self._read(step, abstract_state)
+
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict | bytes | None]:
+    state_args = (ocp.args.StandardRestore(abstract_state) if abstract_state is not None
+                  else ocp.args.StandardRestore())
     out = self._manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract_state), DATA: DataStateRestore()}))
+      STATE: state_args, DATA: DataStateRestore()}))
     return out[STATE], out[DATA]
+
+  def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict | bytes | None] | None:
+    """(step, state, data_state) of the newest step that passes its integrity check and reads
+    back; None when there is no checkpoint at all.
+
+    Each step that fails is named in a warning with the reason, then the next older one is
+    tried. Once one restores, the failed newer steps are moved aside to ``<step>.corrupt``
+    (kept, never deleted) so that saving those steps again writes fresh copies. If every step
+    fails, nothing is moved and CorruptCheckpointError lists each step and why.
+    All processes agree on each step (a step unreadable on one process is skipped by all).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failed: list[tuple[int, str]] = []
+    for i, step in enumerate(steps):
+      reason = self.verify(step) if jax.process_index() == 0 else None
+      if not _agree(reason is None) and reason is None:
+        reason = "failed its integrity check on process 0"
+      out = None
+      if reason is None:
+        try:
+          out = self._read(step, abstract_state)
+        except Exception as e:  # pylint: disable=broad-except  # any reader error: unreadable
+          reason = f"it cannot be read ({_first_line(e)})"
+        if not _agree(reason is None) and reason is None:
+          reason, out = "it cannot be read on another process", None
+      if reason is None:
+        if failed:
+          moved = self._quarantine([s for s, _ in failed])
+          logging.warning("checkpoint: resuming from step %d, not the newest step %d; moved the "
+                          "unreadable step(s) aside: %s (kept for inspection, never deleted)",
+                          step, steps[0], ", ".join(moved))
+        return step, out[0], out[1]
+      failed.append((step, reason))
+      nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left"
+      logging.warning("checkpoint: step %d in %s is unusable: %s; %s", step, self.directory,
+                      reason, nxt)
+    raise CorruptCheckpointError(
+      f"no checkpoint in {self.directory} can be restored:\n  " +
+      "\n  ".join(f"step {s}: {r}" for s, r in failed) +
+      "\nNothing was moved or deleted. When every step fails the same way, the config (model "
+      "shapes, dtypes, optimizer) probably differs from the one that wrote them.")
+
+  def _quarantine(self, steps: list[int]) -> list[str]:
+    """Renames unreadable step directories to ``<step>.corrupt[.<n>]`` (process 0), then all
+    processes reload the step list. Returns 'old -> new' descriptions."""
+    moved = []
+    for step in steps:
+      src = self.step_dir(step)
+      dst = self.directory / f"{step}{QUARANTINE_SUFFIX}"
+      n = 1
+      while dst.exists():
+        dst = self.directory / f"{step}{QUARANTINE_SUFFIX}.{n}"
+        n += 1
+      moved.append(f"{src.name} -> {dst.name}")
+      if jax.process_index() == 0:
+        src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("nextstep_checkpoint_quarantine")
+    self._manager.reload()
+    return moved
 
   def restore_params_from(self, path: str | os.PathLike, abstract_params: Any,
                           key: str = "params") -> Any:
@@ -215,6 +483,7 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
 
 
 def restore_params_from(path: str | os.PathLike, abstract_params: Any, key: str = "params") -> Any:
@@ -242,6 +511,9 @@ def restore_params_from(path: str | os.PathLike, abstract_params: Any, key: str 
       step = manager.latest_step()
       if step is None:
         raise FileNotFoundError(f"checkpoint.init_from={str(path)!r} holds no finished checkpoint")
+    reason = check_integrity(root / str(step))
+    if reason is not None:
+      raise CorruptCheckpointError(f"checkpoint.init_from={str(path)!r}: step {step} is corrupt: {reason}")
     target = {key: abstract_params}
     out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -250,3 +522,27 @@ def restore_params_from(path: str | os.PathLike, abstract_params: Any, key: str 
     manager.close()
   logging.info("checkpoint: params from %s step %d", root, step)
   return out[STATE][key]
+
+
+def read_step(directory: str | os.PathLike, step: int | None = None
+              ) -> tuple[int, Any, dict | bytes | None]:
+  """(step, state, data_state) of one step (newest when None) of a checkpoint directory, read
+  only, with the saved shapes, dtypes and shardings, after its integrity check (for tools and
+  tests that compare runs)."""
+  root = epath.Path(directory)
+  if not root.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.latest_step() if step is None else int(step)
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in "
+                              f"{directory}; steps: {sorted(manager.all_steps())}")
+    reason = check_integrity(root / str(step))
+    if reason is not None:
+      raise CorruptCheckpointError(f"checkpoint step {step} in {directory} is corrupt: {reason}")
+    out = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(), DATA: DataStateRestore()}))
+  finally:
+    manager.close()
+  return step, out[STATE], out[DATA]
