@@ -225,3 +225,25 @@ def test_validate_without_device_count_checks_structure():
   c = _config("demo")
   validate(c)  # data=-1: nothing to check against devices
   _bad({"mesh.axes.fsdp": -1}, num_devices=None, match="at most one -1")
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_stage_model_builds_abstractly_with_expected_sizes(name):
+  """eval_shape of the full 14B NextStep model: nothing is allocated."""
+  import importlib
+
+  import jax
+
+  from nextstep_jax import train
+
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  _, abstract, axes = train.abstract_model(cfg)
+  count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+  backbone, head = count(abstract["backbone"]), count(abstract["head"])
+  assert backbone == 14_770_033_664  # embed + 48 layers + norm + untied lm_head (about 14.8B)
+  assert head == 157_228_096  # the base head of SPEC §4
+  projectors = count({k: v for k, v in abstract.items() if k.startswith("image_")})
+  assert projectors == 64 * 5120 + 5120 + 5120 * 5120 + 5120
+  # Every parameter carries logical axes of its rank.
+  jax.tree.map(lambda a, x: None if len(a) == x.ndim else pytest.fail(f"axes {a} vs {x.shape}"), axes, abstract,
+               is_leaf=lambda t: isinstance(t, tuple))
