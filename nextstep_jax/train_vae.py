@@ -422,11 +422,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.ckpt_every,
                       keep=config.ckpt_keep, async_save=config.async_checkpoint, config=config)
-  start = ckpt.latest_step()
-  if start is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            trainer.abstract_state, trainer.state_sharding)
-    state, _ = ckpt.restore(start, abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          trainer.abstract_state, trainer.state_sharding)
+  restored = ckpt.restore_latest_good(abstract)  # newest readable step (corrupt ones set aside)
+  if restored is not None:
+    start, state, _ = restored
     _log(f"resumed from step {start}")
   else:
     state, start = trainer.init_state(config.seed), 0
@@ -451,8 +451,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         if not all(math.isfinite(v) for v in metrics_host.values()):
           raise FloatingPointError(f"non-finite metrics at step {done}: {metrics_host}")
         now = time.perf_counter()
-        since = done - max(start + 1, done - config.log_every)
-        metrics_host["step_time"] = (now - last_log) / max(since, 1)
+        since = done - max(start + 1, done - config.log_every)  # steps timed (not the compile)
+        if since > 0:
+          metrics_host["step_time"] = (now - last_log) / since
         last_log = now
         writer.write_scalars(done, metrics_host)
       if done % config.eval_every == 0 or done == t.steps:

@@ -142,6 +142,15 @@ def test_latents_cli(trained, tmp_path):
   assert rec["tokens"].shape == (64, 16) and rec["label"] == 2  # held out: 50 per class, sorted
 
 
+def test_cli_rejects_unknown_config_keys(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "nextstep_jax.train_vae",
+                         "--config=configs/vae_demo.py", f"--workdir={tmp_path}",
+                         "--config.train.stepz=3"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ))
+  assert proc.returncode != 0 and "stepz" in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
 def test_config_locked_and_checked():
   from configs import vae_demo, vae_f8d16
   c = vae_demo.get_config()
