@@ -1,0 +1,75 @@
+"""Per-device memory of the stage configs compiled for TPU topologies from this host: the docs' table.
+
+  pip install "jax[tpu]"     # libtpu, matching the installed jax (describes TPU chips on a CPU host)
+  python benchmarks/aot_memory.py                                   # stage1 and stage2 on v5p-64, v5p-256
+  python benchmarks/aot_memory.py --topologies=v6e-64 --configs=configs/stage2.py \
+      --extra=--config.model.remat=dots
+  python benchmarks/aot_memory.py --from_json=aot.jsonl              # only print the table
+
+Each row is one `python -m nextstep_jax.aot` in its own process (the compiler's memory is returned
+between rows), appending a JSON line to --json; the table lists bytes per device (the memory-usage
+report's "Total bytes"; XLA's temp estimate beside it) against the chip's HBM, compile time, the mesh and
+the remat policy, and the verdict. One row of data.seq_len tokens per data-parallel shard
+(--rows_per_device=1: 16K tokens per device for the stage configs). Never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1024 ** 3
+
+
+def run_row(config: str, topology: str, extra: list[str], json_path: str, num_slices: int) -> int:
+  cmd = [sys.executable, "-m", "nextstep_jax.aot", f"--config={config}", f"--topology={topology}",
+         f"--num_slices={num_slices}", f"--json={json_path}"] + extra
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  print("$ " + " ".join(cmd), flush=True)
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+  lines = [l for l in r.stdout.splitlines() if l.strip()]
+  print("\n".join(lines[-12:]) if lines else r.stderr[-3000:], flush=True)
+  return r.returncode
+
+
+def table(rows: list[dict]) -> str:
+  g = lambda b: "-" if b is None else f"{b / GiB:.1f}"
+  out = ["| config | topology | mesh | remat | attention | tokens/device | params | Total GiB/device | "
+         "temp GiB (analysis) | HBM GiB | compile s | verdict |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    tokens = r["batch_size"] * r["seq_len"] // max(r["devices"], 1)
+    out.append(f"| {os.path.basename(r.get('config') or '?')} | {r['topology']} | {r['mesh']} | {r['remat']} | "
+               f"{r['attention']} | {tokens} | {r['params'] / 1e9:.2f}B | {g(r.get('total_bytes'))} | "
+               f"{g(r.get('temp_bytes'))} | {g(r.get('hbm_bytes'))} | {r['compile_s']:.0f} | {r['verdict']} |")
+  return "\n".join(out)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--configs", default="configs/stage1.py,configs/stage2.py")
+  p.add_argument("--topologies", default="v5p-64,v5p-256")
+  p.add_argument("--num_slices", type=int, default=1)
+  p.add_argument("--extra", action="append", default=[], help="extra flag for nextstep_jax.aot (repeatable)")
+  p.add_argument("--json", default="", help="JSON lines file (default: a temporary file)")
+  p.add_argument("--from_json", default="", help="print the table of an existing JSON lines file")
+  a = p.parse_args()
+  path = a.from_json
+  if not path:
+    path = a.json or os.path.join(tempfile.mkdtemp(prefix="aot_memory_"), "aot.jsonl")
+    for topology in a.topologies.split(","):
+      for config in a.configs.split(","):
+        run_row(config, topology, a.extra, path, a.num_slices)
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  print("\n" + table(rows))
+
+
+if __name__ == "__main__":
+  main()
