@@ -189,6 +189,10 @@ def _flip_byte(path):
     f.write(bytes([b[0] ^ 0x5A]))
 
 
+# (The filterwarnings marks below: orbax's reader leaves an asyncio callback behind when a
+# restore raises; harmless.)
+
+
 def _tree_bytes(root):
   return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -231,6 +235,7 @@ _CORRUPTIONS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("kind", list(_CORRUPTIONS))
 def test_corrupt_newest_step_falls_back_to_previous(mesh, tmp_path, caplog, kind):
   states = _two_steps(mesh, tmp_path)
@@ -270,7 +275,6 @@ def test_explicit_restore_of_a_corrupt_step_raises(mesh, tmp_path):
     restore_params_from(tmp_path / "2", _abstract(states[2]["params"]))
 
 
-# orbax's reader leaves an asyncio callback behind when a restore raises; harmless here.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_readable_step_moves_nothing(mesh, tmp_path):
   states = _two_steps(mesh, tmp_path)
