@@ -81,20 +81,36 @@ def _find_tokenizer(workdir: str, config: Any, path: str | None):
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
                    max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
-                   vae: str | None = None) -> dict:
-  """Writes the run's params (newest checkpoint, or `step`) as a NextStep-1 directory. Returns the index."""
+                   vae: str | None = None, use_ema: bool = True) -> dict:
+  """Writes the run's params (newest checkpoint, or `step`) as a NextStep-1 directory. Returns the index.
+
+  use_ema: export the EMA weights when the run kept them (config.ema_decay > 0). A LoRA run
+  (config.lora.rank > 0) is exported with its adapters merged into the frozen base.
+  """
   from nextstep_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   config = run_config(workdir)
   cfg = ns.NextStepConfig.from_config(config)
   src = os.path.join(workdir, "checkpoints")
   if step is not None:
     src = os.path.join(src, str(step))
-  params = ckpt_lib.restore_params_from(src, _abstract_params(cfg))
+  key = "ema" if use_ema and float(config.get("ema_decay", 0.0) or 0.0) > 0 else "params"
+  lora_cfg = train_lib.lora_config(config)
+  if lora_cfg is None:
+    params = ckpt_lib.restore_params_from(src, _abstract_params(cfg), key=key)
+  else:
+    _, base_abstract, axes = train_lib.abstract_model(config)
+    base = ckpt_lib.restore_params_from(src, base_abstract, key="base")
+    adapters = ckpt_lib.restore_params_from(src, lora_lib.abstract_lora(base_abstract, axes, lora_cfg), key=key)
+    params = lora_lib.merge_lora(base, adapters, lora_cfg)
   tok = _find_tokenizer(workdir, config, tokenizer)
   meta = hf.ImageMeta.from_config(config, tok)
   if vae is None:
     configured = config.get("vae", {}).get("checkpoint", "")
     vae = configured if configured and os.path.exists(configured) else None
+  if vae is not None and os.path.isdir(os.path.join(vae, "export")):
+    vae = os.path.join(vae, "export")  # a train_vae work directory: ship its exported weights
   return hf.export_nextstep(params, cfg, out, meta, dtype=dtype, max_shard_bytes=max_shard_bytes,
                             tokenizer=tok, vae=vae)
 
@@ -134,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--max_shard_size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
   p.add_argument("--tokenizer", default=None, help="tokenizer directory or file to ship")
   p.add_argument("--vae", default=None, help="VAE directory or file to ship under vae/")
+  p.add_argument("--no_ema", action="store_true", help="export the raw weights even when the run kept an EMA")
   p.add_argument("--import_dir", default=None, help="Hugging Face directory to import")
   p.add_argument("--qwen2", action="store_true", help="--import_dir is a Qwen2.5 checkpoint (backbone only)")
   p.add_argument("--config", default=None, help="experiment config for --qwen2 (configs/<name>.py)")
@@ -150,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"imported {n:,} parameters from {args.import_dir} into checkpoint {args.out} (step 0)")
     return
   index = export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype,
-                         max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer, vae=args.vae)
+                         max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer, vae=args.vae,
+                         use_ema=not args.no_ema)
   files = sorted(set(index["weight_map"].values()))
   print(f"exported {len(index['weight_map'])} tensors ({index['metadata']['total_size']:,} bytes) in "
         f"{len(files)} shards to {args.out}")

@@ -83,3 +83,25 @@ def test_sample_cli_writes_images_and_edits(run_dir, tmp_path):
   assert (tmp_path / "edit" / "sample_000.png").exists()
   with pytest.raises(FileNotFoundError, match="no such file"):
     sample_cli.run(root, "x", image=str(tmp_path / "missing.png"), num=1, steps=2)
+
+
+def test_export_ships_ema_weights_tokenizer_and_vae_usable_from_python(run_dir, tmp_path):
+  """README's Python API on an exported run: logits for text, images for a prompt."""
+  from nextstep_jax import export, latents, sampling
+  from nextstep_jax.data.tokenizer import load_tokenizer
+  from nextstep_jax.interop import hf
+  from nextstep_jax.interop.vae import load_vae_dir
+  root, c, _ = run_dir
+  out = str(tmp_path / "hf")
+  export.export_workdir(root, out)
+  model, _ = hf.load_nextstep(out)
+  ema_model, *_ = evaluate.load_trained(root, use_ema=True)
+  np.testing.assert_array_equal(np.asarray(model.backbone.lm_head_kernel[...]),
+                                np.asarray(ema_model.backbone.lm_head_kernel[...]))
+  tok = load_tokenizer(out)
+  ids = np.asarray([tok.encode("a handwritten digit 7")])
+  assert model.backbone.forward_logits(ids).shape == (1, ids.shape[1], c.model.vocab_size)
+  cond, neg = sampling.image_prompts(tok, ["a handwritten digit 7"], 4, 4)
+  tokens = sampling.sample_images(model, cond, neg, 4, 4, jax.random.key(0), cfg=3.0, steps=4, pad_id=tok.pad_id)
+  images = latents.decode_tokens(load_vae_dir(os.path.join(out, "vae")), tokens, 4, 4)
+  assert images.shape == (1, 32, 32, 3) and np.isfinite(np.asarray(images)).all()
