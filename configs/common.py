@@ -76,7 +76,7 @@ STAGES: dict[str, dict] = {
     ce_weight=0.01, fm_weight=1.0, steps=10_000, warmup_steps=500, seq_len=8_192,
     image_area=(256**2, 512**2), image_tokens=(256, 1024), training_tokens=5e9,
     ratios=dict(text=0.0, pair=0.9, edit=0.1, interleaved=0.0)),
-  # DPO has no config file yet (its loss is another piece of work); the row is kept as data.
+  # DPO (configs/dpo.py, nextstep_jax/dpo.py) reads its numbers from this row.
   "dpo": dict(
     min_lr=2e-6, lr=2e-6, schedule="constant", weight_decay=0.1,
     ce_weight=None, fm_weight=None, steps=300, warmup_steps=200, seq_len=None,
@@ -160,6 +160,9 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
   c.data.max_images = 1
   c.data.max_row_image_tokens = 256
   c.data.drop_text_prob = 0.3
+  # False (SFT): CE and FM only on the response (the image after a caption, the target after an
+  # edit instruction); no CE predicts the caption or instruction (data/sequences.py).
+  c.data.loss_on_prompt = True
   c.data.payload = "image_tokens"
   c.data.num_workers = 0
   c.data.seed = 0

@@ -1,7 +1,10 @@
 """SFT (SPEC §7): 10K steps, cosine lr 1e-5 -> 0 after 500 warm-up steps, 8K rows, pairs 0.9 / edits 0.1.
 
 Qwen2.5-14B backbone with the base FM head (12 x 1536); numbers from configs/common.py STAGES.
-Set data, tokenizer and VAE paths (and `checkpoint.init_from` after stage1) on the command line.
+The loss falls on the response only (``data.loss_on_prompt=False``): no CE on captions and edit
+instructions, flow matching on the target image (source images of edits are context).
+Starts from the annealing stage's weights (``checkpoint.init_from``, default the anneal config's
+``runs/anneal/checkpoints``); set data, tokenizer and VAE paths on the command line.
 """
 
 from __future__ import annotations
@@ -12,4 +15,8 @@ from configs.common import stage_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return stage_config("sft")
+  c = stage_config("sft")
+  with c.unlocked():
+    c.data.loss_on_prompt = False
+    c.checkpoint.init_from = "runs/anneal/checkpoints"
+  return c

@@ -77,6 +77,7 @@ class DataSettings:
   seed: int
   open_rows: int
   workdir: str
+  loss_on_prompt: bool = True   # False (SFT): no CE on captions / instructions (sequences.py)
 
   @property
   def pixel(self) -> bool:
@@ -141,7 +142,8 @@ def data_settings(config, process_count: int = 1) -> DataSettings:
       max_images=int(d.max_images), max_row_image_tokens=int(d.max_row_image_tokens),
       drop_text_prob=float(d.drop_text_prob), num_workers=int(get(d, "num_workers", 0)),
       num_threads=int(get(d, "num_threads", 0)), seed=int(get(d, "seed", 0)),
-      open_rows=int(get(d, "pack_open_rows", 8)), workdir=str(get(config, "workdir", "") or ""))
+      open_rows=int(get(d, "pack_open_rows", 8)), workdir=str(get(config, "workdir", "") or ""),
+      loss_on_prompt=bool(get(d, "loss_on_prompt", True)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,7 +601,7 @@ def build_sample_dataset(config, tokenizer, *, split: str = "train", image_encod
   mixture = _mixture(settings, sources, settings.ratios, settings.seed)
   builder = ElementBuilder(
       SequenceBuilder(tokenizer, settings.drop_text_prob if drop_text_prob is None
-                      else drop_text_prob),
+                      else drop_text_prob, settings.loss_on_prompt),
       {name: dec for name, (_, dec) in sources.items()}, settings, image_encoder)
   return mixture.map(builder), mixture, builder, settings
 
@@ -633,12 +635,12 @@ def build_eval_batches(config, tokenizer, num_batches: int, *,
   """Fixed held-out batches per component: source name -> `num_batches` batches of
   data.batch_size rows (global; evaluation runs them as given). Digits: the held-out split
   (500 digits, every 20th stdlib docstring); a data directory: its 'heldout' split where one
-  exists. Captions are never flipped (drop_text_prob 0), so pair loss measures text-to-image.
-  Components with a positive ratio are evaluated."""
+  exists. Captions are never flipped (drop_text_prob 0), so pair loss measures text-to-image;
+  data.loss_on_prompt applies as in training. Components with a positive ratio are evaluated."""
   settings = data_settings(config)
   sources = build_record_sources(settings, "heldout", image_encoder=image_encoder)
   spec = settings.row_spec(tokenizer.pad_id)
-  seq = SequenceBuilder(tokenizer, 0.0)
+  seq = SequenceBuilder(tokenizer, 0.0, settings.loss_on_prompt)
   out: dict[str, list[dict[str, np.ndarray]]] = {}
   for name, (src, decoder) in sources.items():
     mixture = _mixture(settings, {name: (src, decoder)}, {name: 1.0}, settings.seed + 7919)

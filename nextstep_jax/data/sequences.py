@@ -16,6 +16,13 @@ Targets are pre-shifted: ``targets[i]`` is the token at ``i + 1`` when position 
 BOI position and every image position but the last get none; the last image position predicts
 ``<|end_of_image|>``), and none at a sample's last position (never across a sample boundary).
 ``fm_mask[i] = 1`` at the image positions of images that get flow-matching loss.
+
+SFT (``loss_on_prompt=False``, config ``data.loss_on_prompt``): the loss falls on the response
+only. The prompt of a text-to-image sample is its caption, that of an editing sample its source
+image blocks and instruction; the positions whose next token lies in the prompt get no CE (the
+last prompt position still predicts ``<|image_area|>``, the response's first token), and source
+images get no flow-matching loss as always. A flipped pair (image first: unconditional generation,
+then captioning) and interleaved or text-only samples have no prompt and keep every loss.
 """
 
 from __future__ import annotations
@@ -82,11 +89,12 @@ class Sample:
 class SequenceBuilder:
   """Builds `Sample`s from texts and `Image`s with one tokenizer (see module docstring)."""
 
-  def __init__(self, tokenizer, drop_text_prob: float = 0.0):
+  def __init__(self, tokenizer, drop_text_prob: float = 0.0, loss_on_prompt: bool = True):
     if not 0.0 <= drop_text_prob <= 1.0:
       raise ValueError(f"drop_text_prob must be in [0, 1], got {drop_text_prob}")
     self.tok = tokenizer
     self.drop_text_prob = float(drop_text_prob)
+    self.loss_on_prompt = bool(loss_on_prompt)
     self.eos = tokenizer.eos_id
     self.area, self.boi, self.eoi = tokenizer.area_id, tokenizer.boi_id, tokenizer.eoi_id
     self.placeholder = tokenizer.placeholder_id
@@ -105,12 +113,15 @@ class SequenceBuilder:
     head = [self.area] + self.area_text_ids(grid) + [self.boi]
     return head + [self.placeholder] * (grid[0] * grid[1]) + [self.eoi], len(head)
 
-  def _assemble(self, parts: Sequence[tuple], source: str = "", key: Any = None) -> Sample:
-    """parts: ("text", str) | ("image", Image, loss: bool); an <eos> is appended."""
+  def _assemble(self, parts: Sequence[tuple], source: str = "", key: Any = None,
+                prompt_parts: int = 0) -> Sample:
+    """parts: ("text", str) | ("image", Image, loss: bool); an <eos> is appended. The first
+    `prompt_parts` parts are the prompt: without loss_on_prompt no CE predicts their tokens."""
     ids: list[int] = []
     image_slots: list[tuple[int, int, bool]] = []   # (start position, tokens, loss)
     images: list[Image] = []
-    for part in parts:
+    prompt_len = 0
+    for j, part in enumerate(parts):
       if part[0] == "text":
         if part[1]:
           ids += self.tok.encode(part[1])
@@ -122,9 +133,15 @@ class SequenceBuilder:
         ids += block
       else:
         raise ValueError(f"unknown sequence part {part[0]!r}")
+      if j < prompt_parts:
+        prompt_len = len(ids)
     ids.append(self.eos)
     tokens = np.asarray(ids, np.int32)
-    return self._finish(tokens, image_slots, images, source, key)
+    sample = self._finish(tokens, image_slots, images, source, key)
+    if not self.loss_on_prompt and prompt_len > 1:
+      # Position i predicts token i + 1: positions 0 .. prompt_len - 2 predict prompt tokens.
+      sample.targets[:prompt_len - 1] = IGNORE
+    return sample
 
   def _finish(self, tokens: np.ndarray, image_slots, images, source, key) -> Sample:
     n = tokens.shape[0]
@@ -147,14 +164,14 @@ class SequenceBuilder:
 
   def text_to_image(self, caption: str, image: Image, flip: bool = False, **kw) -> Sample:
     """caption + block + <eos>, or block + caption + <eos> when `flip` (drop_text)."""
-    parts = [("image", image, True), ("text", caption)] if flip else \
-        [("text", caption), ("image", image, True)]
-    return self._assemble(parts, **kw)
+    if flip:
+      return self._assemble([("image", image, True), ("text", caption)], **kw)
+    return self._assemble([("text", caption), ("image", image, True)], prompt_parts=1, **kw)
 
   def edit(self, sources: Sequence[Image], instruction: str, target: Image, **kw) -> Sample:
     """[source blocks] + instruction + [target block] + <eos>; FM loss on the target only."""
     parts = [("image", s, False) for s in sources] + [("text", instruction), ("image", target, True)]
-    return self._assemble(parts, **kw)
+    return self._assemble(parts, prompt_parts=len(sources) + 1, **kw)
 
   def interleaved(self, segments: Sequence[str | Image], **kw) -> Sample:
     """Texts and images in document order + <eos>; FM loss on every image."""
