@@ -138,7 +138,7 @@ _STEP_LINE = re.compile(r"^step (\d+) \| loss ")
 _RESUMED = re.compile(r"resumed from step (\d+)")
 
 
-class Trainer:
+class TrainerProcess:
   """A trainer subprocess; a thread reads its output (stdout and stderr together) and notes the
   newest logged step and the step it resumed from."""
 
@@ -148,7 +148,6 @@ class Trainer:
     self.last_step = 0
     self.resumed_from: int | None = None
     self._cond = threading.Condition()
-    self.started = time.monotonic()
     self.proc = subprocess.Popen(list(command), cwd=str(REPO), env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, bufsize=1)
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -246,6 +245,7 @@ class Event:
   exit_s: float = 0.0         # SIGTERM: seconds from the signal to the exit
   detail: str = ""
   problems: list[str] = dataclasses.field(default_factory=list)
+  restarted: bool = False     # a trainer was started after this fault (resume fields valid)
   expect_resume: int | None = None
   resumed_from: int | None = None
 
@@ -285,17 +285,19 @@ def run_plan(workdir: str | os.PathLike, assets: Assets, steps: int, plan: Seque
   expect: int | None = None       # where the next start must resume (None: a fresh start)
   corrupted: int | None = None    # the step corrupted before the next start
   want_corrupt = False            # a corruption is due (deferred until two steps are published)
+  missed_saves = 0
   while True:
     fault = None
     while plan and fault is None:
       f = plan.pop(0)
       fault = f if f.kind != "corrupt" else None  # corruptions are applied after a fault
-    trainer = Trainer(command, env, log_path)
+    trainer = TrainerProcess(command, env, log_path)
     cause = events[-1] if events else None
 
     def check_restart(trainer=trainer, cause=cause, expect=expect, corrupted=corrupted):
       if cause is None:
         return
+      cause.restarted = True
       cause.expect_resume, cause.resumed_from = expect, trainer.resumed_from
       if trainer.resumed_from != expect:
         cause.problems.append(f"the restart resumed from step {trainer.resumed_from}, "
@@ -330,8 +332,12 @@ def run_plan(workdir: str | os.PathLike, assets: Assets, steps: int, plan: Seque
       if fault.kind == "kill_in_save":
         if seen and seen in unfinished_saves(ckpt_dir):
           event.detail = f"inside the save {seen}"
+        elif missed_saves < 3:  # the save finished between seeing it and the kill: try again
+          missed_saves += 1
+          event.detail = f"missed the save window ({seen or 'no save started'}); trying again"
+          plan.insert(0, Fault("kill_in_save", fault.step))
         else:
-          event.problems.append(f"the kill missed the save window ({seen or 'no save started'})")
+          event.problems.append(f"the kill missed the save window {missed_saves + 1} times")
       if event.rc != -signal.SIGKILL:
         event.problems.append(f"exit status {event.rc} after SIGKILL")
     elif fault.kind == "term":
@@ -367,7 +373,7 @@ def run_plan(workdir: str | os.PathLike, assets: Assets, steps: int, plan: Seque
       log(f"  corrupt: deferred (published steps: {published})")
 
 
-def _wait_for_unfinished_save(ckpt_dir: Path, trainer: Trainer, timeout: float) -> str | None:
+def _wait_for_unfinished_save(ckpt_dir: Path, trainer: TrainerProcess, timeout: float) -> str | None:
   """Polls (every millisecond) until orbax's temporary directory of a new save appears."""
   deadline = time.monotonic() + timeout
   known = set(unfinished_saves(ckpt_dir))  # leftovers of earlier kills do not count
@@ -387,8 +393,9 @@ def _describe(e: Event) -> str:
     bits.append(f"(logged step {e.at_step}, exit {e.rc})")
   if e.detail:
     bits.append(e.detail)
-  if e.resumed_from is not None or e.expect_resume is not None:
-    bits.append(f"-> restart resumed from step {e.resumed_from}")
+  if e.restarted:
+    bits.append(f"-> restart resumed from step {e.resumed_from}" if e.resumed_from is not None
+                else "-> restart started afresh")
   if e.problems:
     bits.append("PROBLEMS: " + "; ".join(e.problems))
   return " ".join(bits)
@@ -476,10 +483,10 @@ def compare_runs(reference: str | os.PathLike, candidate: str | os.PathLike, ste
 
 
 def run_reference(workdir: str | os.PathLike, assets: Assets, steps: int, every: int = 2,
-                  keep: int = 3, timeout: float = 600.0) -> Trainer:
+                  keep: int = 3, timeout: float = 600.0) -> TrainerProcess:
   """The uninterrupted run (same flags). Returns the finished trainer (check .proc.returncode)."""
   workdir = Path(workdir)
-  trainer = Trainer(train_command(train_flags(workdir, assets, steps, every, keep)),
+  trainer = TrainerProcess(train_command(train_flags(workdir, assets, steps, every, keep)),
                     child_env(assets), workdir.parent / f"{workdir.name}.log")
   trainer.wait(timeout)
   return trainer
@@ -650,7 +657,7 @@ def peer_death_trial(root: str | os.PathLike, victim: int, command: Sequence[str
   base.pop("NEXTSTEP_DISTRIBUTED", None)
   base["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [base.get("PYTHONPATH")] if p])
   base.update(env_extra or {})
-  procs = [Trainer(command, dict(base, JAX_PROCESS_ID=str(i)), root / f"process_{i}.log")
+  procs = [TrainerProcess(command, dict(base, JAX_PROCESS_ID=str(i)), root / f"process_{i}.log")
            for i in range(2)]
   pattern = re.compile(after_line)
   deadline = time.monotonic() + timeout
@@ -687,6 +694,11 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--vae", default=None, help="a trained VAE workdir (default: random demo VAE)")
   parser.add_argument("--workdir", default=None, help="keep everything here (default: a temp dir)")
+  parser.add_argument("--heartbeat", type=int, default=10,
+                      help="jax.distributed heartbeat timeout (s) for the two-process trials")
+  parser.add_argument("--skip-peers", action="store_true", help="no two-process trials")
+  parser.add_argument("--default-heartbeat", action="store_true",
+                      help="also kill a two-process training run under jax's default heartbeat")
   args = parser.parse_args(argv)
   root = Path(args.workdir or tempfile.mkdtemp(prefix="nextstep_faults_"))
   t0 = time.monotonic()
@@ -709,7 +721,7 @@ def main(argv: Sequence[str]) -> int:
     t0 = time.monotonic()
     work = root / f"trial{trial}"
     shutil.rmtree(work, ignore_errors=True)
-    events, rc = run_plan(work, assets, args.steps, plan, every=args.every)
+    events, rc = run_plan(work, assets, args.steps, plan, every=args.every, log=lambda _: None)
     problems = [f"{_describe(e)}" for e in events if e.problems]
     if rc != 0:
       problems.append(f"the final run exited {rc}")
@@ -722,13 +734,50 @@ def main(argv: Sequence[str]) -> int:
     restarts = len([e for e in events if e.fault.kind != "corrupt"])
     outcome = "BITWISE EQUAL" if not problems else "DIFFERENT"
     print(f"trial {trial}: {restarts} restarts in {time.monotonic() - t0:.1f} s: {outcome}")
+    for e in events:
+      print(f"    {_describe(e)}")
     for p in problems:
       print(f"    {p}")
     failed += bool(problems)
   print(f"summary: {args.trials - failed}/{args.trials} trials bitwise equal to the uninterrupted "
         f"run; faults injected: {totals}; SIGTERM exits after "
         f"{', '.join(f'{t:.1f}' for t in term_times)} s")
+  if not args.skip_peers:
+    failed += peer_trials(root, assets, args.heartbeat, args.default_heartbeat)
   return 1 if failed else 0
+
+
+def peer_trials(root: Path, assets: Assets, heartbeat: int, default_heartbeat: bool) -> int:
+  """Two processes, one SIGKILLed: the `peer` worker (each victim), then the real trainer.
+  Prints how the survivor ended; returns the number of trials where it hung or said nothing clear."""
+  os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f]
+    + ["--xla_backend_optimization_level=0"])
+  cache = dict(JAX_COMPILATION_CACHE_DIR=assets.cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  trials = [(f"peer worker, process {v} killed, heartbeat {heartbeat} s", v, None, heartbeat)
+            for v in (1, 0)]
+  for hb in [heartbeat] + ([0] if default_heartbeat else []):
+    flags = train_flags(root / f"mp_hb{hb}" / "run", assets, steps=1000, every=50)
+    command = [sys.executable, "-u", str(Path(__file__).resolve()), "child", f"--heartbeat={hb}",
+               "--", *flags]
+    trials.append((f"2-process training, process 1 killed at step 3, heartbeat "
+                   f"{hb or 'default (100)'} s", 1, command, hb))
+  bad = 0
+  for i, (name, victim, command, hb) in enumerate(trials):
+    kwargs = dict(command=command, after_line=r"^step 3 \|", watch=(0,), env_extra=cache) if command else {}
+    t0 = time.monotonic()
+    try:
+      o = peer_death_trial(root / f"peers{i}", victim, heartbeat=hb, timeout=900, **kwargs)
+    except RuntimeError as e:
+      print(f"{name}: could not set up: {e}")
+      bad += 1
+      continue
+    ok = o.survivor_rc not in (0, None) and bool(o.clear_error)
+    bad += not ok
+    print(f"{name}: survivor exited {o.survivor_rc} {o.exit_s:.1f} s after the kill "
+          f"({time.monotonic() - t0:.0f} s in all){'' if ok else ' NOT CLEAN'}\n    {o.clear_error}")
+  return bad
 
 
 if __name__ == "__main__":
