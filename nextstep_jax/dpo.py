@@ -637,6 +637,7 @@ class DPOTrainer(train_lib.Trainer):
     # With LoRA the frozen base (state["base"]) is the reference; no separate tree is passed.
     self.ref_shardings = self.param_shardings if self.lora is None else None
     self._dpo_step_fn = None
+    self._dpo_eval_fn = None
 
   def _image_tokens(self, batch: dict) -> jax.Array:
     if "images" not in batch:
@@ -687,7 +688,7 @@ class DPOTrainer(train_lib.Trainer):
 
   @property
   def dpo_eval_fn(self) -> Callable:
-    if not hasattr(self, "_dpo_eval_fn"):
+    if self._dpo_eval_fn is None:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       base = None if self.lora is None else self.base_shardings
       self._dpo_eval_fn = jax.jit(self.dpo_eval, in_shardings=(self.param_shardings, self.ref_shardings,
@@ -746,8 +747,10 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
                                  process_index=pidx, process_count=pcount)
   heldout = None
   if os.path.isfile(_split_file(settings["data"], "heldout")) and settings["heldout_batches"] > 0:
-    heldout = heldout_batches(PreferenceRecords(settings["data"], "heldout"), builder, config.data.batch_size,
-                              settings["heldout_batches"])
+    rows = 2 * (config.data.batch_size // pcount)   # this process's rows of each global batch
+    heldout = [{k: v[pidx * rows:(pidx + 1) * rows] for k, v in b.items()}
+               for b in heldout_batches(PreferenceRecords(settings["data"], "heldout"), builder,
+                                        config.data.batch_size, settings["heldout_batches"])]
   _log(f"preference pairs: {len(records)} (train), {0 if heldout is None else len(heldout)} held-out batches")
 
   trainer = DPOTrainer(config, mesh, vae=train_lib.load_frozen_vae(config))

@@ -338,6 +338,25 @@ def test_sharded_step_keeps_the_reference_sharded_like_the_policy():
                t.param_shardings)
 
 
+def test_lora_dpo_uses_the_frozen_base_as_reference():
+  c = tiny_config()
+  c.lora.rank = 2
+  c.mesh.axes.update(dict(data=1, fsdp=1, tensor=1))
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
+  t = dpo.DPOTrainer(c, mesh)
+  assert t.ref_shardings is None
+  _, params = random_params(c)
+  state = t.state_from_params(params)
+  batch = parallel.global_batch(synthetic_batch(4, 32, 64, 16, seed=2), mesh)
+  state, m = t.dpo_step_fn(state, None, batch)
+  assert float(m["loss"]) == pytest.approx(LOG2, abs=1e-6)   # adapters start at zero: policy = base
+  state, m = t.dpo_step_fn(state, None, batch)
+  assert float(m["loss"]) != pytest.approx(LOG2, abs=1e-6)
+  jax.tree.map(lambda b, p: np.testing.assert_array_equal(np.asarray(b), np.asarray(p)), state["base"], params)
+  evals = t.dpo_eval_fn(state["params"], None, batch, state["base"])
+  assert np.isfinite(float(evals["loss"]))
+
+
 # ------------------------------------------------------------------------------------------------
 # The demo config end to end: preference data, from the SFT checkpoint, checkpoint, exact resume
 # ------------------------------------------------------------------------------------------------
