@@ -105,6 +105,8 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(env["JAX_NUM_PROCESSES"]),
                   process_id=int(env["JAX_PROCESS_ID"]))
+  if env.get("NEXTSTEP_HEARTBEAT_TIMEOUT_S"):
+    kwargs["heartbeat_timeout_seconds"] = int(env["NEXTSTEP_HEARTBEAT_TIMEOUT_S"])
   logging.info("jax.distributed.initialize (launcher: %s)", kind)
   try:
     jax.distributed.initialize(**kwargs)

@@ -303,10 +303,12 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
   trainer = Trainer(config, mesh, vae=load_frozen_vae(config))
   _log(f"parameters: {count_params(trainer.abstract_params):,}")
   ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, "checkpoints"))
-  start = ckpt.latest_step()
-  if start is not None:
-    target = parallel.with_shardings(trainer.abstract_state, trainer.state_shardings)
-    state, data_state = ckpt.restore(start, target)
+  # The newest step that passes its integrity check and reads back; unreadable newer steps are
+  # named in a warning and moved aside (never deleted).
+  restored = ckpt.restore_latest_good(parallel.with_shardings(trainer.abstract_state,
+                                                              trainer.state_shardings))
+  if restored is not None:
+    start, state, data_state = restored
     if data_state is not None:
       data_iter.set_state(data_state)
     _log(f"resumed from step {start}")
@@ -369,7 +371,9 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
         if config.get("sample_prompts", ()) and trainer.vae is not None:
           grid = sample_grid(trainer, state, config, tokenizer)
           writer.write_images(step, "samples", grid)
-      if ckpt.should_save(step) or step == config.steps or stop.requested:
+      # No periodic save inside a run of skipped steps: retention must not push out the last
+      # checkpoint written before it (a SIGTERM still saves: skipped steps leave params unchanged).
+      if (not streak and (ckpt.should_save(step) or step == config.steps)) or stop.requested:
         ckpt.save(step, state, data_iter.get_state(), force=step == config.steps or stop.requested)
       if stop.requested or ckpt.reached_preemption(step):
         ckpt.wait()
@@ -454,7 +458,21 @@ def main(argv) -> None:
   from absl import flags, logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = flags.FLAGS.config
-  train(config, flags.FLAGS.workdir or None)
+  try:
+    train(config, flags.FLAGS.workdir or None)
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # Multi-process: a normal exit waits at jax.distributed's shutdown barrier for every other
+    # process, dead ones included (until the heartbeat timeout). Print the error and leave now.
+    import sys  # pylint: disable=import-outside-toplevel
+    import traceback  # pylint: disable=import-outside-toplevel
+    traceback.print_exc()
+    print(f"process {jax.process_index()}: training failed (see above; when another process died, "
+          "this is the collective or barrier that lost it); exiting without waiting for the "
+          "other processes", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -497,8 +497,11 @@ def load_vae(workdir: str, step: int | None = None) -> tuple[AutoencoderKL, VAEC
   cfg_path = os.path.join(workdir, VAE_CONFIG_FILE)
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{workdir} is not a train_vae workdir (no {VAE_CONFIG_FILE})")
-  with open(cfg_path) as f:
-    cfg = VAEConfig.from_dict(json.load(f))
+  try:
+    with open(cfg_path, encoding="utf-8") as f:
+      cfg = VAEConfig.from_dict(json.load(f))
+  except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+    raise ValueError(f"{cfg_path}: not a valid VAE config ({e})") from e
   ckpt_dir = os.path.join(workdir, "checkpoints")
   has_ckpt = os.path.isdir(ckpt_dir) and any(p.isdigit() for p in os.listdir(ckpt_dir))
   if has_ckpt:

@@ -249,8 +249,6 @@ def test_config_files_are_validated(tmp_path):
     config_lib.load_config(demo, ["checkpoint.keep=0"])
 
 
-@pytest.mark.xfail(strict=True, reason="interop/vae.py and train_vae.load_vae pass JSON and "
-                   "safetensors header errors through without naming the file (fix proposed)")
 def test_vae_files_are_validated_with_the_file_named(tmp_path, assets):
   from nextstep_jax import train_vae  # pylint: disable=import-outside-toplevel
   from nextstep_jax.interop import vae as vae_io  # pylint: disable=import-outside-toplevel

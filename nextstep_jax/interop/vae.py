@@ -63,6 +63,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
           out[k] = np.asarray(f.get_tensor(k))
     except TypeError:  # bfloat16 has no numpy dtype: read through torch when it is there
       out = _load_safetensors_via_torch(path)
+    except Exception as e:  # safetensors' own error type: a header or data that does not parse
+      raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
     return _to_float32(out, path)
   if path.endswith(PICKLE_SUFFIXES):
     try:
@@ -361,8 +363,11 @@ def load_vae_file(path: str, config_json: str | None = None, **fields) -> Autoen
   ``fields``. FLUX's 32 GroupNorm groups are assumed unless a config says otherwise."""
   cfg_fields: dict[str, Any] = {}
   if config_json:
-    with open(config_json) as f:
-      cfg_fields = config_fields_from_json(json.load(f))
+    try:
+      with open(config_json, encoding="utf-8") as f:
+        cfg_fields = config_fields_from_json(json.load(f))
+    except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+      raise ValueError(f"{config_json}: not a valid VAE config.json ({e})") from e
   cfg_fields.update(fields)
   sd = load_state_dict(path)
   arch_keys = ("base_channels", "channel_mults", "num_res_blocks", "latent_channels",
