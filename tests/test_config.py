@@ -166,13 +166,13 @@ def test_head_dim_consistency():
 
 
 def test_warmup_longer_than_run():
-  _bad({"optim.warmup_steps": 700}, match=r"optim.warmup_steps=700 is longer than the run \(steps=600\)")
+  _bad({"optim.warmup_steps": 1300}, match=r"optim.warmup_steps=1300 is longer than the run \(steps=1200\)")
 
 
 def test_learning_rates():
   _bad({"optim.lr": -1e-3}, match=r"optim.lr=-0.001 must be a positive number")
   _bad({"optim.lr": 0.0, "optim.min_lr": 0.0}, match=r"optim.lr=0.0 must be a positive number")
-  _bad({"optim.min_lr": 1e-2}, match=r"optim.min_lr=0.01 is larger than optim.lr=0.001")
+  _bad({"optim.min_lr": 1e-2}, match=r"optim.min_lr=0.01 is larger than optim.lr=0.002")
   _bad({"optim.min_lr": -1e-5}, match=r"optim.min_lr=-1e-05 must be >= 0")
 
 
