@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "runs/demo", "a finished demo run (python -m nextstep_jax.demo)")
+flags.DEFINE_string("vae", "", "the demo VAE (default: BASE/vae)")
+flags.DEFINE_string("tokenizer", "", "the demo tokenizer (default: BASE/tokenizer)")
+flags.DEFINE_string("classifier", "", "the judge's directory (default: BASE/classifier; trained there when missing)")
 flags.DEFINE_string("out", "runs/post", "output root (sft/, pairs/, dpo/, results.json)")
 flags.DEFINE_integer("sft_steps", -1, "SFT steps (-1: configs/sft_demo.py's)")
 flags.DEFINE_integer("dpo_steps", -1, "DPO steps (-1: configs/dpo_demo.py's)")
@@ -78,9 +81,9 @@ def run() -> dict:
   if not os.path.isdir(os.path.join(base, "checkpoints")):
     raise FileNotFoundError(f"--base={base} holds no demo run (python -m nextstep_jax.demo --workdir={base})")
   os.makedirs(out, exist_ok=True)
-  clf = os.path.join(base, "classifier")
-  paths = dict(init=os.path.join(base, "checkpoints"), vae=os.path.join(base, "vae"),
-               tok=os.path.join(base, "tokenizer"))
+  clf = FLAGS.classifier or os.path.join(base, "classifier")
+  paths = dict(init=os.path.join(base, "checkpoints"), vae=FLAGS.vae or os.path.join(base, "vae"),
+               tok=FLAGS.tokenizer or os.path.join(base, "tokenizer"))
   t = {}
 
   t0 = time.perf_counter()

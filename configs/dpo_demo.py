@@ -1,8 +1,7 @@
 """DPO at demo size: the SFT demo model (configs/sft_demo.py) tuned on digit preference pairs.
 
 SPEC §7's DPO row (300 steps, constant lr after 200 warm-up steps, weight decay 0.1) with the
-learning rate scaled as the SFT demo's is (the paper's DPO lr is a fifth of its SFT peak: 2e-6 vs
-1e-5; here 2e-5 vs 1e-4). Pairs (prompt, chosen, rejected) come from
+learning rate a fifth of the SFT demo's peak, as the paper's (2e-6 vs 1e-5). Pairs (prompt, chosen, rejected) come from
 ``python benchmarks/dpo_digits.py`` (or nextstep_jax.dpo.build_digit_preferences): chosen a real digit
 of the prompted class, rejected an SFT sample the classifier reads as another digit. Rows of 48
 tokens hold a caption and one 16-token image; 16 pairs (32 sequences) per step.
@@ -20,13 +19,13 @@ from configs.dpo import apply_dpo_stage, dpo_section
 
 def get_config() -> ml_collections.ConfigDict:
   c = sft_demo.get_config()
+  sft_lr = float(c.optim.lr)
   with c.unlocked():
     apply_dpo_stage(c)
     c.workdir = "runs/dpo_demo"
     c.log_every = 10
     c.eval_every = 50
-    c.optim.lr = 2e-5
-    c.optim.min_lr = 2e-5
+    c.optim.lr = c.optim.min_lr = sft_lr / 5
     c.checkpoint.init_from = "runs/sft_demo/checkpoints"
     c.checkpoint.every = 100
     c.data.batch_size = 16          # preference pairs per step

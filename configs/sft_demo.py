@@ -2,8 +2,8 @@
 
 Follows SPEC §7's SFT row scaled to the demo: the mixture drops text-only and interleaved data, the
 loss falls on the response only (``data.loss_on_prompt=False``), rows are half the demo's length
-(64 tokens, as 16K -> 8K) with twice the rows, and the learning rate is a tenth of the demo's
-peak (1e-4, as 1e-4 -> 1e-5) on a cosine to 0 after a 5% warm-up (500 of 10K).
+(64 tokens, as 16K -> 8K) with twice the rows, and the peak learning rate is a tenth of the
+demo's (as the paper's 1e-4 -> 1e-5) on a cosine to 0 after a 5% warm-up (500 of 10K).
 Starts from a demo run's weights: ``runs/demo`` (python -m nextstep_jax.demo --workdir=runs/demo)
 by default; point checkpoint.init_from, vae.checkpoint and tokenizer.path at another run with
 ``--config.checkpoint.init_from=W/checkpoints --config.vae.checkpoint=W/vae
@@ -19,11 +19,12 @@ from configs import demo
 
 def get_config() -> ml_collections.ConfigDict:
   c = demo.get_config()
+  pretrain_lr = float(c.optim.lr)
   with c.unlocked():
     c.workdir = "runs/sft_demo"
     c.steps = 300
     c.eval_every = 100
-    c.optim.lr = 1e-4
+    c.optim.lr = pretrain_lr / 10
     c.optim.min_lr = 0.0
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 15

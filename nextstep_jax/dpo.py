@@ -32,9 +32,11 @@ Pieces:
   Preference data: a directory with ``train.jsonl`` (and optionally ``heldout.jsonl``), one JSON
     object per line {"prompt": str, "chosen": png path, "rejected": png path, "meta": {...}},
     image paths relative to the directory; ``write_preferences``, ``PreferenceRecords``,
-    ``PreferenceIterator`` (pair batches for the step, exact resume), ``build_digit_preferences``
-    (the embedded digits: chosen a real digit of the prompted class, rejected an SFT-model sample the
-    classifier reads as another class, or a real digit of another class).
+    ``PreferenceIterator`` (pair batches for the step: one global stream grouped by image size,
+    each process decoding its slice; exact resume), ``build_digit_preferences`` (the embedded
+    digits: chosen a real digit of the prompted class, or optionally an SFT sample the classifier
+    reads as that class; rejected an SFT sample the classifier reads as another class, or a real
+    digit of another class).
   DPOTrainer(config, mesh, vae): train.Trainer's state, shardings, optimizer and update (non-finite
     skip, EMA) with the DPO gradients; the reference is a second params tree with the policy's
     shardings, an argument of the jitted step (not donated, no gradients). With LoRA the frozen
@@ -247,6 +249,7 @@ class PreferenceRecords:
       raise FileNotFoundError(f"preference file {self.path} does not exist (dpo.data={directory!r}: a "
                               "directory with train.jsonl, see nextstep_jax/dpo.py)")
     self.entries: list[dict] = []
+    self._sizes: dict[int, tuple[int, int]] = {}
     with open(self.path, encoding="utf-8") as f:
       for lineno, line in enumerate(f, 1):
         if not line.strip():
@@ -280,6 +283,22 @@ class PreferenceRecords:
     except (OSError, ValueError) as e:
       raise ValueError(f"{where}: cannot read image {path} ({e})") from e
 
+  def image_size(self, i: int) -> tuple[int, int]:
+    """(H, W) of record i's chosen image, read from the file header only (no decoding)."""
+    from PIL import Image as PILImage  # pylint: disable=import-outside-toplevel
+    if i not in self._sizes:
+      rel = self.entries[int(i)]["chosen"]
+      path = rel if os.path.isabs(rel) else os.path.join(self.directory, rel)
+      where = f"{self.path} record {int(i)}"
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: image file {path} does not exist")
+      try:
+        with PILImage.open(path) as im:
+          self._sizes[i] = (int(im.size[1]), int(im.size[0]))
+      except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: cannot read image {path} ({e})") from e
+    return self._sizes[i]
+
   def __getitem__(self, i: int) -> dict:
     e = self.entries[int(i)]
     where = f"{self.path} record {int(i)}"
@@ -303,23 +322,32 @@ def pair_row_spec(config, pad_id: int) -> RowSpec:
 
 
 class PairBuilder:
-  """Record -> (chosen Sample, rejected Sample), or the reason it cannot be used."""
+  """Preference record -> (chosen Sample, rejected Sample): ``prompt + image block + <eos>`` each, CE
+  only on the response (the loss ignores CE; the rows follow the batch contract)."""
 
   def __init__(self, tokenizer, spec: RowSpec, unit: int):
     self.seq = SequenceBuilder(tokenizer, 0.0, loss_on_prompt=False)
     self.spec, self.unit = spec, int(unit)
 
-  def samples(self, record: dict):
+  def reject_reason(self, prompt: str, size: tuple[int, int]) -> str | None:
+    """Why a pair of this prompt and image size (H, W) cannot be a row (None when it can)."""
+    if size[0] % self.unit or size[1] % self.unit:
+      return "bad_image_size"
+    grid = (size[0] // self.unit, size[1] // self.unit)
+    if grid[0] * grid[1] > self.spec.max_image_tokens:
+      return "too_many_image_tokens"
+    length = len(self.seq.tok.encode(prompt)) + len(self.seq.image_block(grid)[0]) + 1
+    return "too_long" if length > self.spec.seq_len else None
+
+  def samples(self, record: dict) -> tuple:
+    """The two Samples of a (usable) record."""
     img = record["chosen"]
-    if img.shape[0] % self.unit or img.shape[1] % self.unit:
-      return None, "bad_image_size"
+    reason = self.reject_reason(record["prompt"], img.shape[:2])
+    if reason is not None:
+      raise ValueError(f"preference record {record.get('index')} cannot be used: {reason}")
     grid = (img.shape[0] // self.unit, img.shape[1] // self.unit)
-    pair = tuple(self.seq.text_to_image(record["prompt"], Image(record[k], grid), key=[record["index"], j])
+    return tuple(self.seq.text_to_image(record["prompt"], Image(record[k], grid), key=[record["index"], j])
                  for j, k in enumerate(("chosen", "rejected")))
-    reason = self.spec.reject_reason(pair[0])
-    if reason is None and grid[0] * grid[1] > self.spec.max_image_tokens:
-      reason = "too_many_image_tokens"
-    return (pair, None) if reason is None else (None, reason)
 
 
 def pair_batch(pairs: Sequence[tuple], spec: RowSpec) -> dict[str, np.ndarray]:
@@ -334,40 +362,42 @@ def pair_batch(pairs: Sequence[tuple], spec: RowSpec) -> dict[str, np.ndarray]:
 
 
 class PreferenceIterator:
-  """Endless batches of ``pairs`` preference pairs for one process, with an exactly resumable state.
+  """Endless batches of preference pairs, one process's share of each global batch, exactly resumable.
 
-  Epoch e visits the records in a permutation seeded by (seed, e); process p of P takes every P-th
-  position. Records are grouped by image size (a pixel batch holds one size); a record that cannot
-  be used (too long for data.seq_len, image size not a multiple of the token size) is skipped and
-  counted. ``get_state()`` (JSON) holds the epoch, the position and the records waiting in each
-  size group; ``set_state`` rebuilds them."""
+  Every process walks the same global stream: epoch e visits the records in a permutation seeded by
+  (seed, e); records are grouped by image size (a pixel batch holds one size; sizes come from the
+  file headers), and a group that reaches ``pairs`` (global) records is the next global batch.
+  Process p of P decodes and returns only its slice of it (pairs / P pairs, rows interleaved as in
+  the module docstring), so the processes' batches always agree in shape. A record that cannot be a
+  row (too long for data.seq_len, image size not a multiple of the token size, too many tokens) is
+  skipped and counted. ``get_state()`` (JSON) holds the epoch, the position and the records waiting
+  in each size group."""
 
   def __init__(self, records: PreferenceRecords, builder: PairBuilder, pairs: int, seed: int = 0,
                process_index: int = 0, process_count: int = 1):
-    if pairs < 1:
-      raise ValueError(f"pairs per batch must be >= 1, got {pairs}")
+    if pairs < 1 or pairs % process_count:
+      raise ValueError(f"pairs per batch ({pairs}) must be a positive multiple of the {process_count} processes")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     self.records, self.builder, self.pairs, self.seed = records, builder, int(pairs), int(seed)
-    self.pidx, self.pcount = int(process_index), int(process_count)
+    self.local = self.pairs // int(process_count)
+    self.first = int(process_index) * self.local   # this process's first pair of a global batch
     self.epoch, self.pos = 0, 0
     self.pending: dict[str, list[int]] = {}   # size group -> record indices waiting for a batch
-    self._pairs: dict[str, list[tuple]] = {}   # their built samples, in the same order
     self.counters: dict[str, int] = {}
     self._order = self._epoch_order(0)
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
-    perm = np.random.default_rng([self.seed, epoch, 0x44504F]).permutation(len(self.records))
-    return perm[self.pidx::self.pcount]
+    return np.random.default_rng([self.seed, epoch, 0x44504F]).permutation(len(self.records))
 
   def _count(self, name: str) -> None:
     self.counters[name] = self.counters.get(name, 0) + 1
 
-  def _group(self, record: dict) -> str:
-    return "x".join(str(v) for v in record["chosen"].shape[:2])
-
   def __iter__(self) -> "PreferenceIterator":
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def next_indices(self) -> list[int]:
+    """The record indices of the next global batch (advances the stream)."""
     barren = 0
     while True:
       if self.pos >= len(self._order):
@@ -375,9 +405,9 @@ class PreferenceIterator:
         self._order = self._epoch_order(self.epoch)
       index = int(self._order[self.pos])
       self.pos += 1
-      record = self.records[index]
-      pair, reason = self.builder.samples(record)
-      if pair is None:
+      size = self.records.image_size(index)
+      reason = self.builder.reject_reason(self.records.entries[index]["prompt"], size)
+      if reason is not None:
         self._count(f"skipped/{reason}")
         barren += 1
         if barren > 2 * len(self.records) + 1:
@@ -385,14 +415,17 @@ class PreferenceIterator:
                              "check data.seq_len and the image sizes")
         continue
       barren = 0
-      name = self._group(record)
+      name = f"{size[0]}x{size[1]}"
       group = self.pending.setdefault(name, [])
       group.append(index)
-      self._pairs.setdefault(name, []).append(pair)
       if len(group) == self.pairs:
         del self.pending[name]
         self._count("batches")
-        return pair_batch(self._pairs.pop(name), self.builder.spec)
+        return group
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    mine = self.next_indices()[self.first:self.first + self.local]
+    return pair_batch([self.builder.samples(self.records[i]) for i in mine], self.builder.spec)
 
   def get_state(self) -> dict:
     return {"version": STATE_VERSION, "epoch": self.epoch, "pos": self.pos,
@@ -408,22 +441,16 @@ class PreferenceIterator:
                        f"{self.records.path} now holds {len(self.records)}: the data changed")
     self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
     self.pending = {k: [int(i) for i in v] for k, v in state["pending"].items()}
-    self._pairs = {}
-    for name, indices in self.pending.items():
-      for i in indices:
-        pair, reason = self.builder.samples(self.records[i])
-        if pair is None:
-          raise ValueError(f"checkpointed preference pair {i} of {self.records.path} is no longer usable "
-                           f"({reason}): the data or the config changed")
-        self._pairs.setdefault(name, []).append(pair)
     self.counters = dict(state.get("counters", {}))
     self._order = self._epoch_order(self.epoch)
 
 
-def heldout_batches(records: PreferenceRecords, builder: PairBuilder, pairs: int, num_batches: int
-                    ) -> list[dict[str, np.ndarray]]:
-  """Fixed evaluation batches: the first `num_batches` batches of epoch 0 of a seeded order."""
-  it = PreferenceIterator(records, builder, pairs, seed=12345)
+def heldout_batches(records: PreferenceRecords, builder: PairBuilder, pairs: int, num_batches: int,
+                    process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """Fixed evaluation batches (this process's share): the first `num_batches` global batches of a
+  seeded order (fewer when the split holds fewer pairs)."""
+  it = PreferenceIterator(records, builder, pairs, seed=12345, process_index=process_index,
+                          process_count=process_count)
   return [next(it) for _ in range(min(num_batches, max(len(records) // pairs, 1)))]
 
 
@@ -743,14 +770,12 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
   unit = int(config.image.vae_factor) * int(config.image.patch_size)
   builder = PairBuilder(tokenizer, spec, unit)
   records = PreferenceRecords(settings["data"], "train")
-  data_iter = PreferenceIterator(records, builder, config.data.batch_size // pcount, seed=int(config.data.seed),
+  data_iter = PreferenceIterator(records, builder, config.data.batch_size, seed=int(config.data.seed),
                                  process_index=pidx, process_count=pcount)
   heldout = None
   if os.path.isfile(_split_file(settings["data"], "heldout")) and settings["heldout_batches"] > 0:
-    rows = 2 * (config.data.batch_size // pcount)   # this process's rows of each global batch
-    heldout = [{k: v[pidx * rows:(pidx + 1) * rows] for k, v in b.items()}
-               for b in heldout_batches(PreferenceRecords(settings["data"], "heldout"), builder,
-                                        config.data.batch_size, settings["heldout_batches"])]
+    heldout = heldout_batches(PreferenceRecords(settings["data"], "heldout"), builder, config.data.batch_size,
+                              settings["heldout_batches"], pidx, pcount)
   _log(f"preference pairs: {len(records)} (train), {0 if heldout is None else len(heldout)} held-out batches")
 
   trainer = DPOTrainer(config, mesh, vae=train_lib.load_frozen_vae(config))

@@ -240,6 +240,16 @@ def test_pair_batches_interleave_and_resume_exactly(tmp_path):
   assert it.counters["skipped/too_long"] >= 1
   shapes = {b["images"].shape[2] for b in want + [first]}
   assert shapes == {16, 32}
+  # Two processes: each decodes its half of every global batch; together they give the one-process batch.
+  halves = [dpo.PreferenceIterator(recs, _builder(), pairs=2, seed=4, process_index=p, process_count=2)
+            for p in range(2)]
+  single = dpo.PreferenceIterator(recs, _builder(), pairs=2, seed=4)
+  for _ in range(5):
+    parts, whole = [next(h) for h in halves], next(single)
+    for k in whole:
+      np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k], err_msg=k)
+  with pytest.raises(ValueError, match="multiple of the 2 processes"):
+    dpo.PreferenceIterator(recs, _builder(), pairs=3, process_count=2)
   # A state from other data is refused.
   dpo.write_preferences(str(tmp_path / "other"), "train", *_pairs(3))
   with pytest.raises(ValueError, match="data changed"):

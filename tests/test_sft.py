@@ -142,7 +142,8 @@ def test_sft_configs():
     validate(d, num_devices=n)
   assert d.data.loss_on_prompt is False and d.checkpoint.init_from == "runs/demo/checkpoints"
   assert dict(d.data.ratios) == dict(text=0.0, pair=0.9, edit=0.1, interleaved=0.0)
-  assert d.optim.schedule == "cosine" and d.optim.min_lr == 0.0 and d.optim.lr == demo.get_config().optim.lr / 10
+  assert d.optim.schedule == "cosine" and d.optim.min_lr == 0.0
+  assert d.optim.lr == pytest.approx(demo.get_config().optim.lr / 10)
   assert d.data.seq_len == demo.get_config().data.seq_len // 2
   with pytest.raises(AttributeError):
     d.data.loss_on_promt = True
