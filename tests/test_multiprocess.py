@@ -110,6 +110,33 @@ def test_local_sh_rejects_bad_process_count():
   assert r.returncode == 2 and "usage" in r.stderr
 
 
+_HYBRID_PROBE = """
+import jax, jax.numpy as jnp, numpy as np
+from nextstep_jax import mesh_hybrid, parallel
+parallel.maybe_initialize_distributed()
+mesh = mesh_hybrid.make_hybrid_mesh(dict(axes=dict(data=1, fsdp=-1, tensor=1), dcn_axes=dict(data=-1)))
+rows = np.full((2,), jax.process_index() + 1.0)
+x = jax.make_array_from_process_local_data(parallel.data_sharding(mesh), rows)
+owners = sorted({d.process_index for d in mesh.devices[jax.process_index()].ravel()})
+print("RESULT", jax.process_index(), dict(mesh.shape), owners, float(jax.jit(jnp.sum)(x)), flush=True)
+"""
+
+
+def test_hybrid_mesh_puts_each_process_on_its_own_dcn_row(tmp_path):
+  """Three processes of two CPU devices: the DCN data axis spans processes, FSDP stays inside one."""
+  (tmp_path / "hybrid_probe.py").write_text(_HYBRID_PROBE)
+  env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"), QUIET="1",
+             MODULE="hybrid_probe", DEVICES_PER_PROCESS="2",
+             PYTHONPATH=os.pathsep.join([str(tmp_path), REPO, os.environ.get("PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "3"], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr + _logs(tmp_path / "logs")
+  for i in range(3):
+    line = [l for l in open(tmp_path / "logs" / f"process_{i}.log", encoding="utf-8") if l.startswith("RESULT")]
+    assert line == [f"RESULT {i} {{'data': 3, 'fsdp': 2, 'tensor': 1}} [{i}] 12.0\n"], line
+
+
 def test_two_processes_match_one_and_resume(assets, tmp_path):
   overrides = _overrides(assets)
   workdir = tmp_path / "run"
