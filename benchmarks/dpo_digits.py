@@ -14,6 +14,22 @@
 4. DPO (configs/dpo_demo.py) from the SFT checkpoint, the SFT model as the frozen reference -> OUT/dpo;
 5. the same evaluation (same seed, same samples per digit, same judge) of the DPO model -> "after".
 Every stage resumes or reuses what OUT already holds. Results: OUT/results.json and the console.
+
+Measured (2 CPU cores; prompt accuracy of 500 samples per model and seed, cfg 3, seeds 0/1/2 and their
+mean; FD = Fréchet distance in the judge's features, real-digit floor 11.7):
+  base: the demo of configs/demo.py (1,200 steps)   0.846 0.814 0.834 -> 0.831   FD 44.8
+  SFT (configs/sft_demo.py, 300 steps, ~3 min)      0.870 0.836 0.858 -> 0.855   FD 43.2
+  DPO (configs/dpo_demo.py, 300 steps, ~3 min)      0.964 0.956 0.948 -> 0.956   FD 51.2
+  control: the DPO run with beta 1e-6 and
+    --sft_weight=1 (fine-tuning on the chosen
+    images alone, same steps and lr)                0.862 0.846 0.858 -> 0.855   FD 50.4
+  DPO with --chosen=samples (on-policy chosen)      0.940 0.924 0.926 -> 0.930   FD 77.9
+  2,000 training pairs (5,030 samples drawn in ~90 s): 761 rejected images are SFT samples read as
+  another digit, the rest real digits of another class. Held-out pairs: reward accuracy 0.84 -> 0.88.
+  The DPO gain (+10 points over SFT) comes from the preference term: the control that only fits the
+  chosen images stays at the SFT figure. FD rises by about as much in the control as with DPO.
+  On the earlier, weaker demo (600 steps at lr 1e-3, SFT/DPO lr 1e-4/2e-5): base 0.303, SFT 0.423,
+  DPO 0.494, on-policy DPO 0.521, control 0.483 (means over the same three seeds).
 """
 
 from __future__ import annotations
