@@ -257,7 +257,7 @@ def _load_vae(vae_workdir: str, vae_dir: str) -> AutoencoderKL:
 
 
 def main(argv=None) -> None:
-  from absl import app, flags  # noqa: F401  (flags parsed by app.run)
+  from absl import flags
   del argv
   f = flags.FLAGS
   vae = _load_vae(f.vae_workdir, f.vae_dir)

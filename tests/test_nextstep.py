@@ -3,7 +3,6 @@
 import numpy as np
 import jax
 import jax.numpy as jnp
-import pytest
 from flax import nnx
 
 from nextstep_jax.data.batch import IGNORE
@@ -28,7 +27,7 @@ def _model(seed=0):
 
 def _batch():
   """One row: text(3) BOI img img img img EOI text(1) pad(2); images: 4 tokens, all with FM loss."""
-  l, m, d = 13, 6, 8
+  m, d = 6, 8
   tokens = np.array([[5, 6, 7, 2, 4, 4, 4, 4, 3, 8, 0, 0, 0]], np.int32)
   index = np.array([[-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, -1]], np.int32)
   targets = np.array([[6, 7, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 3, 8, 1, IGNORE, IGNORE, IGNORE]], np.int32)

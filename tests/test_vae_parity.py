@@ -14,7 +14,6 @@ diffusers = pytest.importorskip("diffusers")
 import jax.numpy as jnp  # noqa: E402
 
 from nextstep_jax.interop import vae as interop  # noqa: E402
-from nextstep_jax.models import vae as vae_lib  # noqa: E402
 
 TOL = 1e-4
 
