@@ -145,6 +145,8 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Across slices / nodes (DCN); with any size > 1, mesh.axes is per slice (nextstep_jax/mesh_hybrid.py).
+  c.mesh.dcn_axes = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.mesh.rules = DEFAULT_RULES
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True, init_from=""))
@@ -195,9 +197,9 @@ def stage_config(name: str) -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  # cuDNN flash attention on NVIDIA GPUs (the paper trained on GPUs); elsewhere choose another
-  # of the model's attention implementations with --config.model.attention.
-  c.model.attention = "cudnn"
+  # By platform: splash (Pallas) on TPU, cuDNN flash attention on NVIDIA GPUs, xla elsewhere;
+  # name one of the model's implementations with --config.model.attention to override.
+  c.model.attention = "auto"
 
   c.loss.ce_weight = row["ce_weight"]
   c.loss.fm_weight = row["fm_weight"]

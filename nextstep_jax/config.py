@@ -165,7 +165,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   sizes = None
   try:
     axes = dict(config.mesh.axes)
-    if num_devices is not None:
+    dcn = {k: int(v) for k, v in dict(config.mesh.get("dcn_axes", None) or {}).items()}
+    if num_devices is not None and any(v != 1 for v in dcn.values()):
+      # mesh.axes is per slice / node; the slice count is what the fixed DCN sizes multiply to.
+      from nextstep_jax import mesh_hybrid  # pylint: disable=import-outside-toplevel
+      granules = math.prod(v for v in dcn.values() if v > 0)
+      sizes = mesh_hybrid.resolve_hybrid_axes(axes, dcn, num_devices, granules)[2]
+    elif num_devices is not None:
       sizes = resolve_mesh_axes(axes, num_devices)
     else:
       # Structure only; the device count is unknown.

@@ -63,6 +63,7 @@ from flax import nnx
 
 from nextstep_jax import checkpoint as ckpt_lib
 from nextstep_jax import config as config_lib
+from nextstep_jax import mesh_hybrid
 from nextstep_jax import metrics as metrics_lib
 from nextstep_jax import parallel
 from nextstep_jax import train as train_lib
@@ -90,34 +91,9 @@ def fm_token_errors(model: ns.NextStep, batch: dict, image_tokens_bmd: jax.Array
   ``fold_in(key, row_ids[r])`` (default r) exactly as in ``NextStep.loss``, so rows that share an id
   and a buffer size share their noise, and the weighted mean of err equals the model's FM loss.
   """
-  c = model.config
-  tokens, index = batch["tokens"], batch["image_index"]
-  b, l = tokens.shape
-  m = image_tokens_bmd.shape[1]
-  img_tokens = model.prepare_tokens(image_tokens_bmd)  # (B, M, d) fp32
-  image_mask = index >= 0
-  img_seq = jnp.take_along_axis(img_tokens, jnp.clip(index, 0, m - 1)[..., None], axis=1)  # (B, L, d)
-  x = model.embed_inputs(tokens, img_seq, image_mask)
-  h, _ = model.backbone(x, batch["positions"], batch["segment_ids"])  # (B, L, D)
-  # Slot s sits at position slot_pos[s]; its condition is the out-projected state one position earlier.
-  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
-  slot_pos = jnp.full((b, m), -1, jnp.int32).at[rows, jnp.where(image_mask, index, m)].set(
-      jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), mode="drop")
-  used = slot_pos >= 1
-  h_cond = jnp.take_along_axis(h, jnp.clip(slot_pos - 1, 0, l - 1)[..., None], axis=1)  # (B, M, D)
-  cond = model.image_out(h_cond)
-  weight = used * jnp.take_along_axis(batch["fm_mask"].astype(jnp.float32), jnp.clip(slot_pos, 0, l - 1),
-                                      axis=1)  # (B, M)
-  k = c.head.batch_mul
-  x1 = jnp.repeat(img_tokens, k, axis=1)  # (B, M*k, d)
-  if row_ids is None:
-    row_ids = jnp.arange(b)
-  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
-  x_t, t, v_target = jax.vmap(ns.sample_fm_inputs)(row_keys, x1)
-  cond_rep = jnp.repeat(cond, k, axis=1)
-  v_pred = model.head(x_t.reshape(b * m * k, -1), t.reshape(-1), cond_rep.reshape(b * m * k, -1))
-  mse = jnp.mean(jnp.square(v_pred - v_target.reshape(b * m * k, -1)), axis=-1)  # (B*M*k,)
-  return mse.reshape(b, m, k).mean(axis=-1), weight
+  h, img_tokens = model.hidden_states(batch, image_tokens_bmd)
+  err, weight = model.fm_errors(h, img_tokens, batch, key, row_ids)
+  return err.mean(axis=-1), weight
 
 
 def image_errors(err_bm: jax.Array, weight_bm: jax.Array, reduction: str = "mean") -> jax.Array:
@@ -703,9 +679,9 @@ class DPOTrainer(train_lib.Trainer):
   def dpo_step_fn(self) -> Callable:
     if self._dpo_step_fn is None:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._dpo_step_fn = jax.jit(
+      self._dpo_step_fn = train_lib.UnderMesh(jax.jit(
           self.dpo_step, in_shardings=(self.state_shardings, self.ref_shardings, self.batch_sharding),
-          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)), self.mesh, self.config.mesh.rules)
     return self._dpo_step_fn
 
   def dpo_eval(self, params: dict, ref: dict | None, batch: dict, base: dict | None = None) -> dict:
@@ -718,9 +694,9 @@ class DPOTrainer(train_lib.Trainer):
     if self._dpo_eval_fn is None:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       base = None if self.lora is None else self.base_shardings
-      self._dpo_eval_fn = jax.jit(self.dpo_eval, in_shardings=(self.param_shardings, self.ref_shardings,
-                                                               self.batch_sharding, base),
-                                  out_shardings=replicated)
+      self._dpo_eval_fn = train_lib.UnderMesh(
+          jax.jit(self.dpo_eval, in_shardings=(self.param_shardings, self.ref_shardings, self.batch_sharding, base),
+                  out_shardings=replicated), self.mesh, self.config.mesh.rules)
     return self._dpo_eval_fn
 
   def load_reference(self, path: str) -> dict | None:
@@ -752,7 +728,7 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
   workdir = workdir or config.workdir
   config_lib.validate(config, num_devices=jax.device_count())
   settings = dpo_settings(config)
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = mesh_hybrid.make_hybrid_mesh(config.mesh)
   pidx, pcount = jax.process_index(), jax.process_count()
   os.makedirs(workdir, exist_ok=True)
   if config.data.batch_size % pcount:
@@ -811,20 +787,14 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
 
   writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
   timer = metrics_lib.StepTimer()
-  max_bad = int(config.get("max_skipped_steps", 10))
-  stop = train_lib._StopSignal()  # pylint: disable=protected-access
+  control = train_lib.LoopControl(config, ckpt)
   last: dict[str, float] = {}
   try:
     while step < config.steps:
       batch = parallel.global_batch(next(data_iter), mesh)
       state, metrics = trainer.dpo_step_fn(state, ref, batch)
       step += 1
-      streak = int(state["bad_streak"])
-      if streak:
-        _log(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a row)")
-        if streak >= max_bad:
-          raise FloatingPointError(f"{streak} consecutive non-finite steps at step {step}; stopping. The last "
-                                   f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+      streak = control.check_streak(step, state)
       if step % config.log_every == 0 or step == config.steps:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last.update(timer.lap(config.log_every, config.log_every * 2 * config.data.batch_size * config.data.seq_len))
@@ -834,16 +804,10 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
         writer.write_scalars(step, last)
       if heldout and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
         writer.write_scalars(step, evaluate_heldout(trainer, state, ref, heldout, mesh))
-      if ckpt.should_save(step) or step == config.steps or stop.requested:
-        ckpt.save(step, state, data_iter.get_state(), force=step == config.steps or stop.requested)
-      if stop.requested or ckpt.reached_preemption(step):
-        ckpt.wait()
-        _log(f"stop requested ({stop.reason or 'preemption'}): saved step {step}, exiting")
+      if control.save_or_stop(step, state, streak, data_iter.get_state):
         break
   finally:
-    stop.restore()
-    ckpt.wait()
-    ckpt.close()
+    control.close()
     writer.close()
   return last
 

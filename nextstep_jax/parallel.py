@@ -366,6 +366,38 @@ def shardings_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Me
 
 
 # ------------------------------------------------------------------------------------------
+# Activation sharding
+# ------------------------------------------------------------------------------------------
+
+_ACTIVATION_RULES: list[Any] = [DEFAULT_RULES]
+
+
+class activation_rules:  # pylint: disable=invalid-name
+  """Context manager: the rules table ``constrain`` uses while tracing (default DEFAULT_RULES)."""
+
+  def __init__(self, rules: Any):
+    self.rules = rules
+
+  def __enter__(self):
+    _ACTIVATION_RULES.append(self.rules)
+    return self
+
+  def __exit__(self, *exc):
+    _ACTIVATION_RULES.pop()
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by logical axes (e.g. ("batch", "length", "embed")) under the
+  context mesh (``jax.set_mesh``); a no-op without one. Keeps GSPMD from replicating the batch
+  after gathers and scatters (the FM head's slot gather) or sharding it like the FSDP weights."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return x
+  spec = logical_to_spec(axes, _ACTIVATION_RULES[-1], shape=x.shape, mesh=dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ------------------------------------------------------------------------------------------
 # Batch
 # ------------------------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ Reads top to bottom:
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
 from typing import Any, Callable
@@ -28,7 +27,9 @@ from flax import nnx
 
 from nextstep_jax import checkpoint as ckpt_lib
 from nextstep_jax import config as config_lib
+from nextstep_jax import flops as flops_lib
 from nextstep_jax import lora as lora_lib
+from nextstep_jax import mesh_hybrid
 from nextstep_jax import metrics as metrics_lib
 from nextstep_jax import optim as optim_lib
 from nextstep_jax import parallel
@@ -226,16 +227,35 @@ class Trainer:
   def eval_fn(self) -> Callable:
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     base = () if self.lora is None else (self.base_shardings,)
-    return jax.jit(self.eval_step, in_shardings=(self.param_shardings, self.batch_sharding) + base,
-                   out_shardings=replicated)
+    return UnderMesh(jax.jit(self.eval_step, in_shardings=(self.param_shardings, self.batch_sharding) + base,
+                              out_shardings=replicated), self.mesh, self.config.mesh.rules)
 
   @property
   def step_fn(self) -> Callable:
     if self._step_fn is None:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._step_fn = jax.jit(self.train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                              out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+      self._step_fn = UnderMesh(
+          jax.jit(self.train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                  out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)), self.mesh,
+          self.config.mesh.rules)
     return self._step_fn
+
+
+class UnderMesh:
+  """A jitted function traced, lowered and called under ``jax.set_mesh(mesh)`` and the config's
+  activation rules: activation sharding constraints (parallel.constrain) and splash attention's
+  shard_map read both."""
+
+  def __init__(self, fn: Callable, mesh, rules):
+    self.fn, self.mesh, self.rules = fn, mesh, rules
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh), parallel.activation_rules(self.rules):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh), parallel.activation_rules(self.rules):
+      return self.fn.lower(*args)
 
 
 def global_norm(tree) -> jax.Array:
@@ -284,7 +304,7 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
   parallel.maybe_initialize_distributed()
   workdir = workdir or config.workdir
   config_lib.validate(config, num_devices=jax.device_count())
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = mesh_hybrid.make_hybrid_mesh(config.mesh)
   pidx, pcount = jax.process_index(), jax.process_count()
   os.makedirs(workdir, exist_ok=True)
   _log(f"devices {jax.device_count()} ({jax.default_backend()}), processes {pcount}, mesh {dict(mesh.shape)}")
@@ -325,10 +345,11 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
   writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
   timer = metrics_lib.StepTimer()
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_step = flops_lib.step_flops(config)
+  device_kind = jax.devices()[0].device_kind
   eval_batches = None
   profile = _profile_range(config.get("profile_steps", ""))
-  max_bad = int(config.get("max_skipped_steps", 10))
-  stop = _StopSignal()
+  control = LoopControl(config, ckpt)
   last: dict[str, float] = {}
   data_wait = 0.0
   try:
@@ -345,16 +366,16 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         _log(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
-      streak = int(state["bad_streak"])
-      if streak:
-        _log(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a row)")
-        if streak >= max_bad:
-          raise FloatingPointError(
-              f"{streak} consecutive non-finite steps (max_skipped_steps={max_bad}) at step {step}; "
-              f"stopping. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+      streak = control.check_streak(step, state)
       if step % config.log_every == 0 or step == config.steps:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last.update(timer.lap(config.log_every, config.log_every * tokens_per_step))
+        if last.get("step_time", 0.0) > 0:
+          last["tflops_per_device"] = flops_lib.tflops_per_device(flops_per_step, last["step_time"],
+                                                                  jax.device_count())
+          mfu = flops_lib.mfu(flops_per_step, last["step_time"], jax.device_count(), device_kind)
+          if mfu is not None:
+            last["mfu"] = mfu
         last["data_wait_s"] = data_wait / config.log_every
         last["compute_s"] = last.get("step_time", 0.0) - last["data_wait_s"]
         last["skipped_steps"] = float(state["skipped"])
@@ -371,20 +392,52 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
         if config.get("sample_prompts", ()) and trainer.vae is not None:
           grid = sample_grid(trainer, state, config, tokenizer)
           writer.write_images(step, "samples", grid)
-      # No periodic save inside a run of skipped steps: retention must not push out the last
-      # checkpoint written before it (a SIGTERM still saves: skipped steps leave params unchanged).
-      if (not streak and (ckpt.should_save(step) or step == config.steps)) or stop.requested:
-        ckpt.save(step, state, data_iter.get_state(), force=step == config.steps or stop.requested)
-      if stop.requested or ckpt.reached_preemption(step):
-        ckpt.wait()
-        _log(f"stop requested ({stop.reason or 'preemption'}): saved step {step}, exiting")
+      if control.save_or_stop(step, state, streak, data_iter.get_state):
         break
   finally:
-    stop.restore()
-    ckpt.wait()
-    ckpt.close()
+    control.close()
     writer.close()
   return last
+
+
+class LoopControl:
+  """The end of every step of a training loop (train.train, dpo.train_dpo): the check on runs of
+  non-finite steps, the periodic, final and on-signal saves, and the stop on SIGTERM or preemption."""
+
+  def __init__(self, config, ckpt: ckpt_lib.Checkpointer):
+    self.ckpt = ckpt
+    self.final_step = int(config.steps)
+    self.max_bad = int(config.get("max_skipped_steps", 10))
+    self.stop = _StopSignal()
+
+  def check_streak(self, step: int, state: State) -> int:
+    """The current run of skipped (non-finite) updates; raises once it reaches max_skipped_steps."""
+    streak = int(state["bad_streak"])
+    if streak:
+      _log(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a row)")
+      if streak >= self.max_bad:
+        raise FloatingPointError(
+            f"{streak} consecutive non-finite steps (max_skipped_steps={self.max_bad}) at step {step}; "
+            f"stopping. The last good checkpoint is step {self.ckpt.latest_step()} in {self.ckpt.directory}")
+    return streak
+
+  def save_or_stop(self, step: int, state: State, streak: int, data_state: Callable[[], Any]) -> bool:
+    """Saves when due; True when the loop must end now (a stop was requested, or preemption)."""
+    ckpt, stop, final = self.ckpt, self.stop, step == self.final_step
+    # No periodic save inside a run of skipped steps: retention must not push out the last
+    # checkpoint written before it (a SIGTERM still saves: skipped steps leave params unchanged).
+    if (not streak and (ckpt.should_save(step) or final)) or stop.requested:
+      ckpt.save(step, state, data_state(), force=final or stop.requested)
+    if stop.requested or ckpt.reached_preemption(step):
+      ckpt.wait()
+      _log(f"stop requested ({stop.reason or 'preemption'}): saved step {step}, exiting")
+      return True
+    return False
+
+  def close(self) -> None:
+    self.stop.restore()
+    self.ckpt.wait()
+    self.ckpt.close()
 
 
 class _StopSignal:

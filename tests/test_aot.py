@@ -189,9 +189,9 @@ def test_compile_for_two_v5p_slices_fits_with_a_dcn_data_axis():
 
 @needs_libtpu
 def test_compile_that_does_not_fit_says_so_with_hints():
-  # 1B parameters of embedding and LM head on one 16 GiB v5e chip: fp32 weights, Adam moments and
-  # gradients alone need about 16 GiB.
-  c = _small_config(vocab_size=131072, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+  # 1.3B parameters of embedding and LM head on one 16 GiB v5e chip: fp32 weights, Adam moments and
+  # gradients alone need about 20 GiB.
+  c = _small_config(vocab_size=163840, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
                     num_layers=1, intermediate_size=1024, remat="none")
   c.tokenizer.vocab_size = 512
   topo = aot.parse_topology("v5e-1")

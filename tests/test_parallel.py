@@ -184,6 +184,28 @@ def test_data_sharding_and_global_batch():
   np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
 
 
+def test_constrain_pins_activations_under_the_context_mesh():
+  _need(8)
+  x = jnp.ones((8, 6, 16))
+  # No context mesh: a no-op (the same array back).
+  assert par.constrain(x, ("batch", "length", "embed")) is x
+  mesh = par.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  f = jax.jit(lambda a: par.constrain(a * 2, ("batch", "length", "embed")))
+  laid_out = lambda a, *spec: a.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P(*spec)), a.ndim)
+  with jax.set_mesh(mesh):
+    # embed would take fsdp, which batch already uses: it stays whole.
+    assert laid_out(f(x), ("data", "fsdp"), None, None), f(x).sharding
+    with par.activation_rules((("batch", "data"), ("embed", "tensor"))):
+      g = jax.jit(lambda a: par.constrain(a * 2, ("batch", "length", "embed")))
+      assert laid_out(g(x), "data", None, "tensor"), g(x).sharding
+    # A batch that does not divide data x fsdp falls back (here to data alone, then to nothing).
+    h = jax.jit(lambda a: par.constrain(a * 2, ("batch", None)))
+    assert laid_out(h(jnp.ones((6, 4))), "data", None)
+    assert laid_out(h(jnp.ones((3, 4))), None, None)
+    assert not laid_out(h(jnp.ones((3, 4))), "data", None)  # the check itself can fail
+  np.testing.assert_array_equal(np.asarray(f(x)), 2 * np.asarray(x))
+
+
 def test_detect_cluster():
   assert par.detect_cluster({}) is None
   assert par.detect_cluster({"JAX_COORDINATOR_ADDRESS": "h:1234"}) == "env"

@@ -1,7 +1,6 @@
 """The demo path end to end at toy size: VAE -> transformer with held-out eval, sample grid, EMA and a
 profile -> sampling from the saved run with and without the EMA weights."""
 
-import json
 import os
 
 import jax
@@ -50,6 +49,13 @@ def test_run_logs_heldout_eval_samples_and_profile(run_dir):
                "eval/pair/ce", "eval/pair/fm", "eval/edit/fm", "eval/text/ce"):
     assert want in keys, (want, sorted(keys))
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+  # Achieved TFLOP/s from the analytic count; no MFU on CPU (no known peak).
+  from nextstep_jax import flops
+  logged = [r for r in rows if "tflops_per_device" in r]
+  assert logged and "mfu" not in keys
+  for r in logged:
+    want = flops.step_flops(c) / r["step_time"] / jax.device_count() / 1e12
+    assert r["tflops_per_device"] == pytest.approx(want, rel=1e-6)
   pngs = [f for _, _, fs in os.walk(root) for f in fs if f.startswith("samples") and f.endswith(".png")]
   assert pngs, "the periodic sample grid was not written"
   assert any(files for _, _, files in os.walk(os.path.join(root, "profile"))), "no profiler trace"

@@ -1,7 +1,6 @@
 """The sharded train step: same numbers on 1 device and on 8-device meshes, params really sharded."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -147,3 +146,26 @@ def test_lora_trains_only_adapters_through_the_train_step():
   b_changed = [not np.array_equal(np.asarray(state["params"]["backbone"]["layers"][k]["lora_b"]),
                                   lora0["backbone"]["layers"][k]["lora_b"]) for k in ("q_kernel", "o_kernel")]
   assert all(b_changed)
+
+
+def _step_temp_bytes(axes, monkeypatch, constrained: bool) -> int:
+  c = _config(axes)
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:8])
+  with monkeypatch.context() as m:
+    if not constrained:
+      m.setattr(parallel, "constrain", lambda x, logical_axes: x)
+    t = train.Trainer(c, mesh)
+    state = t.init_state(seed=0)
+    batch = parallel.global_batch(synthetic_batch(8, 32, 64, 16, seed=0), mesh)
+    return t.step_fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_activation_constraints_keep_rows_sharded(monkeypatch):
+  """Without the activation constraints GSPMD replicates the flow-matching head's rows after the slot
+  gather, so per-device temporaries grow with the global batch; with them every device keeps its rows."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (virtual) devices")
+  axes = dict(data=1, fsdp=8, tensor=1)
+  pinned = _step_temp_bytes(axes, monkeypatch, constrained=True)
+  free = _step_temp_bytes(axes, monkeypatch, constrained=False)
+  assert pinned * 2 < free, (pinned, free)

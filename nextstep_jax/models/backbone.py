@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax import parallel
 from nextstep_jax.models import attention as attn_lib
 from nextstep_jax.models import layers as L
 
@@ -121,7 +122,7 @@ def _layer(c: BackboneConfig, x, p, cos, sin, q_slots, q_segments, cache_k, cach
   gate = jnp.einsum("bld,df->blf", h, w["gate_kernel"])
   up = jnp.einsum("bld,df->blf", h, w["up_kernel"])
   x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w["down_kernel"])
-  return x, k, v
+  return parallel.constrain(x, ("batch", "length", "embed")), k, v
 
 
 class Backbone(nnx.Module):
@@ -140,11 +141,17 @@ class Backbone(nnx.Module):
 
   def embed(self, tokens_bl: jax.Array) -> jax.Array:
     """(B, L) int -> (B, L, D) in the compute dtype."""
-    return jnp.take(self.embed_tokens[...], tokens_bl, axis=0).astype(L.dtype_of(self.config.dtype))
+    # Rows are looked up in a table split over vocab only (its width gathered, in the compute dtype):
+    # a gather from a width-split table would come out split by width and need the whole (B, L, D)
+    # replicated to move to the per-row layout of the activations.
+    table = parallel.constrain(self.embed_tokens[...].astype(L.dtype_of(self.config.dtype)), ("vocab", None))
+    x = jnp.take(table, tokens_bl, axis=0)
+    return parallel.constrain(x, ("batch", "length", "embed"))
 
   def logits(self, h_bld: jax.Array) -> jax.Array:
     """Final-normed hidden (B, L, D) -> fp32 logits (B, L, V)."""
-    w = self.lm_head_kernel[...].astype(h_bld.dtype)
+    # Cast on the shards, so FSDP gathers bf16 rather than fp32 weights.
+    w = parallel.constrain(self.lm_head_kernel[...].astype(h_bld.dtype), ("embed", "vocab"))
     return jnp.einsum("bld,dv->blv", h_bld, w, preferred_element_type=jnp.float32)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:

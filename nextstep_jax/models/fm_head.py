@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax import parallel
 from nextstep_jax.models import layers as L
 
 TIME_FREQ_DIM = 256
@@ -84,18 +84,20 @@ class FlowHead(nnx.Module):
     c = self.config
     dt = L.dtype_of(c.dtype)
     w = lambda name: getattr(self, name)[...].astype(dt)
-    temb = timestep_embedding(t).astype(dt) @ w("time_in_kernel") + w("time_in_bias")
+    temb = parallel.constrain(timestep_embedding(t).astype(dt), ("batch", None))
+    temb = temb @ w("time_in_kernel") + w("time_in_bias")
     temb = jax.nn.silu(temb) @ w("time_out_kernel") + w("time_out_bias")
-    y = temb + cond.astype(dt) @ w("cond_kernel") + w("cond_bias")
-    x = x_t.astype(dt) @ w("input_kernel") + w("input_bias")
+    y = parallel.constrain(temb + cond.astype(dt) @ w("cond_kernel") + w("cond_bias"), ("batch", "fm_embed"))
+    x = parallel.constrain(x_t.astype(dt) @ w("input_kernel") + w("input_bias"), ("batch", "fm_embed"))
     sy = jax.nn.silu(y)
     blocks = {name: getattr(self, name)[...].astype(dt) for name in _BLOCK_SPECS}
 
     def block(x, p):
-      shift, scale, gate = jnp.split(sy @ p["ada_kernel"] + p["ada_bias"], 3, axis=-1)
+      s = parallel.constrain(sy, ("batch", "fm_embed"))  # a scan constant: pin it inside the loop too
+      shift, scale, gate = jnp.split(s @ p["ada_kernel"] + p["ada_bias"], 3, axis=-1)
       h = L.layer_norm(x, p["ln_scale"], p["ln_bias"], eps=1e-6) * (1 + scale) + shift
       h = jax.nn.silu(h @ p["mlp_in_kernel"] + p["mlp_in_bias"]) @ p["mlp_out_kernel"] + p["mlp_out_bias"]
-      return x + gate * h, None
+      return parallel.constrain(x + gate * h, ("batch", "fm_embed")), None
 
     policy = L.remat_policy(c.remat)
     if policy is not None:

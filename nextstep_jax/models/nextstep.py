@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax import parallel
 from nextstep_jax.data.batch import IGNORE
 from nextstep_jax.models import backbone as bb
 from nextstep_jax.models import fm_head
@@ -104,6 +105,61 @@ class NextStep(nnx.Module):
     return x
 
   # -- training ------------------------------------------------------------------------------------
+  def hidden_states(self, batch: dict[str, jax.Array], image_tokens_bmd: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """The backbone's final-normed hidden states (B, L, D) of a packed batch, and the prepared
+    (token-normed, fp32) image-token buffer (B, M, d) that batch['image_index'] points into."""
+    tokens, index = batch["tokens"], batch["image_index"]
+    m = image_tokens_bmd.shape[1]
+    img_tokens = self.prepare_tokens(image_tokens_bmd)  # (B, M, d) fp32
+    image_mask = index >= 0
+    img_seq = jnp.take_along_axis(img_tokens, jnp.clip(index, 0, m - 1)[..., None], axis=1)  # (B, L, d)
+    img_seq = parallel.constrain(img_seq, ("batch", "length", None))
+    x = self.embed_inputs(tokens, img_seq, image_mask)
+    h, _ = self.backbone(x, batch["positions"], batch["segment_ids"])  # (B, L, D)
+    return parallel.constrain(h, ("batch", "length", "embed")), img_tokens
+
+  def fm_errors(self, h_bld: jax.Array, img_tokens_bmd: jax.Array, batch: dict[str, jax.Array],
+                key: jax.Array, row_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Flow-matching errors of every image-buffer slot: (err (B, M, k), weight (B, M)), fp32.
+
+    err[r, s, j] is the squared velocity error of slot s of row r for its j-th (x0, t) draw (k =
+    head.batch_mul), averaged over the token dims; weight[r, s] is the slot's fm_mask at its position
+    (0 for unused slots). Slot s sits at position pos[s] and is conditioned on the out-projected hidden
+    state one position earlier. The draws of row r come from fold_in(key, row_ids[r]) (default r), so a
+    row gets the same noise whichever micro-batch it sits in.
+    """
+    c = self.config
+    index = batch["image_index"]
+    b, l = index.shape
+    m = img_tokens_bmd.shape[1]
+    image_mask = index >= 0
+    slot_pos = jnp.full((b, m), -1, jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
+    slot_pos = slot_pos.at[rows, jnp.where(image_mask, index, m)].set(
+        jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), mode="drop")
+    slot_pos = parallel.constrain(slot_pos, ("batch", None))
+    used = slot_pos >= 1
+    cond_pos = jnp.clip(slot_pos - 1, 0, l - 1)
+    h_cond = jnp.take_along_axis(h_bld, cond_pos[..., None], axis=1)  # (B, M, D)
+    h_cond = parallel.constrain(h_cond, ("batch", None, "embed"))
+    cond = parallel.constrain(self.image_out(h_cond), ("batch", None, "embed"))
+    weight = used * jnp.take_along_axis(batch["fm_mask"].astype(jnp.float32), jnp.clip(slot_pos, 0, l - 1),
+                                        axis=1)  # (B, M)
+    k = c.head.batch_mul
+    x1 = jnp.repeat(img_tokens_bmd, k, axis=1)  # (B, M*k, d)
+    if row_ids is None:
+      row_ids = jnp.arange(b)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+    x_t, t, v_target = jax.vmap(sample_fm_inputs)(row_keys, x1)
+    x_t = parallel.constrain(x_t, ("batch", None, None))
+    v_target = parallel.constrain(v_target, ("batch", None, None))
+    t = parallel.constrain(t, ("batch", None))
+    cond_rep = parallel.constrain(jnp.repeat(cond, k, axis=1), ("batch", None, "embed"))
+    v_pred = self.head(x_t.reshape(b * m * k, -1), t.reshape(-1), cond_rep.reshape(b * m * k, -1))
+    mse = jnp.mean(jnp.square(v_pred - v_target.reshape(b * m * k, -1)), axis=-1)  # (B*M*k,)
+    return mse.reshape(b, m, k), weight
+
   def loss(self, batch: dict[str, jax.Array], image_tokens_bmd: jax.Array, key: jax.Array,
            row_ids: jax.Array | None = None, normalizers: tuple[jax.Array, jax.Array] | None = None
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -117,14 +173,8 @@ class NextStep(nnx.Module):
     it: the returned loss is then this micro-batch's share, and the shares add up to the full loss.
     """
     c = self.config
-    tokens, index = batch["tokens"], batch["image_index"]
-    b, l = tokens.shape
-    m = image_tokens_bmd.shape[1]
-    img_tokens = self.prepare_tokens(image_tokens_bmd)  # (B, M, d) fp32
-    image_mask = index >= 0
-    img_seq = jnp.take_along_axis(img_tokens, jnp.clip(index, 0, m - 1)[..., None], axis=1)  # (B, L, d)
-    x = self.embed_inputs(tokens, img_seq, image_mask)
-    h, _ = self.backbone(x, batch["positions"], batch["segment_ids"])  # (B, L, D)
+    h, img_tokens = self.hidden_states(batch, image_tokens_bmd)
+    b, l = batch["tokens"].shape
 
     # Text: CE on labelled positions (fp32), optionally chunked so the (B, L, V) logits never exist whole.
     targets = batch["targets"]
@@ -135,7 +185,9 @@ class NextStep(nnx.Module):
 
       @jax.checkpoint
       def chunk(carry, xs):
-        s, cnt = cross_entropy(self.backbone.logits(xs[0]), xs[1])
+        h_chunk = parallel.constrain(xs[0], ("batch", "length", "embed"))
+        logits = parallel.constrain(self.backbone.logits(h_chunk), ("batch", "length", "vocab"))
+        s, cnt = cross_entropy(logits, xs[1])
         return (carry[0] + s, carry[1] + cnt), None
 
       (ce_sum, ce_cnt), _ = jax.lax.scan(chunk, (jnp.zeros(()), jnp.zeros(())), (hc, tc))
@@ -144,30 +196,11 @@ class NextStep(nnx.Module):
     ce_den = ce_cnt if normalizers is None else normalizers[0]
     ce = ce_sum / jnp.maximum(ce_den, 1.0)
 
-    # Images: run the head on the M buffer slots. Slot s sits at position pos[s]; its condition is the
-    # out-projected hidden state one position earlier.
-    slot_pos = jnp.full((b, m), -1, jnp.int32)
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
-    slot_pos = slot_pos.at[rows, jnp.where(image_mask, index, m)].set(
-        jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), mode="drop")
-    used = slot_pos >= 1
-    cond_pos = jnp.clip(slot_pos - 1, 0, l - 1)
-    h_cond = jnp.take_along_axis(h, cond_pos[..., None], axis=1)  # (B, M, D)
-    cond = self.image_out(h_cond)
-    weight = used * jnp.take_along_axis(batch["fm_mask"].astype(jnp.float32), jnp.clip(slot_pos, 0, l - 1),
-                                        axis=1)  # (B, M)
+    # Images: the FM error of every buffer slot and draw, weighted by the slot's fm_mask.
+    err, weight = self.fm_errors(h, img_tokens, batch, key, row_ids)  # (B, M, k), (B, M)
     k = c.head.batch_mul
-    x1 = jnp.repeat(img_tokens, k, axis=1)  # (B, M*k, d)
-    if row_ids is None:
-      row_ids = jnp.arange(b)
-    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
-    x_t, t, v_target = jax.vmap(sample_fm_inputs)(row_keys, x1)
-    cond_rep = jnp.repeat(cond, k, axis=1)
-    w_rep = jnp.repeat(weight, k, axis=1).reshape(-1)  # (B*M*k,)
-    v_pred = self.head(x_t.reshape(b * m * k, -1), t.reshape(-1), cond_rep.reshape(b * m * k, -1))
-    mse = jnp.mean(jnp.square(v_pred - v_target.reshape(b * m * k, -1)), axis=-1)  # (B*M*k,)
-    fm_den = jnp.sum(w_rep) if normalizers is None else normalizers[1] * k
-    fm = jnp.sum(mse * w_rep) / jnp.maximum(fm_den, 1.0)
+    fm_den = k * jnp.sum(weight) if normalizers is None else normalizers[1] * k
+    fm = jnp.sum(err * weight[..., None]) / jnp.maximum(fm_den, 1.0)
 
     total = c.ce_weight * ce + c.fm_weight * fm
     metrics = {"loss": total, "ce": ce, "fm": fm, "text_tokens": ce_cnt, "image_tokens": jnp.sum(weight)}
