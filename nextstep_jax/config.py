@@ -80,12 +80,15 @@ def _has(config: Any, dotted: str) -> bool:
   return True
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_granules: int | None = None) -> None:
   """Raises ConfigError listing every problem of `config` (each naming its field).
 
   `num_devices` (e.g. jax.device_count(), after distributed start-up) enables the checks of
   the mesh against the devices and of the batch against the data-parallel size; without it,
-  those run only as far as the mesh's fixed sizes allow.
+  those run only as far as the mesh's fixed sizes allow. `num_granules` (TPU slices or processes,
+  see mesh_hybrid) checks ``mesh.dcn_axes``; without it a ``mesh.dcn_axes`` with a -1 is checked
+  only for its structure.
   """
   errors: list[str] = []
   missing = [f"{sec}.{f}" if sec else f for sec, fields in SCHEMA.items() for f in fields
@@ -166,11 +169,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   try:
     axes = dict(config.mesh.axes)
     dcn = {k: int(v) for k, v in dict(config.mesh.get("dcn_axes", None) or {}).items()}
-    if num_devices is not None and any(v != 1 for v in dcn.values()):
-      # mesh.axes is per slice / node; the slice count is what the fixed DCN sizes multiply to.
+    hybrid = any(v != 1 for v in dcn.values())
+    if hybrid and num_granules is None and -1 not in dcn.values():
+      num_granules = math.prod(dcn.values())  # fixed DCN sizes name the granule count themselves
+    if num_devices is not None and hybrid and num_granules is not None:
+      # mesh.axes is per slice / node, mesh.dcn_axes across them.
       from nextstep_jax import mesh_hybrid  # pylint: disable=import-outside-toplevel
-      granules = math.prod(v for v in dcn.values() if v > 0)
-      sizes = mesh_hybrid.resolve_hybrid_axes(axes, dcn, num_devices, granules)[2]
+      sizes = mesh_hybrid.resolve_hybrid_axes(axes, dcn, num_devices, num_granules)[2]
+    elif hybrid:
+      # Structure only: the granule count (or the device count) is not known here.
+      from nextstep_jax import mesh_hybrid  # pylint: disable=import-outside-toplevel
+      probe = math.prod(abs(v) for v in dcn.values()) or 1
+      mesh_hybrid.resolve_hybrid_axes({k: 1 for k in MESH_AXES}, dcn, probe, probe)
+      resolve_mesh_axes(axes, math.prod(abs(int(v)) for v in axes.values()) or 1)
     elif num_devices is not None:
       sizes = resolve_mesh_axes(axes, num_devices)
     else:

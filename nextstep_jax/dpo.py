@@ -726,7 +726,7 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
   from nextstep_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   parallel.maybe_initialize_distributed()
   workdir = workdir or config.workdir
-  config_lib.validate(config, num_devices=jax.device_count())
+  config_lib.validate(config, num_devices=jax.device_count(), num_granules=mesh_hybrid.num_granules())
   settings = dpo_settings(config)
   mesh = mesh_hybrid.make_hybrid_mesh(config.mesh)
   pidx, pcount = jax.process_index(), jax.process_count()

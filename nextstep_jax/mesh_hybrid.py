@@ -59,6 +59,12 @@ def count_granules(devices: Sequence[Any], key: str) -> dict[Any, int]:
   return dict(sorted(counts.items()))
 
 
+def num_granules(devices: Sequence[Any] | None = None, process_is_granule: bool | None = None) -> int:
+  """How many granules (TPU slices, else processes) `devices` (default: all) span."""
+  devices = list(jax.devices() if devices is None else devices)
+  return len(count_granules(devices, granule_key(devices, process_is_granule)))
+
+
 def resolve_hybrid_axes(axes: Mapping[str, int], dcn_axes: Mapping[str, int] | None, num_devices: int,
                         num_granules: int) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
   """(ici sizes, dcn sizes, total sizes) of ('data', 'fsdp', 'tensor').

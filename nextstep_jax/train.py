@@ -303,7 +303,7 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
   # 1. parallel
   parallel.maybe_initialize_distributed()
   workdir = workdir or config.workdir
-  config_lib.validate(config, num_devices=jax.device_count())
+  config_lib.validate(config, num_devices=jax.device_count(), num_granules=mesh_hybrid.num_granules())
   mesh = mesh_hybrid.make_hybrid_mesh(config.mesh)
   pidx, pcount = jax.process_index(), jax.process_count()
   os.makedirs(workdir, exist_ok=True)

@@ -152,6 +152,20 @@ def test_mesh_must_fit_device_count():
   _bad({"mesh.axes.tensor": 0}, match="must be >= 1 or -1")
 
 
+def test_dcn_axes_are_checked_against_the_granules():
+  c = _config("demo")
+  apply_overrides(c, {"mesh.axes.data": -1, "mesh.dcn_axes.data": 2})
+  validate(c, num_devices=8, num_granules=2)  # 2 granules of 4 devices, data=4 inside each
+  validate(c, num_devices=8)  # fixed DCN sizes name the granule count
+  with pytest.raises(ConfigError, match="mesh.dcn_axes"):
+    validate(c, num_devices=8, num_granules=4)
+  apply_overrides(c, {"mesh.dcn_axes.data": -1})
+  validate(c, num_devices=8)  # granule count unknown: structure only
+  validate(c, num_devices=8, num_granules=4)
+  _bad({"mesh.dcn_axes.data": -1, "mesh.dcn_axes.fsdp": -1}, match=r"mesh.dcn_axes .*at most one -1")
+  _bad({"mesh.axes.data": 8, "mesh.dcn_axes.data": 2}, match="mesh.axes .* is per granule")
+
+
 def test_heads_must_divide_by_kv_heads():
   _bad({"model.num_kv_heads": 3}, match="model.num_heads=4 is not divisible by model.num_kv_heads=3")
 
