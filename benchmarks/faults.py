@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 # Metrics that measure time, not training: never compared.
-TIMING_KEYS = frozenset({"time", "step_time", "tokens_per_s", "data_wait_s", "compute_s"})
+TIMING_KEYS = frozenset({"time", "step_time", "tokens_per_s", "data_wait_s", "compute_s", "tflops_per_device", "mfu"})
 ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
