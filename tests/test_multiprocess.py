@@ -147,10 +147,12 @@ def test_two_processes_match_one_and_resume(assets, tmp_path):
   assert ckpts[-1] == 10, ckpts
   data_states = sorted(os.listdir(workdir / "checkpoints" / "10" / "data"))
   assert [n for n in data_states if n.startswith("process_")] == ["process_0-of-2.json", "process_1-of-2.json"]
-  second = _launch(2, workdir, overrides, tmp_path / "logs2")
+  # The resumed half runs on the hybrid mesh path: one process per DCN granule along data.
+  second = _launch(2, workdir, dict(overrides, **{"mesh.dcn_axes.data": 2}), tmp_path / "logs2")
   assert second.returncode == 0, second.stderr + _logs(tmp_path / "logs2")
   log0 = open(tmp_path / "logs2" / "process_0.log", encoding="utf-8").read()
   assert "resumed from step 10" in log0 and "processes 2" in log0, log0[-2000:]
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in log0, log0[-2000:]
 
   logged = _logged_losses(workdir)
   assert sorted(logged) == list(range(1, STEPS + 1)), sorted(logged)
