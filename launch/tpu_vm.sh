@@ -10,7 +10,7 @@
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_vm.sh setup
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_vm.sh train --config=configs/stage1.py \
-#     --config.model.attention=splash --config.data.source=gs://bucket/data \
+#     --config.data.source=gs://bucket/data \
 #     --config.tokenizer.path=gs://bucket/tok --workdir=gs://bucket/runs/stage1
 #
 # Environment:

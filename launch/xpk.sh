@@ -5,7 +5,7 @@
 #
 #   launch/xpk.sh [train flags...]
 #   CLUSTER=my-gke TPU_TYPE=v5p-64 NUM_SLICES=2 IMAGE=us-docker.pkg.dev/proj/repo/nextstep:latest \
-#     launch/xpk.sh --config=configs/stage1.py --config.model.attention=splash \
+#     launch/xpk.sh --config=configs/stage1.py \
 #       --config.mesh.dcn_axes.data=2 --workdir=gs://bucket/runs/stage1
 #
 # Environment:
