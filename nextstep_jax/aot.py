@@ -171,7 +171,8 @@ def prepare_config(config, topo: Topology | None = None, rows_per_device: int = 
     raise ValueError("nextstep_jax.aot compiles the latent path: set --config.data.payload=image_tokens "
                      f"(got {config.data.payload!r}; the pixel path needs a trained VAE checkpoint)")
   config_lib.apply_overrides(config, overrides)
-  config_lib.validate(config, num_devices=num_devices, num_granules=topo.num_slices if topo is not None else None)
+  config_lib.validate(config, num_devices=num_devices,
+                      num_granules=topo.num_slices if topo is not None else None)
   return config
 
 

@@ -679,9 +679,10 @@ class DPOTrainer(train_lib.Trainer):
   def dpo_step_fn(self) -> Callable:
     if self._dpo_step_fn is None:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._dpo_step_fn = train_lib.UnderMesh(jax.jit(
-          self.dpo_step, in_shardings=(self.state_shardings, self.ref_shardings, self.batch_sharding),
-          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)), self.mesh, self.config.mesh.rules)
+      self._dpo_step_fn = train_lib.UnderMesh(
+          jax.jit(self.dpo_step, in_shardings=(self.state_shardings, self.ref_shardings, self.batch_sharding),
+                  out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)),
+          self.mesh, self.config.mesh.rules)
     return self._dpo_step_fn
 
   def dpo_eval(self, params: dict, ref: dict | None, batch: dict, base: dict | None = None) -> dict:
@@ -695,7 +696,8 @@ class DPOTrainer(train_lib.Trainer):
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       base = None if self.lora is None else self.base_shardings
       self._dpo_eval_fn = train_lib.UnderMesh(
-          jax.jit(self.dpo_eval, in_shardings=(self.param_shardings, self.ref_shardings, self.batch_sharding, base),
+          jax.jit(self.dpo_eval,
+                  in_shardings=(self.param_shardings, self.ref_shardings, self.batch_sharding, base),
                   out_shardings=replicated), self.mesh, self.config.mesh.rules)
     return self._dpo_eval_fn
 
@@ -763,10 +765,10 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
   if not ref_path and trainer.lora is None:
     raise config_lib.ConfigError("DPO needs a reference: set checkpoint.init_from (the SFT checkpoint) or "
                                  "dpo.reference")
-  start = ckpt.latest_step()
-  if start is not None:
-    target = parallel.with_shardings(trainer.abstract_state, trainer.state_shardings)
-    state, data_state = ckpt.restore(start, target)
+  # As in train: the newest step that passes its integrity check; bad newer steps are moved aside.
+  restored = ckpt.restore_latest_good(parallel.with_shardings(trainer.abstract_state, trainer.state_shardings))
+  if restored is not None:
+    start, state, data_state = restored
     if data_state is not None:
       data_iter.set_state(data_state)
     _log(f"resumed from step {start}")

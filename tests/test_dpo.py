@@ -400,12 +400,17 @@ def test_dpo_demo_runs_checkpoints_and_resumes_exactly(tmp_path, capsys):
   assert train_rows[0]["loss"] == pytest.approx(LOG2, abs=1e-5)   # step 0: policy = reference
   assert any("eval/reward_accuracy" in r for r in rows)
   assert np.isfinite(last["loss"]) and last["pairs"] == 8
-  # Resume: a copy of run A's checkpoints up to step 2, continued to step 3, lands on A's step 3 exactly.
+  # Resume: a copy of run A's checkpoints whose step 3 is corrupt falls back to step 2 (step 3 moved
+  # aside, not deleted), and continuing to step 3 lands on A's step 3 exactly.
   run_b = str(tmp_path / "b")
   shutil.copytree(os.path.join(run_a, "checkpoints"), os.path.join(run_b, "checkpoints"))
-  shutil.rmtree(os.path.join(run_b, "checkpoints", "3"))
+  state_dir = os.path.join(run_b, "checkpoints", "3", "state")
+  biggest = max((os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs), key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
   dpo.train_dpo(c, run_b)
   assert "resumed from step 2" in capsys.readouterr().out
+  assert os.path.isdir(os.path.join(run_b, "checkpoints", "3.corrupt"))
   step_a, state_a, data_a = read_step(os.path.join(run_a, "checkpoints"))
   step_b, state_b, data_b = read_step(os.path.join(run_b, "checkpoints"))
   assert step_a == step_b == 3 and data_a == data_b
