@@ -231,6 +231,12 @@ def _step_of(path: epath.Path) -> int | None:
   return int(path.name) if path.name.isdigit() else None
 
 
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` as an absolute path (orbax refuses relative ones); URLs such as gs://... stay as they are."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class Checkpointer:
   """Saves and restores train states (plus data-iterator state and config) in `directory`.
 
@@ -255,7 +261,7 @@ class Checkpointer:
       raise ValueError(f"checkpoint.every={every} and checkpoint.keep={keep} must be >= 1")
     if integrity not in INTEGRITY_MODES:
       raise ValueError(f"checkpoint.integrity={integrity!r} must be one of {INTEGRITY_MODES}")
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     self.every = int(every)
     self.integrity = integrity
     self._async = bool(async_save)
@@ -495,7 +501,7 @@ def restore_params_from(path: str | os.PathLike, abstract_params: Any, key: str 
   dtype there wins, so fp32 masters can be read as bf16 and the reverse). The optimizer state
   and step counter of the source are not read: the new run starts them fresh.
   """
-  root = epath.Path(path)
+  root = absolute(path)
   if not root.exists():
     raise FileNotFoundError(f"checkpoint.init_from={str(path)!r} does not exist")
   steps = [s for s in (_step_of(p) for p in root.iterdir() if p.is_dir()) if s is not None]
@@ -529,7 +535,7 @@ def read_step(directory: str | os.PathLike, step: int | None = None
   """(step, state, data_state) of one step (newest when None) of a checkpoint directory, read
   only, with the saved shapes, dtypes and shardings, after its integrity check (for tools and
   tests that compare runs)."""
-  root = epath.Path(directory)
+  root = absolute(directory)
   if not root.is_dir():
     raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
   manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))

@@ -158,7 +158,9 @@ def latest_step(workdir: str) -> int:
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory} does not exist: no trained transformer in {workdir}")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  from nextstep_jax.checkpoint import absolute  # pylint: disable=import-outside-toplevel
+  manager = ocp.CheckpointManager(absolute(directory),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = manager.latest_step()
   finally:

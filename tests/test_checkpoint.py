@@ -62,6 +62,24 @@ def _assert_bitwise_equal(a, b):
                                   np.asarray(y).reshape(-1).view(np.uint8), err_msg=str(path))
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_relative_directories_work(mesh, tmp_path, monkeypatch, async_save):
+  """README's commands pass relative work directories (--workdir=runs/demo); orbax wants absolute ones."""
+  monkeypatch.chdir(tmp_path)
+  state = _train_state(mesh)
+  ckpt = Checkpointer(os.path.join("runs", "x", "checkpoints"), every=1, keep=2, async_save=async_save)
+  assert ckpt.directory.is_absolute()
+  assert ckpt.save(3, state, data_state={"i": 1})
+  ckpt.wait()
+  step, restored, data = ckpt.restore_latest_good(_abstract(state))
+  ckpt.close()
+  assert step == 3 and data == {"i": 1}
+  _assert_bitwise_equal(restored, state)
+  assert read_step(os.path.join("runs", "x", "checkpoints"))[0] == 3
+  params = restore_params_from(os.path.join("runs", "x", "checkpoints"), _abstract(state["params"]))
+  _assert_bitwise_equal(params, state["params"])
+
+
 def test_data_state_envelope():
   for s in (None, b"\x00\xff{json}", {"next_index": 5, "workers": [1, 2]}):
     env = encode_data_state(s)
