@@ -725,7 +725,6 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
   The policy starts from ``checkpoint.init_from`` (the SFT checkpoint); the reference is
   ``dpo.reference`` (default: the same checkpoint), loaded again on resume (it is not part of the
   saved state). Checkpoints hold the Trainer's state and the preference iterator's state."""
-  from nextstep_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   parallel.maybe_initialize_distributed()
   workdir = workdir or config.workdir
   config_lib.validate(config, num_devices=jax.device_count(), num_granules=mesh_hybrid.num_granules())
@@ -738,12 +737,7 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
                                  f"{pcount} processes")
   _log(f"devices {jax.device_count()} ({jax.default_backend()}), processes {pcount}, mesh {dict(mesh.shape)}")
 
-  if config.tokenizer.path:
-    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path, config.tokenizer.kind)
-  else:
-    tokenizer = tok_lib.build_demo_tokenizer(workdir, vocab_size=int(config.tokenizer.vocab_size))
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {config.model.vocab_size}")
+  tokenizer = train_lib.load_tokenizer(config, workdir)
   spec = pair_row_spec(config, tokenizer.pad_id)
   unit = int(config.image.vae_factor) * int(config.image.patch_size)
   builder = PairBuilder(tokenizer, spec, unit)

@@ -298,7 +298,6 @@ def _log(msg: str) -> None:
 def train(config, workdir: str | None = None) -> dict[str, float]:
   """Runs (or resumes) training to ``config.steps``. Returns the last logged metrics."""
   from nextstep_jax.data import mixture  # pylint: disable=import-outside-toplevel
-  from nextstep_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
 
   # 1. parallel
   parallel.maybe_initialize_distributed()
@@ -310,13 +309,7 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
   _log(f"devices {jax.device_count()} ({jax.default_backend()}), processes {pcount}, mesh {dict(mesh.shape)}")
 
   # 2. data
-  if config.tokenizer.path:
-    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path, config.tokenizer.kind)
-  else:
-    tokenizer = tok_lib.build_demo_tokenizer(workdir, vocab_size=int(config.tokenizer.vocab_size))
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
-                     f"{config.model.vocab_size}")
+  tokenizer = load_tokenizer(config, workdir)
   data_iter = mixture.build_train_iterator(config, tokenizer, pidx, pcount)
 
   # 3. model, state, checkpoints
@@ -398,6 +391,20 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
     control.close()
     writer.close()
   return last
+
+
+def load_tokenizer(config, workdir: str):
+  """``tokenizer.path`` (sentencepiece or tokenizer.json), or the demo tokenizer built in `workdir`;
+  checked against the model's vocabulary."""
+  from nextstep_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  if config.tokenizer.path:
+    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path, config.tokenizer.kind)
+  else:
+    tokenizer = tok_lib.build_demo_tokenizer(workdir, vocab_size=int(config.tokenizer.vocab_size))
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+                     f"{config.model.vocab_size}")
+  return tokenizer
 
 
 class LoopControl:
