@@ -57,6 +57,19 @@ QUARANTINE_SUFFIX = ".corrupt"
 _ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
+class _ReadOnlyNotices(logging.Filter):
+  """Drops orbax's warnings that a manager opened read-only is read-only (three per load, on every
+  sampling, evaluation and init_from); all its other messages pass."""
+
+  PREFIXES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.PREFIXES)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
+
+
 class CorruptCheckpointError(RuntimeError):
   """A checkpoint step that does not match its integrity manifest, or no readable step at all."""
 

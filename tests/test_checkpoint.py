@@ -80,6 +80,17 @@ def test_relative_directories_work(mesh, tmp_path, monkeypatch, async_save):
   _assert_bitwise_equal(params, state["params"])
 
 
+def test_read_only_loads_do_not_warn(mesh, tmp_path, caplog):
+  state = _train_state(mesh)
+  ckpt = Checkpointer(tmp_path / "c", every=1, keep=1, async_save=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  with caplog.at_level(logging.WARNING):
+    assert read_step(tmp_path / "c")[0] == 1
+    restore_params_from(tmp_path / "c", _abstract(state["params"]))
+  assert not [r for r in caplog.records if "read_only" in r.getMessage() or "read only" in r.getMessage()]
+
+
 def test_data_state_envelope():
   for s in (None, b"\x00\xff{json}", {"next_index": 5, "workers": [1, 2]}):
     env = encode_data_state(s)
