@@ -642,17 +642,6 @@ class DPOTrainer(train_lib.Trainer):
     self._dpo_step_fn = None
     self._dpo_eval_fn = None
 
-  def _image_tokens(self, batch: dict) -> jax.Array:
-    if "images" not in batch:
-      return batch["image_tokens"]
-    if self.vae is None:
-      raise ValueError("the batch carries pixels but no VAE was given (vae.checkpoint)")
-    encode, vae_params = self.vae
-    images = batch["images"]  # (B, N, H, W, C)
-    b, n = images.shape[:2]
-    toks = encode(vae_params, images.reshape((b * n,) + images.shape[2:]))  # (B*N, T, d)
-    return jax.lax.stop_gradient(toks.reshape(b, n * toks.shape[1], toks.shape[2]))
-
   def dpo_terms(self, params: dict, ref: dict | None, batch: dict, key: jax.Array,
                 base: dict | None = None) -> tuple[jax.Array, dict]:
     """(loss, metrics) of a pair batch for policy `params` against the reference."""
@@ -662,7 +651,7 @@ class DPOTrainer(train_lib.Trainer):
       raise ValueError("DPO needs reference params (or, with LoRA, the frozen base)")
     reference = nnx.merge(self.graphdef, jax.lax.stop_gradient(ref_params))
     s = self.dpo
-    return pair_loss(policy, reference, batch, self._image_tokens(batch), key, s["beta"], s["reduction"],
+    return pair_loss(policy, reference, batch, self.image_tokens(batch), key, s["beta"], s["reduction"],
                      s["sft_weight"])
 
   def grads(self, params: dict, batch: dict, key: jax.Array, base: dict | None = None) -> tuple[dict, dict]:

@@ -147,17 +147,21 @@ class Trainer:
   def loss_fn(self, params: dict, batch: dict, key: jax.Array, row_ids: jax.Array | None = None,
               normalizers: tuple[jax.Array, jax.Array] | None = None, base: dict | None = None):
     model = nnx.merge(self.graphdef, self.model_params(params, base, self.compute_dtype))
-    if "images" in batch:
-      if self.vae is None:
-        raise ValueError("the batch carries pixels (data.payload='images') but no VAE was given")
-      encode, vae_params = self.vae
-      images = batch["images"]  # (B, N, H, W, C)
-      b, n = images.shape[:2]
-      toks = encode(vae_params, images.reshape((b * n,) + images.shape[2:]))  # (B*N, T, d)
-      image_tokens = jax.lax.stop_gradient(toks.reshape(b, n * toks.shape[1], toks.shape[2]))
-    else:
-      image_tokens = batch["image_tokens"]
-    return model.loss(batch, image_tokens, key, row_ids=row_ids, normalizers=normalizers)
+    return model.loss(batch, self.image_tokens(batch), key, row_ids=row_ids, normalizers=normalizers)
+
+  def image_tokens(self, batch: dict) -> jax.Array:
+    """The batch's image-token buffer (B, M, d): given (latent path), or its pixels encoded by the
+    frozen VAE inside the step (pixel path), never differentiated."""
+    if "images" not in batch:
+      return batch["image_tokens"]
+    if self.vae is None:
+      raise ValueError("the batch carries pixels (data.payload='images') but no VAE was given "
+                       "(vae.checkpoint)")
+    encode, vae_params = self.vae
+    images = batch["images"]  # (B, N, H, W, C)
+    b, n = images.shape[:2]
+    toks = encode(vae_params, images.reshape((b * n,) + images.shape[2:]))  # (B*N, T, d)
+    return jax.lax.stop_gradient(toks.reshape(b, n * toks.shape[1], toks.shape[2]))
 
   def grads(self, params: dict, batch: dict, key: jax.Array, base: dict | None = None) -> tuple[dict, dict]:
     """Gradients and metrics of the whole batch; with ``optim.grad_accum`` = K, accumulated over K
