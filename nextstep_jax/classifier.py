@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 from nextstep_jax.data import digits
+from nextstep_jax.data.batch import padded_chunks
 
 WEIGHTS_FILE = "classifier.safetensors"
 META_FILE = "classifier.json"
@@ -156,15 +157,8 @@ def _apply(graphdef, state, x_bhwc, what: str):
 def _batched(model: DigitClassifier, images, what: str, batch_size: int) -> np.ndarray:
   x = as_pixels(images, model.config.image_size)
   graphdef, state = nnx.split(model)
-  n = len(x)
-  bs = min(batch_size, n)
-  out = []
-  for start in range(0, n, bs):
-    chunk = x[start:start + bs]
-    real = len(chunk)
-    if real < bs:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - real, axis=0)])
-    out.append(np.asarray(_apply(graphdef, state, jnp.asarray(chunk), what))[:real])
+  out = [np.asarray(_apply(graphdef, state, jnp.asarray(chunk), what))[:real]
+         for real, chunk in padded_chunks(x, min(batch_size, len(x)))]
   return np.concatenate(out).astype(np.float32)
 
 

@@ -303,14 +303,9 @@ def vae_heldout_metrics(vae, images: np.ndarray, batch_size: int = 100) -> dict[
   h, w = latents.token_grid(vae.config, images.shape[1], images.shape[2])
   encode = latents.make_encode_fn(vae)
   decode = _decoder(vae, h, w)
-  bs = min(batch_size, len(images))
-  recon = []
-  for start in range(0, len(images), bs):
-    chunk = images[start:start + bs]
-    real = len(chunk)
-    if real < bs:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - real, axis=0)])
-    recon.append(np.asarray(decode(encode(jnp.asarray(chunk))))[:real])
+  from nextstep_jax.data.batch import padded_chunks  # pylint: disable=import-outside-toplevel
+  recon = [np.asarray(decode(encode(jnp.asarray(chunk))))[:real]
+           for real, chunk in padded_chunks(images, min(batch_size, len(images)))]
   return train_vae.evaluate(images, np.concatenate(recon))
 
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextstep_jax.data.batch import padded_chunks
 from nextstep_jax.models.vae import (AutoencoderKL, VAEConfig, normalize_tokens, patchify,
                                      unpatchify, validate_images)
 
@@ -125,17 +126,6 @@ def make_encode_fn(vae: AutoencoderKL) -> Callable[[Array], Array]:
   return lambda images: fn(state, images)
 
 
-def _batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-  """Fixed-size batches (the last one padded by repetition, so nothing recompiles)."""
-  n = len(images)
-  for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]
-    real = len(chunk)
-    if real < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
-    yield real, chunk
-
-
 def _check_dataset(vae: AutoencoderKL, images: np.ndarray) -> None:
   cfg = vae.config
   validate_images(images, cfg, cfg.pixels_per_token, "dataset images")
@@ -160,7 +150,7 @@ def latent_stats(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 100) 
   sums = {k: 0.0 for k in ("tok", "tok2", "raw", "raw2")}
   count = 0
   mean_abs_max, var_lo, var_hi = 0.0, np.inf, -np.inf
-  for real, chunk in _batches(images, batch_size):
+  for real, chunk in padded_chunks(images, batch_size):
     tok = np.asarray(encode(jnp.asarray(chunk)), np.float64)[:real]  # (b, T, d)
     raw = np.asarray(raw_fn(state, jnp.asarray(chunk)), np.float64)[:real]  # (b, h, w, C)
     sums["tok"] = sums["tok"] + tok.sum(axis=(0, 1))
@@ -205,7 +195,7 @@ def write_token_records(vae: AutoencoderKL, images: np.ndarray, labels: np.ndarr
   writer = ArrayRecordWriter(path, "group_size:1")
   index = 0
   try:
-    for real, chunk in _batches(images, batch_size):
+    for real, chunk in padded_chunks(images, batch_size):
       tok = np.asarray(encode(jnp.asarray(chunk)), np.float32)[:real]
       for row in tok:
         rec = {"tokens": row, "label": int(labels[index]) if labels is not None else -1,

@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nextstep_jax import image_metrics
 from nextstep_jax import optim as optim_lib
+from nextstep_jax.data.batch import padded_chunks
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.vae import AutoencoderKL, Conv, GroupNorm, VAEConfig
 
@@ -332,14 +333,8 @@ class VAETrainer:
     """Mean-latent reconstructions of ``images`` (padded to whole, device-divisible batches)."""
     n_dev = self.mesh.devices.size
     bs = int(math.ceil(batch_size / n_dev) * n_dev)
-    out = []
-    for start in range(0, len(images), bs):
-      chunk = images[start:start + bs]
-      real = len(chunk)
-      if real < bs:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - real, axis=0)])
-      y = self._recon(params, jax.device_put(chunk, self.data_sharding))
-      out.append(np.asarray(jax.device_get(y))[:real])
+    out = [np.asarray(jax.device_get(self._recon(params, jax.device_put(chunk, self.data_sharding))))[:real]
+           for real, chunk in padded_chunks(images, bs)]
     return np.concatenate(out)
 
 

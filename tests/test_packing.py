@@ -225,3 +225,16 @@ def test_spec_validation():
     spec(payload="latents")
   with pytest.raises(ValueError, match="open_rows"):
     spec(open_rows=0)
+
+
+def test_padded_chunks_have_one_shape_and_cover_every_row_once():
+  from nextstep_jax.data.batch import padded_chunks
+  x = np.arange(7 * 2).reshape(7, 2)
+  got = list(padded_chunks(x, 3))
+  assert [real for real, _ in got] == [3, 3, 1]
+  assert all(chunk.shape == (3, 2) for _, chunk in got)
+  np.testing.assert_array_equal(np.concatenate([c[:r] for r, c in got]), x)
+  np.testing.assert_array_equal(got[-1][1], np.repeat(x[-1:], 3, axis=0))  # padded with the last row
+  assert [r for r, _ in padded_chunks(x[:2], 5)] == [2] and next(padded_chunks(x[:2], 5))[1].shape == (5, 2)
+  with pytest.raises(ValueError, match="padded_chunks"):
+    next(padded_chunks(x[:0], 3))

@@ -30,6 +30,8 @@ Counters (int32 (B,)), informational: ``num_images``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 IGNORE = -100
@@ -58,3 +60,17 @@ def validate_batch(batch: dict, seq_len: int | None = None) -> None:
     raise ValueError(f"batch['image_tokens'] must be (B, M, d), got {np.shape(batch['image_tokens'])}")
   if "images" in batch and np.ndim(batch["images"]) != 5:
     raise ValueError(f"batch['images'] must be (B, N, H, W, C), got {np.shape(batch['images'])}")
+
+
+def padded_chunks(array: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+  """(real rows, chunk) over `array` in chunks of exactly `batch_size` rows, the last one padded by
+  repeating its last row: a jitted function over them never recompiles."""
+  n = len(array)
+  if n == 0 or batch_size < 1:
+    raise ValueError(f"padded_chunks needs rows and a positive batch size (got {n} rows, {batch_size})")
+  for start in range(0, n, batch_size):
+    chunk = array[start:start + batch_size]
+    real = len(chunk)
+    if real < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
+    yield real, chunk
