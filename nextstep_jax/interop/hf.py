@@ -481,17 +481,23 @@ def _runtime(base: Any) -> dict:
   return {k: get(k) for k in _RUNTIME_FIELDS if get(k) is not None}
 
 
+def _checked_backbone(fields: dict, where: Any) -> bb.BackboneConfig:
+  """A validated BackboneConfig; a bad field raises CheckpointError naming `where` (the file)."""
+  try:
+    c = bb.BackboneConfig(**fields)
+    c.validate()
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: {e}") from e
+  return c
+
+
 def config_from_hf(d: Mapping, source: str = "config.json", *, runtime: Any = None
                    ) -> tuple[ns.NextStepConfig, ImageMeta]:
   """(NextStepConfig, ImageMeta) from a NextStep-1 config.json dict. `runtime`: a BackboneConfig, an
   experiment config or a dict giving dtype/param_dtype/remat/attention/document_mask (defaults otherwise)."""
   f = _backbone_fields(d, source)
   f.update(_runtime(runtime))
-  try:
-    backbone = bb.BackboneConfig(**f)
-    backbone.validate()
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{source}: {e}") from e
+  backbone = _checked_backbone(f, source)
   channels = _field(d, "latent_channels", source, int, positive=True)
   patch = _field(d, "latent_patch_size", source, int, positive=True)
   token_dim = channels * patch**2
@@ -651,12 +657,7 @@ def qwen2_config(directory: str, base: Any = None) -> bb.BackboneConfig:
     if bad:
       raise CheckpointError(f"{path}: the model config disagrees with the checkpoint: " + "; ".join(bad))
   f.update(_runtime(base))
-  try:
-    c = bb.BackboneConfig(**f)
-    c.validate()
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{path}: {e}") from e
-  return c
+  return _checked_backbone(f, path)
 
 
 def _qwen2_shapes(c: bb.BackboneConfig) -> dict[str, tuple[int, ...]]:
