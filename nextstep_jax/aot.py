@@ -286,8 +286,7 @@ def compile_train_step(config, devices: list[Any], *, topology_name: str = "", h
   trainer = train.Trainer(config, mesh)
   state = parallel.with_shardings(trainer.abstract_state, trainer.state_shardings)
   batch = abstract_batch(config, mesh)
-  with jax.set_mesh(mesh):
-    lowered = trainer.step_fn.lower(state, batch)
+  lowered = trainer.step_fn.lower(state, batch)  # traced under the mesh (train.UnderMesh)
   lower_s = time.perf_counter() - t0
   result = AotResult(
       topology=topology_name, devices=len(devices), device_kind=str(devices[0].device_kind),

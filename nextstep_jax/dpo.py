@@ -51,6 +51,7 @@ per-process batches concatenate into a global batch with the same layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -639,8 +640,6 @@ class DPOTrainer(train_lib.Trainer):
     self.dpo = dpo_settings(config, for_training=False)
     # With LoRA the frozen base (state["base"]) is the reference; no separate tree is passed.
     self.ref_shardings = self.param_shardings if self.lora is None else None
-    self._dpo_step_fn = None
-    self._dpo_eval_fn = None
 
   def dpo_terms(self, params: dict, ref: dict | None, batch: dict, key: jax.Array,
                 base: dict | None = None) -> tuple[jax.Array, dict]:
@@ -664,31 +663,21 @@ class DPOTrainer(train_lib.Trainer):
     """One DPO update (Trainer.train_step with the DPO gradients)."""
     return self.train_step(state, {"pairs": batch, "ref": ref})
 
-  @property
+  @functools.cached_property
   def dpo_step_fn(self) -> Callable:
-    if self._dpo_step_fn is None:
-      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._dpo_step_fn = train_lib.UnderMesh(
-          jax.jit(self.dpo_step, in_shardings=(self.state_shardings, self.ref_shardings, self.batch_sharding),
-                  out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)),
-          self.mesh, self.config.mesh.rules)
-    return self._dpo_step_fn
+    return self.jit(self.dpo_step, (self.state_shardings, self.ref_shardings, self.batch_sharding),
+                    updates_state=True)
 
   def dpo_eval(self, params: dict, ref: dict | None, batch: dict, base: dict | None = None) -> dict:
     """DPO metrics of a held-out pair batch with a fixed noise key (comparable across steps)."""
     _, metrics = self.dpo_terms(params, ref, batch, jax.random.key(self.config.seed + 1), base)
     return metrics
 
-  @property
+  @functools.cached_property
   def dpo_eval_fn(self) -> Callable:
-    if self._dpo_eval_fn is None:
-      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      base = None if self.lora is None else self.base_shardings
-      self._dpo_eval_fn = train_lib.UnderMesh(
-          jax.jit(self.dpo_eval,
-                  in_shardings=(self.param_shardings, self.ref_shardings, self.batch_sharding, base),
-                  out_shardings=replicated), self.mesh, self.config.mesh.rules)
-    return self._dpo_eval_fn
+    base = None if self.lora is None else self.base_shardings
+    return self.jit(self.dpo_eval, (self.param_shardings, self.ref_shardings, self.batch_sharding, base),
+                    updates_state=False)
 
   def load_reference(self, path: str) -> dict | None:
     """The reference params from a checkpoint (directory or step), restored into the policy's

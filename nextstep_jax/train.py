@@ -102,7 +102,6 @@ class Trainer:
       self.abstract_state["base"] = self.base_abstract
     self.batch_sharding = parallel.data_sharding(mesh)
     self.vae = vae  # (encode_fn(vae_params, images) -> tokens, vae_params) for the pixel path, or None
-    self._step_fn = None
 
   # -- state ---------------------------------------------------------------------------------------
   def init_state(self, seed: int) -> State:
@@ -227,22 +226,26 @@ class Trainer:
     _, metrics = self.loss_fn(params, batch, jax.random.key(self.config.seed + 1), base=base)
     return metrics
 
+  def jit(self, fn: Callable, in_shardings: tuple, *, updates_state: bool) -> "UnderMesh":
+    """`fn` jitted with these input shardings, traced and run under the mesh and activation rules.
+    updates_state: `fn` returns (new state, metrics) and its first argument (the state) is donated;
+    otherwise it returns metrics. Metrics come back replicated."""
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    if updates_state:
+      jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=(self.state_shardings, replicated),
+                       donate_argnums=(0,))
+    else:
+      jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=replicated)
+    return UnderMesh(jitted, self.mesh, self.config.mesh.rules)
+
   @functools.cached_property
   def eval_fn(self) -> Callable:
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     base = () if self.lora is None else (self.base_shardings,)
-    return UnderMesh(jax.jit(self.eval_step, in_shardings=(self.param_shardings, self.batch_sharding) + base,
-                              out_shardings=replicated), self.mesh, self.config.mesh.rules)
+    return self.jit(self.eval_step, (self.param_shardings, self.batch_sharding) + base, updates_state=False)
 
-  @property
+  @functools.cached_property
   def step_fn(self) -> Callable:
-    if self._step_fn is None:
-      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._step_fn = UnderMesh(
-          jax.jit(self.train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                  out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)), self.mesh,
-          self.config.mesh.rules)
-    return self._step_fn
+    return self.jit(self.train_step, (self.state_shardings, self.batch_sharding), updates_state=True)
 
 
 class UnderMesh:
