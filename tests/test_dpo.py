@@ -375,11 +375,11 @@ def test_dpo_demo_runs_checkpoints_and_resumes_exactly(tmp_path, capsys):
   from configs import dpo_demo
   from nextstep_jax import metrics
   from nextstep_jax.checkpoint import read_step
-  from tests.test_sft import make_base_run, point_at, shrink
+  from tests.runs import make_base_run, point_at, shrink
   c = dpo_demo.get_config()
   with c.unlocked():
     shrink(c)
-    base = make_base_run(str(tmp_path / "sft"), c)
+    base, _ = make_base_run(str(tmp_path / "sft"), c)
     point_at(c, base)
     prefs = str(tmp_path / "pairs")
     dpo.build_digit_preferences(prefs, "train", 24, rejected="real")

@@ -5,21 +5,15 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
-from nextstep_jax import checkpoint as ckpt_lib
 from nextstep_jax import classifier as clf_lib
 from nextstep_jax import evaluate
-from nextstep_jax import train_vae
 from nextstep_jax.data import digits
-from nextstep_jax.data import tokenizer as tok_lib
-from nextstep_jax.interop.vae import export_vae
-from nextstep_jax.models import nextstep as ns
-from nextstep_jax.models import vae as vae_lib
+from tests.runs import make_base_run
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +159,6 @@ def test_evaluate_generated_real_vs_real_and_noise(judge, heldout):
 # A whole run: a tiny untrained model, a random VAE, the demo tokenizer recipe on digit captions
 # ------------------------------------------------------------------------------------------------
 
-def _jit_build(make):
-  """A module built under jit (one compilation instead of one per eager op)."""
-  graphdef = nnx.graphdef(nnx.eval_shape(make))
-  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   from configs import demo
@@ -179,16 +167,7 @@ def run_dir(tmp_path_factory):
   with config.unlocked():
     config.workdir = workdir
     config.vae.checkpoint = os.path.join(workdir, "vae")
-  vae = _jit_build(lambda: vae_lib.build_vae("demo", seed=0))
-  export_vae(vae, os.path.join(config.vae.checkpoint, train_vae.EXPORT_DIR))
-  with open(os.path.join(config.vae.checkpoint, train_vae.VAE_CONFIG_FILE), "w") as f:
-    f.write(vae.config.to_json())
-  tok_lib.train_sentencepiece(digits.demo_texts(), 128).save(os.path.join(workdir, "tokenizer"))
-  model = _jit_build(lambda: ns.build_model(config, seed=0))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1, async_save=False,
-                             config=config) as ckpt:
-    ckpt.save(5, {"step": jnp.int32(5), "params": params}, force=True)
+  _, params = make_base_run(workdir, config, step=5, seed=0)
   return workdir, params
 
 

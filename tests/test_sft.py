@@ -4,16 +4,14 @@ the demo-sized SFT run end to end from another run's checkpoint, with checkpoint
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nextstep_jax.data import mixture as M
 from nextstep_jax.data import tokenizer as T
 from nextstep_jax.data.batch import IGNORE
 from nextstep_jax.data.sequences import SequenceBuilder
+from tests.runs import make_base_run, point_at, shrink
 from tests.test_sequences import AREA, EOI, EOS, CharTokenizer, block, enc, expected_targets, px
 
 
@@ -153,47 +151,6 @@ def test_sft_configs():
 # The SFT demo config end to end: from another run's checkpoint, checkpoint, resume
 # ------------------------------------------------------------------------------------------------
 
-def shrink(c):
-  """A tiny model (1 layer, 32 wide) for end-to-end tests on the demo's data path."""
-  c.model.hidden_size, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
-  c.model.intermediate_size, c.model.num_layers, c.model.vocab_size = 64, 1, 128
-  c.tokenizer.vocab_size = 128
-  c.head.dim, c.head.num_layers = 32, 1
-
-
-def make_base_run(root: str, config) -> str:
-  """A stand-in for a demo run's work directory: a random demo VAE, the demo tokenizer recipe on the
-  digit texts, and a randomly initialised model saved as step 7. Returns the workdir."""
-  from nextstep_jax import checkpoint as ckpt_lib
-  from nextstep_jax import train_vae
-  from nextstep_jax.data import digits
-  from nextstep_jax.interop.vae import export_vae
-  from nextstep_jax.models import nextstep as ns
-  from nextstep_jax.models import vae as vae_lib
-
-  def jit_build(make):
-    graphdef = nnx.graphdef(nnx.eval_shape(make))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
-
-  vae = jit_build(lambda: vae_lib.build_vae("demo", seed=0))
-  export_vae(vae, os.path.join(root, "vae", train_vae.EXPORT_DIR))
-  with open(os.path.join(root, "vae", train_vae.VAE_CONFIG_FILE), "w") as f:
-    f.write(vae.config.to_json())
-  T.train_sentencepiece(digits.demo_texts(), 128).save(os.path.join(root, "tokenizer"))
-  model = jit_build(lambda: ns.build_model(config, seed=3))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ckpt_lib.Checkpointer(os.path.join(root, "checkpoints"), every=1, keep=1, async_save=False,
-                             config=config) as ckpt:
-    ckpt.save(7, {"step": jnp.int32(7), "params": params}, force=True)
-  return root
-
-
-def point_at(c, base: str) -> None:
-  c.checkpoint.init_from = os.path.join(base, "checkpoints")
-  c.vae.checkpoint = os.path.join(base, "vae")
-  c.tokenizer.path = os.path.join(base, "tokenizer")
-
-
 def test_sft_demo_runs_from_a_checkpoint_and_resumes(tmp_path, capsys):
   from configs import sft_demo
   from nextstep_jax import metrics, train
@@ -201,7 +158,7 @@ def test_sft_demo_runs_from_a_checkpoint_and_resumes(tmp_path, capsys):
   c = sft_demo.get_config()
   with c.unlocked():
     shrink(c)
-    base = make_base_run(str(tmp_path / "base"), c)
+    base, _ = make_base_run(str(tmp_path / "base"), c)
     point_at(c, base)
     c.steps, c.log_every, c.eval_every, c.optim.warmup_steps = 2, 1, 100, 1
     c.checkpoint.every = 1

@@ -1,0 +1,53 @@
+"""Stand-ins for finished runs, shared by the end-to-end tests (SFT, DPO, evaluation)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def shrink(c):
+  """A tiny model (1 layer, 32 wide) for end-to-end tests on the demo's data path."""
+  c.model.hidden_size, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 32, 2, 1, 16
+  c.model.intermediate_size, c.model.num_layers, c.model.vocab_size = 64, 1, 128
+  c.tokenizer.vocab_size = 128
+  c.head.dim, c.head.num_layers = 32, 1
+
+
+def jit_build(make):
+  """A module built under jit (one compilation instead of one per eager op)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
+
+
+def make_base_run(root: str, config, *, step: int = 7, seed: int = 3) -> tuple[str, dict]:
+  """A stand-in for a demo run's work directory: a random demo VAE in root/vae, the demo tokenizer
+  recipe on the digit texts in root/tokenizer, and a randomly initialised model (`config`, `seed`)
+  saved as `step` in root/checkpoints. Returns (root, the saved params)."""
+  from nextstep_jax import checkpoint as ckpt_lib
+  from nextstep_jax import train_vae
+  from nextstep_jax.data import digits
+  from nextstep_jax.data import tokenizer as tok_lib
+  from nextstep_jax.interop.vae import export_vae
+  from nextstep_jax.models import nextstep as ns
+  from nextstep_jax.models import vae as vae_lib
+
+  vae = jit_build(lambda: vae_lib.build_vae("demo", seed=0))
+  export_vae(vae, os.path.join(root, "vae", train_vae.EXPORT_DIR))
+  with open(os.path.join(root, "vae", train_vae.VAE_CONFIG_FILE), "w") as f:
+    f.write(vae.config.to_json())
+  tok_lib.train_sentencepiece(digits.demo_texts(), 128).save(os.path.join(root, "tokenizer"))
+  model = jit_build(lambda: ns.build_model(config, seed=seed))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  with ckpt_lib.Checkpointer(os.path.join(root, "checkpoints"), every=1, keep=1, async_save=False,
+                             config=config) as ckpt:
+    ckpt.save(step, {"step": jnp.int32(step), "params": params}, force=True)
+  return root, params
+
+
+def point_at(c, base: str) -> None:
+  """Points a config at a base run: its checkpoints (init_from), VAE and tokenizer."""
+  c.checkpoint.init_from = os.path.join(base, "checkpoints")
+  c.vae.checkpoint = os.path.join(base, "vae")
+  c.tokenizer.path = os.path.join(base, "tokenizer")
