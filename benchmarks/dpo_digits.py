@@ -70,8 +70,8 @@ flags.DEFINE_string("tag", "", "suffix of the DPO directory and its results (for
 
 
 def _evaluate(workdir: str, classifier_dir: str, write: bool = True) -> dict:
-  from nextstep_jax import evaluate  # pylint: disable=import-outside-toplevel
-  res = evaluate.evaluate_run(workdir, per_digit=FLAGS.per_digit, cfg=FLAGS.cfg, seed=FLAGS.seed,
+  from nextstep_jax.evaluation import digits as digits_eval  # pylint: disable=import-outside-toplevel
+  res = digits_eval.evaluate_run(workdir, per_digit=FLAGS.per_digit, cfg=FLAGS.cfg, seed=FLAGS.seed,
                               classifier_dir=classifier_dir, vae_eval_images=50, write=write, log=False)
   keep = ("prompt_accuracy", "per_class_accuracy", "frechet_distance", "frechet_distance_real", "checkpoint_step",
           "per_digit", "cfg", "seed")
@@ -90,8 +90,10 @@ def _cached(path: str, make):
 
 def run() -> dict:
   from configs import dpo_demo, sft_demo  # pylint: disable=import-outside-toplevel
-  from nextstep_jax import dpo, train  # pylint: disable=import-outside-toplevel
-  from nextstep_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.evaluation import preferences as digit_prefs  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import dpo  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import loop  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
 
   base, out = FLAGS.base, FLAGS.out
   if not os.path.isdir(os.path.join(base, "checkpoints")):
@@ -117,7 +119,7 @@ def run() -> dict:
       c.optim.warmup_steps = min(c.optim.warmup_steps, c.steps)
   t0 = time.perf_counter()
   print(f"[post] SFT ({c.steps} steps) -> {sft_dir}", flush=True)
-  train.train(c, sft_dir)
+  loop.train(c, sft_dir)
   t["sft_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   sft_eval = _cached(os.path.join(out, f"eval_sft_{FLAGS.per_digit}_s{FLAGS.seed}.json"), lambda: _evaluate(sft_dir, clf))
@@ -128,10 +130,10 @@ def run() -> dict:
   t0 = time.perf_counter()
   need = [s for s in ("train", "heldout") if not os.path.isfile(os.path.join(pairs_dir, f"{s}.jsonl"))]
   if need:
-    generator, classify = dpo.sft_generator(sft_dir, cfg=FLAGS.cfg, classifier_dir=clf)
+    generator, classify = digit_prefs.sft_generator(sft_dir, cfg=FLAGS.cfg, classifier_dir=clf)
     for split in need:
       n = FLAGS.pairs if split == "train" else FLAGS.heldout_pairs
-      s = dpo.build_digit_preferences(pairs_dir, split, n, seed=FLAGS.seed + 1000 + (split == "heldout"),
+      s = digit_prefs.build_digit_preferences(pairs_dir, split, n, seed=FLAGS.seed + 1000 + (split == "heldout"),
                                       rejected=FLAGS.rejected, chosen=FLAGS.chosen, generator=generator,
                                       classify=classify, rounds=FLAGS.rounds, templates=FLAGS.templates)
       print(f"[post] {split} pairs: {json.dumps(s)}", flush=True)

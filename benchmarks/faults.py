@@ -77,12 +77,12 @@ def prepare_assets(root: str | os.PathLike, vae: str | None = None) -> Assets:
   if vae is None:
     vae = str(root / "vae")
     if not (Path(vae) / "export" / "config.json").exists():
-      from nextstep_jax import train_vae  # pylint: disable=import-outside-toplevel
+      from nextstep_jax.training import vae_trainer  # pylint: disable=import-outside-toplevel
       from nextstep_jax.interop.vae import export_vae  # pylint: disable=import-outside-toplevel
       from nextstep_jax.models import vae as vae_lib  # pylint: disable=import-outside-toplevel
       model = vae_lib.build_vae("demo", seed=0)
-      export_vae(model, os.path.join(vae, train_vae.EXPORT_DIR))
-      Path(vae, train_vae.VAE_CONFIG_FILE).write_text(model.config.to_json())
+      export_vae(model, os.path.join(vae, vae_trainer.EXPORT_DIR))
+      Path(vae, vae_trainer.VAE_CONFIG_FILE).write_text(model.config.to_json())
   tokenizer = root / "tokenizer"
   if not (tokenizer / "tokenizer.model").exists():
     from nextstep_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
@@ -415,7 +415,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def metric_records(workdir: str | os.PathLike) -> dict[int, list[dict]]:
   """step -> the records logged for it (timings dropped), in file order."""
-  from nextstep_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   out: dict[int, list[dict]] = {}
   for rec in metrics_lib.read_jsonl(Path(workdir) / "metrics.jsonl"):
     out.setdefault(int(rec["step"]), []).append(
@@ -432,7 +432,7 @@ def compare_runs(reference: str | os.PathLike, candidate: str | os.PathLike, ste
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from nextstep_jax.checkpoint import read_step  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training.checkpoint import read_step  # pylint: disable=import-outside-toplevel
   problems: list[str] = []
   ref, got = metric_records(reference), metric_records(candidate)
   for step in range(1, steps + 1):
@@ -599,7 +599,7 @@ def peer_main(argv: Sequence[str]) -> None:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
   from nextstep_jax import parallel  # pylint: disable=import-outside-toplevel
-  from nextstep_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   if not parallel.maybe_initialize_distributed():
     raise SystemExit("peer: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
   mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})

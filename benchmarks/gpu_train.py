@@ -8,7 +8,7 @@
 Builds the real train step (nextstep_jax.train.Trainer: bf16 compute, fp32 master weights and AdamW,
 cuDNN flash attention, chunked CE) on one device, feeds synthetic packed rows on the latent path (half
 text, half image tokens), and prints compile time, step time (median after warm-up), tokens/s,
-TFLOP/s and MFU against the device's bf16 dense peak (nextstep_jax.flops: H100/H200 989 TFLOP/s),
+TFLOP/s and MFU against the device's bf16 dense peak (nextstep_jax.training.flops: H100/H200 989 TFLOP/s),
 plus the device's peak memory. Without a GPU it says so and exits (use --tiny to exercise the path).
 Never asserts on time.
 """
@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 
 from configs.common import HEADS, base_config  # noqa: E402
-from nextstep_jax import flops as flops_lib  # noqa: E402
-from nextstep_jax import parallel, train  # noqa: E402
+from nextstep_jax.training import flops as flops_lib  # noqa: E402
+from nextstep_jax import parallel  # noqa: E402
+from nextstep_jax.training import trainer as trainer_lib  # noqa: E402
 from train_step import synthetic_batch  # noqa: E402  (benchmarks/train_step.py)
 
 
@@ -74,8 +75,8 @@ def main() -> None:
   config = make_config(a)
   device = jax.devices()[0]
   mesh = parallel.make_mesh(config.mesh, devices=[device])
-  trainer = train.Trainer(config, mesh)
-  n_params = train.count_params(trainer.abstract_params)
+  trainer = trainer_lib.Trainer(config, mesh)
+  n_params = trainer_lib.count_params(trainer.abstract_params)
   print(f"{device.device_kind}: {n_params / 1e9:.3f}B parameters, {a.rows} x {config.data.seq_len} tokens, "
         f"head {config.head.dim}x{config.head.num_layers}, remat={a.remat}, attention={a.attention}")
   state = trainer.init_state(0)

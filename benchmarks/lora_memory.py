@@ -3,7 +3,7 @@
   python benchmarks/lora_memory.py [--stage=stage2] [--rank=32] [--targets=q,k,v,o] [--head_targets=]
                                    [--devices=0]
 
-Everything is abstract (``train.abstract_model`` and ``lora.abstract_lora`` under eval_shape): no weight
+Everything is abstract (``trainer_lib.abstract_model`` and ``lora.abstract_lora`` under eval_shape): no weight
 is allocated, so it runs on a laptop. Adam/AdamW keep two moments (mu, nu) per trained parameter in the
 parameter's dtype (fp32 master weights here). Also prints the other per-parameter training memory
 (weights and gradients) for context, and, with --devices=N, the per-device share under pure FSDP.
@@ -19,8 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
-from nextstep_jax import lora as lora_lib  # noqa: E402
-from nextstep_jax import train  # noqa: E402
+from nextstep_jax.training import lora as lora_lib  # noqa: E402
+from nextstep_jax.training import trainer as trainer_lib  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -42,7 +42,7 @@ def main() -> None:
   config = common.stage_config(args.stage)
   cfg = lora_lib.LoraConfig(rank=args.rank, alpha=args.alpha, targets=_names(args.targets),
                             head_targets=_names(args.head_targets))
-  _, abstract, axes = train.abstract_model(config)
+  _, abstract, axes = trainer_lib.abstract_model(config)
   lora = lora_lib.abstract_lora(abstract, axes, cfg)
 
   n_full, n_lora = lora_lib.param_count(abstract), lora_lib.param_count(lora)

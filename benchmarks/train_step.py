@@ -27,9 +27,10 @@ import numpy as np  # noqa: E402
 
 from configs.common import base_config  # noqa: E402
 from nextstep_jax import config as config_lib  # noqa: E402
-from nextstep_jax import flops as flops_lib  # noqa: E402
-from nextstep_jax import parallel, train  # noqa: E402
-from nextstep_jax.data.batch import IGNORE  # noqa: E402
+from nextstep_jax.training import trainer as trainer_lib  # noqa: E402
+from nextstep_jax.training import flops as flops_lib  # noqa: E402
+from nextstep_jax import parallel  # noqa: E402
+from nextstep_jax.batch import IGNORE  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +94,7 @@ def _mesh():
 
 def measure(name: str, config, steps: int) -> dict:
   mesh = _mesh()
-  t = train.Trainer(config, mesh)
+  t = trainer_lib.Trainer(config, mesh)
   state = t.init_state(config.seed)
   batches = [parallel.global_batch(synthetic_batch(config, s), mesh) for s in range(2)]
   t0 = time.perf_counter()
@@ -112,7 +113,7 @@ def measure(name: str, config, steps: int) -> dict:
   flops = flops_lib.step_flops(config)
   n = jax.device_count()
   mfu = flops_lib.mfu(flops, step_s, n, jax.devices()[0].device_kind)
-  return dict(name=name, params=train.count_params(t.abstract_params), tokens=tokens, compile_s=compile_s,
+  return dict(name=name, params=trainer_lib.count_params(t.abstract_params), tokens=tokens, compile_s=compile_s,
               step_s=step_s, tokens_s=tokens / step_s, tflops=flops_lib.tflops_per_device(flops, step_s, n),
               mfu=mfu, loss=float(metrics["loss"]))
 
@@ -120,7 +121,7 @@ def measure(name: str, config, steps: int) -> dict:
 def compile_only(config) -> dict:
   """Compile time and XLA memory figures of the step on this host (nothing runs)."""
   mesh = _mesh()
-  t = train.Trainer(config, mesh)
+  t = trainer_lib.Trainer(config, mesh)
   state = parallel.with_shardings(t.abstract_state, t.state_shardings)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sharding)
            for k, v in synthetic_batch(config).items()}
@@ -130,13 +131,13 @@ def compile_only(config) -> dict:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0 - lower_s
   ma = compiled.memory_analysis()
-  return dict(params=train.count_params(t.abstract_params), lower_s=lower_s, compile_s=compile_s,
+  return dict(params=trainer_lib.count_params(t.abstract_params), lower_s=lower_s, compile_s=compile_s,
               temp_gib=ma.temp_size_in_bytes / 2**30 if ma else float("nan"),
               args_gib=ma.argument_size_in_bytes / 2**30 if ma else float("nan"))
 
 
 def tpu_depth(topology: str, layers: int) -> dict:
-  from nextstep_jax import aot  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import aot  # pylint: disable=import-outside-toplevel
   topo = aot.parse_topology(topology)
   config = config_lib.load_config(os.path.join(REPO, "configs/stage2.py"), {"model.num_layers": layers},
                                   check=False)

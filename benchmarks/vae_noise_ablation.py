@@ -25,8 +25,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from nextstep_jax import run as run_lib  # noqa: E402
 from configs import vae_demo  # noqa: E402
-from nextstep_jax import train_vae  # noqa: E402
+from nextstep_jax.data import images as images_lib  # noqa: E402
+from nextstep_jax.training import vae_trainer  # noqa: E402
 
 flags.DEFINE_string("workdir", "runs/vae_ablation", "output directory")
 flags.DEFINE_integer("steps", 0, "training steps per run (0 = the config's)")
@@ -36,8 +38,8 @@ FLAGS = flags.FLAGS
 
 def perturbed_psnr(workdir: str, images: np.ndarray, std: float, seed: int = 0) -> float:
   """Held-out PSNR when decoding (mean latent + N(0, std^2) noise)."""
-  from nextstep_jax.image_metrics import psnr, to_unit
-  vae, _ = train_vae.load_vae(workdir)
+  from nextstep_jax.evaluation.image_metrics import psnr, to_unit
+  vae = run_lib.load_vae(workdir)
   key = jax.random.key(seed)
   out = []
   for i in range(0, len(images), 100):
@@ -52,7 +54,7 @@ def main(argv) -> None:
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  heldout, _ = train_vae.load_images("digits", "heldout", 32)
+  heldout, _ = images_lib.load_images("digits", "heldout", 32)
   rows = {}
   for name, noise in (("gamma_0.2", True), ("gamma_0", False)):
     config = vae_demo.get_config()
@@ -62,7 +64,7 @@ def main(argv) -> None:
       config.train.noise_aug = noise
       config.train.gamma = 0.2
     wd = os.path.join(FLAGS.workdir, name)
-    result = train_vae.train_and_evaluate(config, wd)
+    result = vae_trainer.train_and_evaluate(config, wd)
     result["perturbed_psnr"] = perturbed_psnr(wd, heldout, FLAGS.probe_std)
     rows[name] = {k: v for k, v in result.items() if k != "vae"}
   print(f"\n{'run':<10} {'steps':>6} {'train s':>8} {'PSNR':>7} {'SSIM':>7} "

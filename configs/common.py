@@ -145,7 +145,7 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # Across slices / nodes (DCN); with any size > 1, mesh.axes is per slice (nextstep_jax/mesh_hybrid.py).
+  # Across slices / nodes (DCN); with any size > 1, mesh.axes is per slice (nextstep_jax/parallel.py).
   c.mesh.dcn_axes = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.mesh.rules = DEFAULT_RULES
 

@@ -8,11 +8,11 @@ steps of 32 digits. Measured (benchmarks/vae_noise_ablation.py): held-out PSNR 2
   python -m nextstep_jax.train_vae --config=configs/vae_demo.py --workdir=runs/vae_demo
 """
 
-from nextstep_jax import train_vae
+from nextstep_jax.training import vae_trainer
 
 
 def get_config():
-  c = train_vae.default_config("demo")
+  c = vae_trainer.default_config("demo")
   c.workdir = "runs/vae_demo"
   c.data.source = "digits"
   c.data.image_size = 32

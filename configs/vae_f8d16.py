@@ -10,11 +10,11 @@ Loss: L1 + L2 + small KL; an LPIPS term is not available offline, a from-scratch
   python -m nextstep_jax.train_vae --config=configs/vae_f8d16.py --workdir=runs/vae_f8d16
 """
 
-from nextstep_jax import train_vae
+from nextstep_jax.training import vae_trainer
 
 
 def get_config():
-  c = train_vae.default_config("f8d16")
+  c = vae_trainer.default_config("f8d16")
   c.workdir = "runs/vae_f8d16"
   c.data.source = "digits"
   c.data.image_size = 64

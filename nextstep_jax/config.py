@@ -19,7 +19,10 @@ from typing import Any
 
 import ml_collections
 
+from nextstep_jax import parallel
+from nextstep_jax.models.attention import IMPLEMENTATIONS
 from nextstep_jax.parallel import MESH_AXES, resolve_mesh_axes, rules_dict
+from nextstep_jax.training import lora as lora_lib
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
@@ -53,10 +56,6 @@ SCHEMA: dict[str, tuple[str, ...]] = {
 
 
 def _attention_implementations() -> tuple[str, ...]:
-  try:
-    from nextstep_jax.models.attention import IMPLEMENTATIONS
-  except ImportError:
-    return ATTENTION
   return tuple(IMPLEMENTATIONS)
 
 
@@ -87,7 +86,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   `num_devices` (e.g. jax.device_count(), after distributed start-up) enables the checks of
   the mesh against the devices and of the batch against the data-parallel size; without it,
   those run only as far as the mesh's fixed sizes allow. `num_granules` (TPU slices or processes,
-  see mesh_hybrid) checks ``mesh.dcn_axes``; without it a ``mesh.dcn_axes`` with a -1 is checked
+  see parallel.num_granules) checks ``mesh.dcn_axes``; without it a ``mesh.dcn_axes`` with a -1 is checked
   only for its structure.
   """
   errors: list[str] = []
@@ -174,13 +173,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
       num_granules = math.prod(dcn.values())  # fixed DCN sizes name the granule count themselves
     if num_devices is not None and hybrid and num_granules is not None:
       # mesh.axes is per slice / node, mesh.dcn_axes across them.
-      from nextstep_jax import mesh_hybrid  # pylint: disable=import-outside-toplevel
-      sizes = mesh_hybrid.resolve_hybrid_axes(axes, dcn, num_devices, num_granules)[2]
+      sizes = parallel.resolve_hybrid_axes(axes, dcn, num_devices, num_granules)[2]
     elif hybrid:
       # Structure only: the granule count (or the device count) is not known here.
-      from nextstep_jax import mesh_hybrid  # pylint: disable=import-outside-toplevel
       probe = math.prod(abs(v) for v in dcn.values()) or 1
-      mesh_hybrid.resolve_hybrid_axes({k: 1 for k in MESH_AXES}, dcn, probe, probe)
+      parallel.resolve_hybrid_axes({k: 1 for k in MESH_AXES}, dcn, probe, probe)
       resolve_mesh_axes(axes, math.prod(abs(int(v)) for v in axes.values()) or 1)
     elif num_devices is not None:
       sizes = resolve_mesh_axes(axes, num_devices)
@@ -234,7 +231,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
       err(f"profile_steps={prof!r} must be 'START,STOP' with 0 <= START < STOP (or empty)")
 
   if "lora" in config and int(config.lora.get("rank", 0) or 0) > 0:
-    from nextstep_jax import lora as lora_lib  # pylint: disable=import-outside-toplevel
     try:
       lora_lib.LoraConfig.from_config(config.lora)
     except ValueError as e:

@@ -21,6 +21,11 @@ import time
 
 from absl import app, flags, logging
 
+from configs import demo as demo_config
+from configs import vae_demo
+from nextstep_jax.evaluation import digits
+from nextstep_jax.training import loop, vae_trainer
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "output directory")
 flags.DEFINE_integer("vae_steps", -1, "VAE training steps (-1: the config's)")
@@ -30,10 +35,6 @@ flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale for the evaluatio
 
 
 def run(workdir: str, vae_steps: int = -1, steps: int = -1, per_digit: int = 20, cfg: float = 3.0) -> dict:
-  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
-  from configs import vae_demo  # pylint: disable=import-outside-toplevel
-  from nextstep_jax import evaluate, train, train_vae  # pylint: disable=import-outside-toplevel
-
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   vae_dir = os.path.join(workdir, "vae")
@@ -42,7 +43,7 @@ def run(workdir: str, vae_steps: int = -1, steps: int = -1, per_digit: int = 20,
     vcfg.train.steps = vae_steps
   print(f"[demo] 1/3 VAE -> {vae_dir}", flush=True)
   t0 = time.perf_counter()
-  train_vae.train_and_evaluate(vcfg, vae_dir)
+  vae_trainer.train_and_evaluate(vcfg, vae_dir)
   t_vae = time.perf_counter() - t0
 
   cfg_lm = demo_config.get_config()
@@ -54,12 +55,12 @@ def run(workdir: str, vae_steps: int = -1, steps: int = -1, per_digit: int = 20,
       cfg_lm.optim.warmup_steps = min(cfg_lm.optim.warmup_steps, steps)
   print(f"[demo] 2/3 transformer ({cfg_lm.steps} steps) -> {workdir}", flush=True)
   t0 = time.perf_counter()
-  train.train(cfg_lm, workdir)
+  loop.train(cfg_lm, workdir)
   t_lm = time.perf_counter() - t0
 
   print(f"[demo] 3/3 evaluation ({per_digit} samples per digit)", flush=True)
   t0 = time.perf_counter()
-  result = evaluate.evaluate_run(workdir, per_digit=per_digit, cfg=cfg)
+  result = digits.evaluate_run(workdir, per_digit=per_digit, cfg=cfg)
   t_eval = time.perf_counter() - t0
   timing = {"vae_s": t_vae, "transformer_s": t_lm, "eval_s": t_eval, "total_s": time.perf_counter() - t_start}
   result["timing"] = timing

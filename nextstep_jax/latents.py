@@ -1,26 +1,11 @@
-"""Image tokens from the frozen VAE: the functions the transformer calls, and an offline tool.
-
-Two ways for the transformer to get its image tokens, both kept:
-  * on the fly: ``encode_tokens(vae, images_bhwc)`` inside the jitted train step (pixel payload);
-    the sampler calls ``decode_tokens(vae, tokens, h, w)`` and ``normalize_tokens``.
-  * precomputed: ``python -m nextstep_jax.latents`` encodes a dataset once and writes the tokens to
-    ArrayRecord (token payload), plus per-channel latent statistics.
-
-Token convention (SPEC §2): latent (B, H/f, W/f, C) -> ``(z - shift_factor) * scaling_factor`` ->
-``patchify`` with p = ``vae.config.patch_size`` -> (B, T, d), T = (H/(f p)) * (W/(f p)) in raster
-order, d = C p^2 with channel order (c, pi, pj), c-major. With ``token_norm`` (NextStep's encoder
-norm) each token of the posterior mean already has mean 0 and variance 1 over its d values.
-
-Record format (one ArrayRecord record per image, msgpack via flax.serialization, no pickle):
-  {"tokens": float32 (T, d), "label": int, "index": int (row in the source split),
-   "grid": int32 [h, w] (token grid)}; ``decode_token_record(bytes)`` reads one, and
-   ``token_source(path)`` gives a grain-compatible random-access source of raw records.
-Files written by the tool into ``--out_dir``: ``{split}_tokens.array_record``,
-``{split}_latent_stats.json``, ``{split}_tokens_meta.json``.
+"""Per-channel latent statistics of a dataset, and its image tokens precomputed to ArrayRecord.
 
 CLI: python -m nextstep_jax.latents --vae_workdir=WORKDIR (a train_vae workdir) | --vae_dir=DIR
      (an exported / imported VAE directory) --out_dir=DIR [--split=train] [--source=digits]
      [--image_size=32] [--batch_size=100] [--stats_only]
+
+Files written into ``--out_dir``: ``{split}_tokens.array_record``, ``{split}_latent_stats.json``,
+``{split}_tokens_meta.json``. The record format and the functions: ``nextstep_jax/vae_tokens.py``.
 """
 
 from __future__ import annotations
@@ -28,234 +13,26 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from absl import app, flags
 
-from nextstep_jax.data.batch import padded_chunks
-from nextstep_jax.models.vae import (AutoencoderKL, VAEConfig, normalize_tokens, patchify,
-                                     unpatchify, validate_images)
-
-__all__ = ["patchify", "unpatchify", "normalize_tokens", "encode_tokens", "decode_tokens",
-           "token_grid", "token_encoder", "token_decoder", "make_encode_fn", "latent_stats", "write_token_records",
-           "decode_token_record", "token_source", "main"]
-
-Array = jax.Array
-
-
-def token_grid(cfg: VAEConfig, height: int, width: int) -> tuple[int, int]:
-  """(h, w) token grid of an image of ``height`` x ``width`` pixels (error if not divisible)."""
-  s = cfg.pixels_per_token
-  if height % s or width % s:
-    raise ValueError(f"image size {height}x{width} is not divisible by {s} pixels per token "
-                     f"(VAE factor {cfg.factor} x patch size {cfg.patch_size})")
-  return height // s, width // s
-
-
-def encode_tokens(vae: AutoencoderKL, images_bhwc: Array, rng: Array | None = None) -> Array:
-  """Pixels (B, H, W, 3) in [-1, 1] -> normalised patch tokens (B, T, d), fp32.
-
-  Uses the posterior mean (the clean latent the transformer trains on); with ``rng`` and a
-  non-deterministic VAE, a posterior sample instead. Jit-friendly (shapes are static).
-  """
-  cfg = vae.config
-  token_grid(cfg, images_bhwc.shape[1], images_bhwc.shape[2])
-  z = vae.encode(images_bhwc, rng)
-  z = (z - cfg.shift_factor) * cfg.scaling_factor
-  return patchify(z, cfg.patch_size)
-
-
-def decode_tokens(vae: AutoencoderKL, tokens_btd: Array, h: int, w: int) -> Array:
-  """Patch tokens (B, T, d) -> pixels (B, H, W, 3), fp32, not clipped.
-
-  ``h``, ``w`` are the token grid (T = h * w); pixel sizes (h * f * p, w * f * p) are also
-  accepted and recognised because they do not multiply to T.
-  """
-  cfg = vae.config
-  if tokens_btd.ndim != 3 or tokens_btd.shape[-1] != cfg.token_dim:
-    raise ValueError(f"tokens must be (B, T, {cfg.token_dim}), got shape {tuple(tokens_btd.shape)}")
-  t = tokens_btd.shape[1]
-  s = cfg.pixels_per_token
-  if h * w != t:
-    if h % s == 0 and w % s == 0 and (h // s) * (w // s) == t:
-      h, w = h // s, w // s
-    else:
-      raise ValueError(f"{t} tokens do not fill a token grid of {h}x{w} (nor an image of "
-                       f"{h}x{w} pixels at {s} pixels per token)")
-  z = unpatchify(tokens_btd, h, w, cfg.patch_size)
-  z = z / cfg.scaling_factor + cfg.shift_factor
-  return vae.decode(z)
-
-
-def token_encoder(vae: AutoencoderKL) -> tuple[Callable[[Any, Array], Array], dict]:
-  """(encode(vae_params, images) -> tokens, vae_params): a pure function and the frozen VAE's
-  parameters as a pure dict, for a train step that encodes pixels on the fly (the VAE's
-  parameters are passed in, not closed over, so they are not baked into the compiled step)."""
-  graphdef, state = nnx.split(vae)
-  params = nnx.to_pure_dict(state)
-
-  def encode(vae_params: Any, images_bhwc: Array) -> Array:
-    return encode_tokens(nnx.merge(graphdef, vae_params), images_bhwc)
-
-  return encode, params
-
-
-def token_decoder(vae: AutoencoderKL) -> tuple[Callable[[Any, Array, int, int], Array], dict]:
-  """(decode(vae_params, tokens, h, w) -> images, vae_params), the sampler's counterpart of
-  ``token_encoder`` (``h``, ``w`` must be static under jit)."""
-  graphdef, state = nnx.split(vae)
-  params = nnx.to_pure_dict(state)
-
-  def decode(vae_params: Any, tokens_btd: Array, h: int, w: int) -> Array:
-    return decode_tokens(nnx.merge(graphdef, vae_params), tokens_btd, h, w)
-
-  return decode, params
-
-
-def make_encode_fn(vae: AutoencoderKL) -> Callable[[Array], Array]:
-  """A jitted images -> tokens function over a frozen copy of the VAE's parameters."""
-  graphdef, state = nnx.split(vae)
-
-  @jax.jit
-  def fn(state, images):
-    return encode_tokens(nnx.merge(graphdef, state), images)
-
-  return lambda images: fn(state, images)
-
-
-def _check_dataset(vae: AutoencoderKL, images: np.ndarray) -> None:
-  cfg = vae.config
-  validate_images(images, cfg, cfg.pixels_per_token, "dataset images")
-
-
-def latent_stats(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 100) -> dict[str, Any]:
-  """Statistics of the latents over a dataset (float64 accumulation).
-
-  token_*: per token dimension (d values) of the tokens the transformer sees;
-  channel_*: per latent channel (C values) of the same (scaled, normalised) latent;
-  raw_channel_*: per channel of the encoder's raw posterior mean (before the token norm), what
-    one would use to choose scaling/shift factors without the norm;
-  token_mean_abs_max / token_var_range: the largest |per-token mean| and the range of per-token
-    variances (0 and [1, 1] up to eps when the token norm is on).
-  """
-  _check_dataset(vae, images)
-  cfg = vae.config
-  encode = make_encode_fn(vae)
-  graphdef, state = nnx.split(vae)
-  raw_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_raw_moments(x)[0])
-  p, c = cfg.patch_size, cfg.latent_channels
-  sums = {k: 0.0 for k in ("tok", "tok2", "raw", "raw2")}
-  count = 0
-  mean_abs_max, var_lo, var_hi = 0.0, np.inf, -np.inf
-  for real, chunk in padded_chunks(images, batch_size):
-    tok = np.asarray(encode(jnp.asarray(chunk)), np.float64)[:real]  # (b, T, d)
-    raw = np.asarray(raw_fn(state, jnp.asarray(chunk)), np.float64)[:real]  # (b, h, w, C)
-    sums["tok"] = sums["tok"] + tok.sum(axis=(0, 1))
-    sums["tok2"] = sums["tok2"] + np.square(tok).sum(axis=(0, 1))
-    sums["raw"] = sums["raw"] + raw.sum(axis=(0, 1, 2))
-    sums["raw2"] = sums["raw2"] + np.square(raw).sum(axis=(0, 1, 2))
-    count += tok.shape[0] * tok.shape[1]
-    mean_abs_max = max(mean_abs_max, float(np.abs(tok.mean(-1)).max()))
-    v = tok.var(-1)
-    var_lo, var_hi = min(var_lo, float(v.min())), max(var_hi, float(v.max()))
-  tok_mean = sums["tok"] / count
-  tok_std = np.sqrt(np.maximum(sums["tok2"] / count - tok_mean ** 2, 0.0))
-  # token dim index = ch * p*p + pi * p + pj: a channel's values are p*p consecutive dims
-  ch_mean = tok_mean.reshape(c, p * p).mean(-1)
-  ch_sq = (sums["tok2"] / count).reshape(c, p * p).mean(-1)
-  ch_std = np.sqrt(np.maximum(ch_sq - ch_mean ** 2, 0.0))
-  n_raw = count * p * p
-  raw_mean = sums["raw"] / n_raw
-  raw_std = np.sqrt(np.maximum(sums["raw2"] / n_raw - raw_mean ** 2, 0.0))
-  return {
-      "num_images": int(len(images)), "num_tokens": int(count), "token_dim": cfg.token_dim,
-      "token_mean": tok_mean.tolist(), "token_std": tok_std.tolist(),
-      "channel_mean": ch_mean.tolist(), "channel_std": ch_std.tolist(),
-      "raw_channel_mean": raw_mean.tolist(), "raw_channel_std": raw_std.tolist(),
-      "token_mean_abs_max": mean_abs_max, "token_var_range": [var_lo, var_hi],
-      "token_norm": cfg.token_norm,
-  }
-
-
-def write_token_records(vae: AutoencoderKL, images: np.ndarray, labels: np.ndarray | None,
-                        path: str, batch_size: int = 100) -> dict[str, Any]:
-  """Encodes ``images`` and writes one record per image to the ArrayRecord file ``path``."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-  from flax import serialization
-  _check_dataset(vae, images)
-  if labels is not None and len(labels) != len(images):
-    raise ValueError(f"{len(labels)} labels for {len(images)} images")
-  cfg = vae.config
-  grid = token_grid(cfg, images.shape[1], images.shape[2])
-  encode = make_encode_fn(vae)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  writer = ArrayRecordWriter(path, "group_size:1")
-  index = 0
-  try:
-    for real, chunk in padded_chunks(images, batch_size):
-      tok = np.asarray(encode(jnp.asarray(chunk)), np.float32)[:real]
-      for row in tok:
-        rec = {"tokens": row, "label": int(labels[index]) if labels is not None else -1,
-               "index": index, "grid": np.asarray(grid, np.int32)}
-        writer.write(serialization.msgpack_serialize(rec))
-        index += 1
-  finally:
-    writer.close()
-  return {"path": path, "num_records": index, "grid": list(grid), "token_dim": cfg.token_dim,
-          "tokens_per_image": grid[0] * grid[1], "vae": cfg.to_dict()}
-
-
-def decode_token_record(record: bytes) -> dict[str, Any]:
-  """One record -> {"tokens": float32 (T, d), "label": int, "index": int, "grid": (h, w)}."""
-  from flax import serialization
-  rec = serialization.msgpack_restore(record)
-  missing = {"tokens", "label", "index", "grid"} - set(rec)
-  if missing:
-    raise ValueError(f"token record lacks fields {sorted(missing)}")
-  rec["tokens"] = np.asarray(rec["tokens"], np.float32)
-  rec["grid"] = tuple(int(g) for g in rec["grid"])
-  return rec
-
-
-def token_source(path: str | list[str]):
-  """A grain ``ArrayRecordDataSource`` over token files (items are raw bytes: map
-  ``decode_token_record`` over them)."""
-  import grain
-  paths = [path] if isinstance(path, str) else list(path)
-  for p in paths:
-    if not os.path.isfile(p):
-      raise FileNotFoundError(f"token file {p} does not exist")
-  return grain.sources.ArrayRecordDataSource(paths)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI.
-
-
-def _load_vae(vae_workdir: str, vae_dir: str) -> AutoencoderKL:
-  if bool(vae_workdir) == bool(vae_dir):
-    raise ValueError("give exactly one of --vae_workdir (train_vae output) or --vae_dir "
-                     "(exported VAE directory)")
-  if vae_workdir:
-    from nextstep_jax import train_vae
-    return train_vae.load_vae(vae_workdir)[0]
-  from nextstep_jax.interop.vae import load_vae_dir
-  return load_vae_dir(vae_dir)
+from nextstep_jax import run as run_lib
+from nextstep_jax import vae_tokens
+from nextstep_jax.data.images import load_images
 
 
 def main(argv=None) -> None:
-  from absl import flags
   del argv
   f = flags.FLAGS
-  vae = _load_vae(f.vae_workdir, f.vae_dir)
-  from nextstep_jax.train_vae import load_images
+  if bool(f.vae_workdir) == bool(f.vae_dir):
+    raise app.UsageError("give exactly one of --vae_workdir (train_vae output) or --vae_dir "
+                         "(exported VAE directory)")
+  vae = run_lib.load_vae(f.vae_workdir or f.vae_dir)
   images, labels = load_images(f.source, f.split, f.image_size)
   os.makedirs(f.out_dir, exist_ok=True)
   t0 = time.time()
-  stats = latent_stats(vae, images, f.batch_size)
+  stats = vae_tokens.latent_stats(vae, images, f.batch_size)
   stats_path = os.path.join(f.out_dir, f"{f.split}_latent_stats.json")
   with open(stats_path, "w") as fh:
     json.dump(stats, fh, indent=2)
@@ -265,7 +42,7 @@ def main(argv=None) -> None:
   if f.stats_only:
     return
   t0 = time.time()
-  meta = write_token_records(vae, images, labels,
+  meta = vae_tokens.write_token_records(vae, images, labels,
                              os.path.join(f.out_dir, f"{f.split}_tokens.array_record"), f.batch_size)
   meta.update(source=f.source, split=f.split, image_size=f.image_size)
   with open(os.path.join(f.out_dir, f"{f.split}_tokens_meta.json"), "w") as fh:
@@ -275,7 +52,6 @@ def main(argv=None) -> None:
 
 
 def _define_flags() -> None:
-  from absl import flags
   flags.DEFINE_string("vae_workdir", "", "train_vae workdir to load the VAE from")
   flags.DEFINE_string("vae_dir", "", "exported VAE directory (config.json + weights)")
   flags.DEFINE_string("out_dir", None, "where to write tokens and statistics", required=True)
@@ -287,6 +63,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(main)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.batch import IGNORE
 
 
 def synthetic_batch(rows: int, seq_len: int, vocab: int, token_dim: int, image_tokens: int = 4,

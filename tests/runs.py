@@ -25,8 +25,8 @@ def make_base_run(root: str, config, *, step: int = 7, seed: int = 3) -> tuple[s
   """A stand-in for a demo run's work directory: a random demo VAE in root/vae, the demo tokenizer
   recipe on the digit texts in root/tokenizer, and a randomly initialised model (`config`, `seed`)
   saved as `step` in root/checkpoints. Returns (root, the saved params)."""
-  from nextstep_jax import checkpoint as ckpt_lib
-  from nextstep_jax import train_vae
+  from nextstep_jax.training import checkpoint as ckpt_lib
+  from nextstep_jax.training import vae_trainer
   from nextstep_jax.data import digits
   from nextstep_jax.data import tokenizer as tok_lib
   from nextstep_jax.interop.vae import export_vae
@@ -34,8 +34,8 @@ def make_base_run(root: str, config, *, step: int = 7, seed: int = 3) -> tuple[s
   from nextstep_jax.models import vae as vae_lib
 
   vae = jit_build(lambda: vae_lib.build_vae("demo", seed=0))
-  export_vae(vae, os.path.join(root, "vae", train_vae.EXPORT_DIR))
-  with open(os.path.join(root, "vae", train_vae.VAE_CONFIG_FILE), "w") as f:
+  export_vae(vae, os.path.join(root, "vae", vae_trainer.EXPORT_DIR))
+  with open(os.path.join(root, "vae", vae_trainer.VAE_CONFIG_FILE), "w") as f:
     f.write(vae.config.to_json())
   tok_lib.train_sentencepiece(digits.demo_texts(), 128).save(os.path.join(root, "tokenizer"))
   model = jit_build(lambda: ns.build_model(config, seed=seed))

@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs.common import base_config  # noqa: E402
-from nextstep_jax import aot, mesh_hybrid  # noqa: E402
+from nextstep_jax.training import aot  # noqa: E402
+from nextstep_jax import parallel  # noqa: E402
 from nextstep_jax.models import attention  # noqa: E402
 
 
@@ -127,27 +128,27 @@ def test_topology_names():
 
 
 def test_hybrid_axes_resolution():
-  ici, dcn, total = mesh_hybrid.resolve_hybrid_axes(dict(data=1, fsdp=-1, tensor=1), dict(data=2), 64, 2)
+  ici, dcn, total = parallel.resolve_hybrid_axes(dict(data=1, fsdp=-1, tensor=1), dict(data=2), 64, 2)
   assert ici == dict(data=1, fsdp=32, tensor=1) and dcn == dict(data=2, fsdp=1, tensor=1)
   assert total == dict(data=2, fsdp=32, tensor=1)
-  _, dcn, total = mesh_hybrid.resolve_hybrid_axes(dict(data=1, fsdp=-1, tensor=2), dict(data=-1), 64, 4)
+  _, dcn, total = parallel.resolve_hybrid_axes(dict(data=1, fsdp=-1, tensor=2), dict(data=-1), 64, 4)
   assert dcn["data"] == 4 and total == dict(data=4, fsdp=8, tensor=2)
   # Without DCN axes the ICI axes span every device.
-  assert mesh_hybrid.resolve_hybrid_axes(dict(data=-1), None, 8, 2)[2] == dict(data=8, fsdp=1, tensor=1)
+  assert parallel.resolve_hybrid_axes(dict(data=-1), None, 8, 2)[2] == dict(data=8, fsdp=1, tensor=1)
   with pytest.raises(ValueError, match="mesh.dcn_axes"):
-    mesh_hybrid.resolve_hybrid_axes(dict(data=-1), dict(data=3), 64, 2)
+    parallel.resolve_hybrid_axes(dict(data=-1), dict(data=3), 64, 2)
   with pytest.raises(ValueError, match="mesh.dcn_axes has unknown"):
-    mesh_hybrid.resolve_hybrid_axes(dict(data=-1), dict(pipeline=2), 64, 2)
+    parallel.resolve_hybrid_axes(dict(data=-1), dict(pipeline=2), 64, 2)
   with pytest.raises(ValueError, match="per granule"):
-    mesh_hybrid.resolve_hybrid_axes(dict(data=1, fsdp=64), dict(data=2), 64, 2)
+    parallel.resolve_hybrid_axes(dict(data=1, fsdp=64), dict(data=2), 64, 2)
 
 
 def test_hybrid_mesh_single_process_is_the_plain_mesh():
   devices = jax.devices()
-  mesh = mesh_hybrid.make_hybrid_mesh(dict(axes=dict(data=-1, fsdp=1, tensor=1), dcn_axes=dict(data=1)), devices)
+  mesh = parallel.make_hybrid_mesh(dict(axes=dict(data=-1, fsdp=1, tensor=1), dcn_axes=dict(data=1)), devices)
   assert dict(mesh.shape) == dict(data=len(devices), fsdp=1, tensor=1)
   with pytest.raises(ValueError, match="mesh.dcn_axes"):
-    mesh_hybrid.make_hybrid_mesh(dict(axes=dict(data=-1), dcn_axes=dict(data=2)), devices)
+    parallel.make_hybrid_mesh(dict(axes=dict(data=-1), dcn_axes=dict(data=2)), devices)
 
 
 # ------------------------------------------------------------------------------------------------

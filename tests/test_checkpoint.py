@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common
 from nextstep_jax import parallel as par
-from nextstep_jax.checkpoint import (Checkpointer, CorruptCheckpointError, check_integrity,
+from nextstep_jax.training.checkpoint import (Checkpointer, CorruptCheckpointError, check_integrity,
                                      decode_data_state, encode_data_state, read_step,
                                      restore_params_from, write_integrity)
 

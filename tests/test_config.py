@@ -247,10 +247,10 @@ def test_stage_model_builds_abstractly_with_expected_sizes(name):
 
   import jax
 
-  from nextstep_jax import train
+  from nextstep_jax.training import trainer as trainer_lib
 
   cfg = importlib.import_module(f"configs.{name}").get_config()
-  _, abstract, axes = train.abstract_model(cfg)
+  _, abstract, axes = trainer_lib.abstract_model(cfg)
   count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
   backbone, head = count(abstract["backbone"]), count(abstract["head"])
   assert backbone == 14_770_033_664  # embed + 48 layers + norm + untied lm_head (about 14.8B)

@@ -15,7 +15,9 @@ import pytest
 from flax import nnx
 
 from configs.common import base_config
-from nextstep_jax import dpo
+from nextstep_jax.evaluation import preferences as digit_prefs
+from nextstep_jax.training import dpo
+from nextstep_jax.data import preferences
 from nextstep_jax import parallel
 from nextstep_jax.data.packing import RowSpec
 from nextstep_jax.models import nextstep as ns
@@ -175,41 +177,41 @@ def _pairs(n, size=32, seed=0):
 
 def test_records_round_trip_and_errors(tmp_path):
   prompts, chosen, rejected = _pairs(5)
-  path = dpo.write_preferences(str(tmp_path), "train", prompts, chosen, rejected, [{"i": i} for i in range(5)])
+  path = preferences.write_preferences(str(tmp_path), "train", prompts, chosen, rejected, [{"i": i} for i in range(5)])
   assert os.path.basename(path) == "train.jsonl"
-  recs = dpo.PreferenceRecords(str(tmp_path), "train")
+  recs = preferences.PreferenceRecords(str(tmp_path), "train")
   assert len(recs) == 5
   r = recs[3]
   assert r["prompt"] == "digit 3" and r["meta"] == {"i": 3} and r["index"] == 3
   np.testing.assert_array_equal(r["chosen"], np.repeat(chosen[3][..., None], 3, axis=-1))
   np.testing.assert_array_equal(r["rejected"], rejected[3])
   with pytest.raises(ValueError, match="differ in size"):
-    dpo.write_preferences(str(tmp_path), "heldout", prompts[:1], chosen[:1], [np.zeros((16, 16), np.uint8)])
+    preferences.write_preferences(str(tmp_path), "heldout", prompts[:1], chosen[:1], [np.zeros((16, 16), np.uint8)])
   with pytest.raises(ValueError, match="uint8"):
-    dpo.write_preferences(str(tmp_path), "heldout", prompts[:1], [np.zeros((32, 32))], rejected[:1])
+    preferences.write_preferences(str(tmp_path), "heldout", prompts[:1], [np.zeros((32, 32))], rejected[:1])
   with pytest.raises(FileNotFoundError, match="heldout.jsonl does not exist"):
-    dpo.PreferenceRecords(str(tmp_path), "heldout")
+    preferences.PreferenceRecords(str(tmp_path), "heldout")
   bad = tmp_path / "heldout.jsonl"
   bad.write_text('{"prompt": "x", "chosen": "a.png", "rejected": "b.png"}\n{"prompt": "y", "chosen": ""}\n')
   with pytest.raises(ValueError, match=r"heldout.jsonl:2: field 'chosen'"):
-    dpo.PreferenceRecords(str(tmp_path), "heldout")
+    preferences.PreferenceRecords(str(tmp_path), "heldout")
   bad.write_text("not json\n")
   with pytest.raises(ValueError, match=r"heldout.jsonl:1: not valid JSON"):
-    dpo.PreferenceRecords(str(tmp_path), "heldout")
+    preferences.PreferenceRecords(str(tmp_path), "heldout")
   bad.write_text('{"prompt": "x", "chosen": "missing.png", "rejected": "b.png"}\n')
   with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
-    dpo.PreferenceRecords(str(tmp_path), "heldout")[0]
+    preferences.PreferenceRecords(str(tmp_path), "heldout")[0]
   bad.write_text("\n")
   with pytest.raises(ValueError, match="no preference pairs"):
-    dpo.PreferenceRecords(str(tmp_path), "heldout")
+    preferences.PreferenceRecords(str(tmp_path), "heldout")
   with pytest.raises(ValueError, match="split"):
-    dpo.PreferenceRecords(str(tmp_path), "test")
+    preferences.PreferenceRecords(str(tmp_path), "test")
 
 
 def _builder(seq_len=48):
   spec = RowSpec(seq_len=seq_len, payload="images", max_images=1, max_image_tokens=16, token_dim=16,
                  image_shape=(32, 32), pad_id=0)
-  return dpo.PairBuilder(CharTokenizer(), spec, unit=8)
+  return preferences.PairBuilder(CharTokenizer(), spec, unit=8)
 
 
 def test_pair_batches_interleave_and_resume_exactly(tmp_path):
@@ -217,9 +219,9 @@ def test_pair_batches_interleave_and_resume_exactly(tmp_path):
   prompts[2] = "x" * 40   # too long for 48-token rows: skipped and counted
   # Two image sizes: 16 px pairs form their own batches (a pixel batch holds one size).
   _, c16, r16 = _pairs(3, size=16, seed=1)
-  dpo.write_preferences(str(tmp_path), "train", prompts + ["small"] * 3, chosen + c16, rejected + r16)
-  recs = dpo.PreferenceRecords(str(tmp_path), "train")
-  it = dpo.PreferenceIterator(recs, _builder(), pairs=2, seed=4)
+  preferences.write_preferences(str(tmp_path), "train", prompts + ["small"] * 3, chosen + c16, rejected + r16)
+  recs = preferences.PreferenceRecords(str(tmp_path), "train")
+  it = preferences.PreferenceIterator(recs, _builder(), pairs=2, seed=4)
   first = next(it)
   assert first["tokens"].shape == (4, 48) and first["images"].shape[:2] == (4, 1)
   for i in range(2):
@@ -232,7 +234,7 @@ def test_pair_batches_interleave_and_resume_exactly(tmp_path):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   want = [next(it) for _ in range(4)]
-  again = dpo.PreferenceIterator(recs, _builder(), pairs=2, seed=4)
+  again = preferences.PreferenceIterator(recs, _builder(), pairs=2, seed=4)
   again.set_state(state)
   for a, b in zip(want, [next(again) for _ in range(4)]):
     for k in a:
@@ -241,23 +243,23 @@ def test_pair_batches_interleave_and_resume_exactly(tmp_path):
   shapes = {b["images"].shape[2] for b in want + [first]}
   assert shapes == {16, 32}
   # Two processes: each decodes its half of every global batch; together they give the one-process batch.
-  halves = [dpo.PreferenceIterator(recs, _builder(), pairs=2, seed=4, process_index=p, process_count=2)
+  halves = [preferences.PreferenceIterator(recs, _builder(), pairs=2, seed=4, process_index=p, process_count=2)
             for p in range(2)]
-  single = dpo.PreferenceIterator(recs, _builder(), pairs=2, seed=4)
+  single = preferences.PreferenceIterator(recs, _builder(), pairs=2, seed=4)
   for _ in range(5):
     parts, whole = [next(h) for h in halves], next(single)
     for k in whole:
       np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k], err_msg=k)
   with pytest.raises(ValueError, match="multiple of the 2 processes"):
-    dpo.PreferenceIterator(recs, _builder(), pairs=3, process_count=2)
+    preferences.PreferenceIterator(recs, _builder(), pairs=3, process_count=2)
   # A state from other data is refused.
-  dpo.write_preferences(str(tmp_path / "other"), "train", *_pairs(3))
+  preferences.write_preferences(str(tmp_path / "other"), "train", *_pairs(3))
   with pytest.raises(ValueError, match="data changed"):
-    dpo.PreferenceIterator(dpo.PreferenceRecords(str(tmp_path / "other")), _builder(), 2).set_state(state)
+    preferences.PreferenceIterator(preferences.PreferenceRecords(str(tmp_path / "other")), _builder(), 2).set_state(state)
   # Nothing usable: a clear error instead of an endless loop.
-  dpo.write_preferences(str(tmp_path / "long"), "train", ["y" * 60] * 2, *_pairs(2)[1:])
+  preferences.write_preferences(str(tmp_path / "long"), "train", ["y" * 60] * 2, *_pairs(2)[1:])
   with pytest.raises(RuntimeError, match="no usable preference pair"):
-    next(dpo.PreferenceIterator(dpo.PreferenceRecords(str(tmp_path / "long")), _builder(), 2))
+    next(preferences.PreferenceIterator(preferences.PreferenceRecords(str(tmp_path / "long")), _builder(), 2))
 
 
 def test_digit_preferences_with_a_stand_in_model(tmp_path):
@@ -272,9 +274,9 @@ def test_digit_preferences_with_a_stand_in_model(tmp_path):
   def classify(images):
     return np.zeros(len(images), np.int64)
 
-  summary = dpo.build_digit_preferences(str(tmp_path), "train", 30, seed=1, generator=generator,
+  summary = digit_prefs.build_digit_preferences(str(tmp_path), "train", 30, seed=1, generator=generator,
                                         classify=classify, rounds=2)
-  recs = dpo.PreferenceRecords(str(tmp_path), "train")
+  recs = preferences.PreferenceRecords(str(tmp_path), "train")
   assert len(recs) == 30 and calls == [30, 3]   # round 1 only for the digit-0 prompts
   metas = [recs[i]["meta"] for i in range(30)]
   assert sorted(m["digit"] for m in metas) == sorted(i % 10 for i in range(30))
@@ -297,12 +299,12 @@ def test_digit_preferences_with_a_stand_in_model(tmp_path):
   np.testing.assert_array_equal(recs[0]["chosen"], padded[m["chosen_index"]])
   assert labels[m["chosen_index"]] == m["digit"]
   # All real: no model needed.
-  s = dpo.build_digit_preferences(str(tmp_path), "heldout", 10, rejected="real")
+  s = digit_prefs.build_digit_preferences(str(tmp_path), "heldout", 10, rejected="real")
   assert s["rejected_from_samples"] == 0
   with pytest.raises(ValueError, match="need a generator"):
-    dpo.build_digit_preferences(str(tmp_path), "heldout", 10)
+    digit_prefs.build_digit_preferences(str(tmp_path), "heldout", 10)
   with pytest.raises(ValueError, match="templates"):
-    dpo.plan_digit_pairs(10, templates=[99])
+    digit_prefs.plan_digit_pairs(10, templates=[99])
 
 
 def test_dpo_settings_errors():
@@ -373,8 +375,8 @@ def test_lora_dpo_uses_the_frozen_base_as_reference():
 
 def test_dpo_demo_runs_checkpoints_and_resumes_exactly(tmp_path, capsys):
   from configs import dpo_demo
-  from nextstep_jax import metrics
-  from nextstep_jax.checkpoint import read_step
+  from nextstep_jax.training import metrics
+  from nextstep_jax.training.checkpoint import read_step
   from tests.runs import make_base_run, point_at, shrink
   c = dpo_demo.get_config()
   with c.unlocked():
@@ -382,8 +384,8 @@ def test_dpo_demo_runs_checkpoints_and_resumes_exactly(tmp_path, capsys):
     base, _ = make_base_run(str(tmp_path / "sft"), c)
     point_at(c, base)
     prefs = str(tmp_path / "pairs")
-    dpo.build_digit_preferences(prefs, "train", 24, rejected="real")
-    dpo.build_digit_preferences(prefs, "heldout", 8, rejected="real")
+    digit_prefs.build_digit_preferences(prefs, "train", 24, rejected="real")
+    digit_prefs.build_digit_preferences(prefs, "heldout", 8, rejected="real")
     c.dpo.data = prefs
     c.dpo.heldout_batches = 1
     c.data.batch_size = 8

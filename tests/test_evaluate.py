@@ -10,8 +10,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from nextstep_jax import classifier as clf_lib
-from nextstep_jax import evaluate
+from nextstep_jax import run as run_lib
+from nextstep_jax.evaluation import classifier as clf_lib
+from nextstep_jax.evaluation import digits as digits_eval
+from nextstep_jax.evaluation import frechet
 from nextstep_jax.data import digits
 from tests.runs import make_base_run
 
@@ -43,9 +45,9 @@ def test_frechet_distance_is_zero_for_identical_sets_and_symmetric():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
   y = rng.normal(size=(200, 16)) + 0.5
-  assert evaluate.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
-  assert evaluate.frechet_distance(x, y) == pytest.approx(evaluate.frechet_distance(y, x), rel=1e-9)
-  assert evaluate.frechet_distance(x, y) > 1.0
+  assert frechet.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+  assert frechet.frechet_distance(x, y) == pytest.approx(frechet.frechet_distance(y, x), rel=1e-9)
+  assert frechet.frechet_distance(x, y) > 1.0
 
 
 def test_gaussian_frechet_distance_matches_closed_forms():
@@ -53,21 +55,21 @@ def test_gaussian_frechet_distance_matches_closed_forms():
   f = 6
   mu1, mu2 = rng.normal(size=f), rng.normal(size=f)
   # 1-D: (m1 - m2)^2 + (s1 - s2)^2.
-  assert evaluate.gaussian_frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
+  assert frechet.gaussian_frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
   # Covariances sharing eigenvectors: |dmu|^2 + sum (sqrt(a) - sqrt(b))^2.
   q, _ = np.linalg.qr(rng.normal(size=(f, f)))
   a, b = rng.uniform(0.1, 3.0, f), rng.uniform(0.1, 3.0, f)
   c1, c2 = (q * a) @ q.T, (q * b) @ q.T
   want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  assert evaluate.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-9)
+  assert frechet.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-9)
   # General (non-commuting) covariances: tr sqrt(C1 C2) from the eigenvalues of the non-symmetric C1 C2.
   c1, c2 = _random_spd(rng, f), _random_spd(rng, f)
   tr_sqrt = np.sum(np.sqrt(np.real(np.linalg.eigvals(c1 @ c2))))
   want = np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt
-  assert evaluate.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-9)
+  assert frechet.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-9)
   # A singular covariance is fine (PSD square root).
   c_sing = np.diag([1.0, 0.0, 2.0, 0.0, 1.0, 3.0])
-  assert np.isfinite(evaluate.gaussian_frechet_distance(mu1, c_sing, mu2, c2))
+  assert np.isfinite(frechet.gaussian_frechet_distance(mu1, c_sing, mu2, c2))
 
 
 def test_frechet_distance_of_samples_approaches_the_gaussians():
@@ -77,22 +79,22 @@ def test_frechet_distance_of_samples_approaches_the_gaussians():
   c1, c2 = _random_spd(rng, f), _random_spd(rng, f)
   x = rng.multivariate_normal(mu1, c1, size=200_000)
   y = rng.multivariate_normal(mu2, c2, size=200_000)
-  want = evaluate.gaussian_frechet_distance(mu1, c1, mu2, c2)
-  assert evaluate.frechet_distance(x, y) == pytest.approx(want, rel=0.02)
+  want = frechet.gaussian_frechet_distance(mu1, c1, mu2, c2)
+  assert frechet.frechet_distance(x, y) == pytest.approx(want, rel=0.02)
 
 
 def test_frechet_distance_rejects_bad_features():
   rng = np.random.default_rng(3)
   with pytest.raises(ValueError, match="feats_a has 4 features per row, feats_b 5"):
-    evaluate.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(10, 5)))
+    frechet.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(10, 5)))
   with pytest.raises(ValueError, match="at least 2 rows"):
-    evaluate.frechet_distance(rng.normal(size=(1, 4)), rng.normal(size=(10, 4)))
+    frechet.frechet_distance(rng.normal(size=(1, 4)), rng.normal(size=(10, 4)))
   with pytest.raises(ValueError, match="feats_b must be \\(N, F\\)"):
-    evaluate.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(10,)))
+    frechet.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(10,)))
   bad = rng.normal(size=(10, 4))
   bad[3, 1] = np.nan
   with pytest.raises(ValueError, match="non-finite"):
-    evaluate.frechet_distance(rng.normal(size=(10, 4)), bad)
+    frechet.frechet_distance(rng.normal(size=(10, 4)), bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,15 +130,15 @@ def test_classifier_rejects_bad_images(judge):
   with pytest.raises(ValueError, match=r"must be pixels in \[-1, 1\]"):
     clf_lib.predict(model, np.full((4, 32, 32, 3), 200.0, np.float32))
   with pytest.raises(ValueError, match="labels must be 4 integers"):
-    evaluate.prompt_following(model, np.zeros((4, 32, 32, 3), np.uint8), [1, 2, 3])
+    digits_eval.prompt_following(model, np.zeros((4, 32, 32, 3), np.uint8), [1, 2, 3])
 
 
 def test_prompt_following_on_real_digits(judge, heldout):
   _, model, _ = judge
   images, labels = heldout
-  assert evaluate.prompt_following(model, images, labels) >= 0.97
+  assert digits_eval.prompt_following(model, images, labels) >= 0.97
   shuffled = np.random.default_rng(0).permutation(labels)
-  assert 0.03 <= evaluate.prompt_following(model, images, shuffled) <= 0.2
+  assert 0.03 <= digits_eval.prompt_following(model, images, shuffled) <= 0.2
 
 
 def test_evaluate_generated_real_vs_real_and_noise(judge, heldout):
@@ -144,12 +146,12 @@ def test_evaluate_generated_real_vs_real_and_noise(judge, heldout):
   images, labels = heldout
   perm = np.random.default_rng(0).permutation(len(labels))
   a, b = perm[:250], perm[250:]
-  real = evaluate.evaluate_generated(model, images[a], labels[a], images[b])
+  real = digits_eval.evaluate_generated(model, images[a], labels[a], images[b])
   assert set(real) >= {"prompt_accuracy", "per_class_accuracy", "frechet_distance"}
   assert sorted(real["per_class_accuracy"]) == list(range(10))
   assert real["prompt_accuracy"] >= 0.95
   noise = np.random.default_rng(1).integers(0, 256, size=(250, 32, 32, 3), dtype=np.uint8)
-  fake = evaluate.evaluate_generated(model, noise, labels[a], images[b])
+  fake = digits_eval.evaluate_generated(model, noise, labels[a], images[b])
   assert fake["prompt_accuracy"] <= 0.3
   assert fake["frechet_distance"] > 10 * real["frechet_distance"], (real, fake)
   print(f"FD real-vs-real halves {real['frechet_distance']:.2f}, noise {fake['frechet_distance']:.2f}")
@@ -173,27 +175,28 @@ def run_dir(tmp_path_factory):
 
 def test_load_trained_and_generate_digits(run_dir):
   workdir, params = run_dir
-  model, config, tokenizer, vae = evaluate.load_trained(workdir)
-  assert config.data.image_size == 32 and evaluate.latest_step(workdir) == 5
+  run = run_lib.load_run(workdir)
+  model, config, tokenizer, vae = run.model, run.config, run.tokenizer, run.vae
+  assert config.data.image_size == 32 and run.step == 5
   restored = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, restored, params)
   assert vae.config.token_dim == model.config.token_dim == 16
-  assert tokenizer.decode(tokenizer.encode(evaluate.PROMPT_TEMPLATE.format(d=7))) == "a handwritten digit 7"
+  assert tokenizer.decode(tokenizer.encode(digits_eval.PROMPT_TEMPLATE.format(d=7))) == "a handwritten digit 7"
   key = jax.random.key(0)
-  imgs = evaluate.generate_digits(model, config, tokenizer, vae, range(10), 1, key, cfg=3.0, steps=2)
+  imgs = digits_eval.generate_digits(model, config, tokenizer, vae, range(10), 1, key, cfg=3.0, steps=2)
   assert imgs.shape == (10, 32, 32, 3) and imgs.dtype == np.uint8
-  again = evaluate.generate_digits(model, config, tokenizer, vae, range(10), 1, key, cfg=3.0, steps=2)
+  again = digits_eval.generate_digits(model, config, tokenizer, vae, range(10), 1, key, cfg=3.0, steps=2)
   np.testing.assert_array_equal(imgs, again)
-  np.testing.assert_array_equal(evaluate.digit_labels([2, 5], 3), [2, 2, 2, 5, 5, 5])
+  np.testing.assert_array_equal(digits_eval.digit_labels([2, 5], 3), [2, 2, 2, 5, 5, 5])
   with pytest.raises(ValueError, match="digits must be a non-empty list of 0..9"):
-    evaluate.generate_digits(model, config, tokenizer, vae, [10], 1, key)
+    digits_eval.generate_digits(model, config, tokenizer, vae, [10], 1, key)
 
 
 def test_evaluate_run_writes_eval_json_and_grid(run_dir, judge):
   workdir, _ = run_dir
-  result = evaluate.evaluate_run(workdir, per_digit=1, cfg=3.0, steps=2, classifier_dir=judge[0],
+  result = digits_eval.evaluate_run(workdir, per_digit=1, cfg=3.0, steps=2, classifier_dir=judge[0],
                                  vae_eval_images=8)
-  with open(os.path.join(workdir, evaluate.EVAL_FILE)) as f:
+  with open(os.path.join(workdir, digits_eval.EVAL_FILE)) as f:
     saved = json.load(f)
   expected = {"prompt_accuracy", "per_class_accuracy", "frechet_distance", "frechet_distance_real", "vae_psnr",
               "vae_ssim", "classifier_heldout_accuracy", "num_samples", "num_real", "per_digit",
@@ -206,5 +209,5 @@ def test_evaluate_run_writes_eval_json_and_grid(run_dir, judge):
   assert saved["classifier_heldout_accuracy"] == judge[2]["heldout_accuracy"]
   assert saved["vae"]["num_images"] == 8 and np.isfinite(saved["vae_psnr"])
   assert saved["prompt_accuracy"] == result["prompt_accuracy"]
-  with Image.open(os.path.join(workdir, evaluate.GRID_FILE)) as im:
+  with Image.open(os.path.join(workdir, digits_eval.GRID_FILE)) as im:
     assert im.size == (32, 10 * 32)  # one row per digit, per_digit columns

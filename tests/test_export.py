@@ -12,6 +12,8 @@ import pytest
 from flax import nnx
 
 from nextstep_jax import export as export_cli
+from nextstep_jax import run as run_lib
+from nextstep_jax.interop import runs
 from nextstep_jax.interop import hf
 from nextstep_jax.interop.params import load_pure_params, pure_params
 from nextstep_jax.models import backbone as bb
@@ -271,7 +273,7 @@ class _Tok:
 
 def test_command_line_export_and_import(tmp_path, monkeypatch):
   import ml_collections
-  from nextstep_jax import checkpoint as ckpt_lib
+  from nextstep_jax.training import checkpoint as ckpt_lib
   config = ml_collections.ConfigDict(dict(
       seed=0, workdir=str(tmp_path / "run"),
       model=dict(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -286,7 +288,7 @@ def test_command_line_export_and_import(tmp_path, monkeypatch):
   with ckpt_lib.Checkpointer(os.path.join(config.workdir, "checkpoints"), every=1, keep=1, async_save=False,
                              config=config) as ckpt:
     ckpt.save(7, {"params": params, "step": jnp.int32(7)}, force=True)
-  monkeypatch.setattr(export_cli, "_find_tokenizer", lambda workdir, config, path: _Tok())
+  monkeypatch.setattr(run_lib, "load_tokenizer", lambda config, workdir, path=None: _Tok())
   out = str(tmp_path / "hf")
   export_cli.main([f"--workdir={config.workdir}", f"--out={out}", "--max_shard_size=100KB"])
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
@@ -303,4 +305,4 @@ def test_command_line_export_and_import(tmp_path, monkeypatch):
   back = ckpt_lib.restore_params_from(ck, abstract)
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert export_cli.parse_size("5GB") == 5 * 10**9 and export_cli.parse_size("64KiB") == 65536
+  assert runs.parse_size("5GB") == 5 * 10**9 and runs.parse_size("64KiB") == 65536

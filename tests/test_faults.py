@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from benchmarks import faults
+from nextstep_jax import run as run_lib
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10          # the faulted demo run: checkpoints every 2 steps, 3 kept
@@ -115,7 +116,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(assets, tmp_path):
   # last step before it; it reads back with the one earlier skip counted and finite params.
   ckpt_dir = workdir / "checkpoints"
   assert faults.finished_steps(ckpt_dir) == [2, 4]
-  from nextstep_jax.checkpoint import read_step  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training.checkpoint import read_step  # pylint: disable=import-outside-toplevel
   step, state, _ = read_step(ckpt_dir)
   assert step == 4 and int(state["skipped"]) == 1 and int(state["bad_streak"]) == 0
   import jax  # pylint: disable=import-outside-toplevel
@@ -126,10 +127,11 @@ def test_inf_gradient_with_finite_loss_leaves_the_state_unchanged(monkeypatch):
   """In process: the jitted step when the loss is finite but a gradient is Inf (a NaN loss is
   tests/test_train_step.py's case): nothing of the state moves but the counters."""
   import jax  # pylint: disable=import-outside-toplevel
-  from nextstep_jax import parallel, train  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import parallel  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from tests.batches import synthetic_batch  # pylint: disable=import-outside-toplevel
   from tests.test_train_step import _config  # pylint: disable=import-outside-toplevel
-  grads = train.Trainer.grads
+  grads = trainer_lib.Trainer.grads
 
   def inf_grads(self, *args, **kwargs):
     g, m = grads(self, *args, **kwargs)
@@ -137,10 +139,10 @@ def test_inf_gradient_with_finite_loss_leaves_the_state_unchanged(monkeypatch):
     leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.inf)
     return jax.tree.unflatten(treedef, leaves), m
 
-  monkeypatch.setattr(train.Trainer, "grads", inf_grads)
+  monkeypatch.setattr(trainer_lib.Trainer, "grads", inf_grads)
   c = _config(dict(data=1, fsdp=1, tensor=1))
   mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
-  trainer = train.Trainer(c, mesh)
+  trainer = trainer_lib.Trainer(c, mesh)
   state = trainer.init_state(seed=0)
   before = jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")})
   for _ in range(2):
@@ -250,7 +252,6 @@ def test_config_files_are_validated(tmp_path):
 
 
 def test_vae_files_are_validated_with_the_file_named(tmp_path, assets):
-  from nextstep_jax import train_vae  # pylint: disable=import-outside-toplevel
   from nextstep_jax.interop import vae as vae_io  # pylint: disable=import-outside-toplevel
   work = tmp_path / "vae"
   shutil.copytree(assets.vae, work)
@@ -263,4 +264,4 @@ def test_vae_files_are_validated_with_the_file_named(tmp_path, assets):
     vae_io.load_vae_dir(str(work / "export"))
   (work / "vae_config.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match="vae_config.json"):
-    train_vae.load_vae(str(work))
+    run_lib.load_vae(str(work))

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs.common import base_config, stage_config
-from nextstep_jax import flops, parallel, train
+from nextstep_jax import parallel
+from nextstep_jax.training import trainer as trainer_lib
+from nextstep_jax.training import flops
 from nextstep_jax.models import backbone as bb
 
 
@@ -28,7 +30,7 @@ def _one_layer_config():
 def test_step_flops_match_xla_cost_analysis():
   c = _one_layer_config()
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  t = train.Trainer(c, mesh)
+  t = trainer_lib.Trainer(c, mesh)
   b, seq, m, d = 2, 64, 32, int(c.image.token_dim)
   sds = jax.ShapeDtypeStruct
   batch = {k: sds((b, seq), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions", "image_index")}

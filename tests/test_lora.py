@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 
 from configs import common
-from nextstep_jax import lora as lora_lib
+from nextstep_jax.training import lora as lora_lib
 from nextstep_jax import parallel
-from nextstep_jax import train
+from nextstep_jax.training import trainer as trainer_lib
 from nextstep_jax.interop import names
 from nextstep_jax.models import nextstep as ns
 from tests.batches import synthetic_batch
@@ -55,7 +55,7 @@ def tiny():
   """(config, graphdef, base params with every weight perturbed, axes): a live model whose FM head
   (zero-initialised final layers) already passes gradients to the layers below it."""
   c = tiny_config()
-  graphdef, abstract, axes = train.abstract_model(c)
+  graphdef, abstract, axes = trainer_lib.abstract_model(c)
   model = ns.NextStep(ns.NextStepConfig.from_config(c), rngs=nnx.Rngs(params=0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   leaves, tree = jax.tree.flatten(params)
@@ -317,7 +317,7 @@ def test_compute_dtype_kernels_give_identical_loss_and_grads(tiny):
   _, _, params, axes = tiny
   c = tiny_config()
   c.model.dtype = "bfloat16"
-  graphdef, _, _ = train.abstract_model(c)
+  graphdef, _, _ = trainer_lib.abstract_model(c)
   cfg = lora_lib.LoraConfig(rank=4, targets=("q", "o", "down"), head_targets=("mlp_in",))
   lora, _ = lora_lib.init_lora(params, axes, cfg, jax.random.key(0))
   lora = jax.tree.map(lambda x: x + 0.05, lora)

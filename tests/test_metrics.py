@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nextstep_jax.metrics import MetricsWriter, StepTimer, image_grid, read_jsonl
+from nextstep_jax.training.metrics import MetricsWriter, StepTimer, image_grid, read_jsonl
 
 
 def test_scalars_go_to_jsonl_tensorboard_and_console(tmp_path, capsys):

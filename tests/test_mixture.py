@@ -14,7 +14,7 @@ import pytest
 
 from nextstep_jax.data import mixture as M
 from nextstep_jax.data import tokenizer as T
-from nextstep_jax.data.batch import validate_batch
+from nextstep_jax.batch import validate_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,6 +20,9 @@ import pytest
 from flax import nnx
 
 from nextstep_jax import config as config_lib
+from nextstep_jax import run as run_lib
+from nextstep_jax.training import trainer as trainer_lib
+from nextstep_jax.training import vae_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
@@ -42,15 +45,14 @@ def _as_flags(overrides: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A random demo VAE workdir and the demo tokenizer, written once."""
-  from nextstep_jax import train_vae
   from nextstep_jax.data import tokenizer as tok_lib
   from nextstep_jax.interop import vae as vae_interop
   from nextstep_jax.models import vae as vae_lib
   tmp = tmp_path_factory.mktemp("mp")
-  vae_cfg = train_vae.vae_config_of(config_lib.load_config(os.path.join(REPO, "configs/vae_demo.py"), check=False))
+  vae_cfg = vae_trainer.vae_config_of(config_lib.load_config(os.path.join(REPO, "configs/vae_demo.py"), check=False))
   vae = vae_lib.AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0))
-  vae_interop.export_vae(vae, str(tmp / "vae" / train_vae.EXPORT_DIR))
-  with open(tmp / "vae" / train_vae.VAE_CONFIG_FILE, "w", encoding="utf-8") as f:
+  vae_interop.export_vae(vae, str(tmp / "vae" / vae_trainer.EXPORT_DIR))
+  with open(tmp / "vae" / vae_trainer.VAE_CONFIG_FILE, "w", encoding="utf-8") as f:
     json.dump(vae_cfg.to_dict(), f)
   tok_lib.build_demo_tokenizer(str(tmp / "shared"), vocab_size=512)
   return tmp
@@ -59,13 +61,13 @@ def assets(tmp_path_factory):
 def _reference_losses(config, steps: int, process_count: int) -> list[float]:
   """One process, one device: the global batch of each step is the concatenation of what the
   `process_count` processes' iterators yield (exactly what the multi-process run assembles)."""
-  from nextstep_jax import parallel, train
+  from nextstep_jax import parallel
   from nextstep_jax.data import mixture
   from nextstep_jax.data import tokenizer as tok_lib
   tokenizer = tok_lib.load_tokenizer(config.tokenizer.path, config.tokenizer.kind)
   iters = [mixture.build_train_iterator(config, tokenizer, i, process_count) for i in range(process_count)]
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  trainer = train.Trainer(config, mesh, vae=train.load_frozen_vae(config))
+  trainer = trainer_lib.Trainer(config, mesh, vae=run_lib.vae_encoder(config))
   state = trainer.init_state(config.seed)
   losses = []
   for _ in range(steps):
@@ -112,9 +114,9 @@ def test_local_sh_rejects_bad_process_count():
 
 _HYBRID_PROBE = """
 import jax, jax.numpy as jnp, numpy as np
-from nextstep_jax import mesh_hybrid, parallel
+from nextstep_jax import parallel
 parallel.maybe_initialize_distributed()
-mesh = mesh_hybrid.make_hybrid_mesh(dict(axes=dict(data=1, fsdp=-1, tensor=1), dcn_axes=dict(data=-1)))
+mesh = parallel.make_hybrid_mesh(dict(axes=dict(data=1, fsdp=-1, tensor=1), dcn_axes=dict(data=-1)))
 rows = np.full((2,), jax.process_index() + 1.0)
 x = jax.make_array_from_process_local_data(parallel.data_sharding(mesh), rows)
 owners = sorted({d.process_index for d in mesh.devices[jax.process_index()].ravel()})

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.batch import IGNORE
 from nextstep_jax.models import backbone as bb
 from nextstep_jax.models import fm_head
 from nextstep_jax.models import nextstep as ns

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from nextstep_jax.optim import decay_mask, make_optimizer, make_schedule
+from nextstep_jax.training.optim import decay_mask, make_optimizer, make_schedule
 
 
 def _optim(**kw) -> ml_collections.ConfigDict:

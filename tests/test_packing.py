@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from nextstep_jax.data.batch import IGNORE, validate_batch
+from nextstep_jax.batch import IGNORE, validate_batch
 from nextstep_jax.data.packing import RowPacker, RowSpec, assemble_batch, fill_fraction, pack_lengths
 from nextstep_jax.data.sequences import Image, SequenceBuilder
 from nextstep_jax.data.sources import aspect_buckets
@@ -228,7 +228,7 @@ def test_spec_validation():
 
 
 def test_padded_chunks_have_one_shape_and_cover_every_row_once():
-  from nextstep_jax.data.batch import padded_chunks
+  from nextstep_jax.batch import padded_chunks
   x = np.arange(7 * 2).reshape(7, 2)
   got = list(padded_chunks(x, 3))
   assert [real for real, _ in got] == [3, 3, 1]

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from nextstep_jax import sampling
-from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.batch import IGNORE
 from nextstep_jax.models import backbone as bb
 from nextstep_jax.models import fm_head
 from nextstep_jax.models import nextstep as ns

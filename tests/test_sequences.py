@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nextstep_jax.data import tokenizer as T
-from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.batch import IGNORE
 from nextstep_jax.data.sequences import Image, SequenceBuilder
 
 AREA, BOI, EOI, PH, EOS = 1, 2, 3, 4, 9

@@ -9,7 +9,7 @@ import pytest
 
 from nextstep_jax.data import mixture as M
 from nextstep_jax.data import tokenizer as T
-from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.batch import IGNORE
 from nextstep_jax.data.sequences import SequenceBuilder
 from tests.runs import make_base_run, point_at, shrink
 from tests.test_sequences import AREA, EOI, EOS, CharTokenizer, block, enc, expected_targets, px
@@ -153,8 +153,9 @@ def test_sft_configs():
 
 def test_sft_demo_runs_from_a_checkpoint_and_resumes(tmp_path, capsys):
   from configs import sft_demo
-  from nextstep_jax import metrics, train
-  from nextstep_jax.checkpoint import read_step
+  from nextstep_jax.training import loop
+  from nextstep_jax.training import metrics
+  from nextstep_jax.training.checkpoint import read_step
   c = sft_demo.get_config()
   with c.unlocked():
     shrink(c)
@@ -166,11 +167,11 @@ def test_sft_demo_runs_from_a_checkpoint_and_resumes(tmp_path, capsys):
     c.sample_prompts = ()
     c.eval_batches = 1
   work = str(tmp_path / "sft")
-  train.train(c, work)
+  loop.train(c, work)
   assert "initialised params from" in capsys.readouterr().out
   with c.unlocked():
     c.steps = 3
-  last = train.train(c, work)
+  last = loop.train(c, work)
   assert "resumed from step 2" in capsys.readouterr().out
   assert np.isfinite(last["loss"]) and last["image_tokens"] > 0
   steps = [r["step"] for r in metrics.read_jsonl(os.path.join(work, "metrics.jsonl")) if "loss" in r]

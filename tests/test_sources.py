@@ -13,7 +13,7 @@ from PIL import Image
 
 from nextstep_jax.data import mixture as M
 from nextstep_jax.data import sources as S
-from nextstep_jax.data.batch import validate_batch
+from nextstep_jax.batch import validate_batch
 from tests.test_mixture import demo_config
 from tests.test_sequences import CharTokenizer
 

@@ -7,11 +7,17 @@ import jax
 import numpy as np
 import pytest
 
+from nextstep_jax import run as run_lib
 from configs import demo as demo_config
 from configs import vae_demo
-from nextstep_jax import evaluate, metrics, train, train_vae
-from nextstep_jax import sample as sample_cli
-from nextstep_jax.checkpoint import restore_params_from
+from nextstep_jax.training import loop
+from nextstep_jax.sampling import runner
+from nextstep_jax.interop import runs
+from nextstep_jax.training import trainer as trainer_lib
+from nextstep_jax import vae_tokens
+from nextstep_jax.training import vae_trainer
+from nextstep_jax.training import metrics
+from nextstep_jax.training.checkpoint import restore_params_from
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,7 @@ def run_dir(tmp_path_factory):
   vcfg.train.steps = 2
   vcfg.train.warmup_steps = 1
   vcfg.eval.num_images = 20
-  train_vae.train_and_evaluate(vcfg, os.path.join(root, "vae"))
+  vae_trainer.train_and_evaluate(vcfg, os.path.join(root, "vae"))
   c = demo_config.get_config()
   with c.unlocked():
     c.workdir = root
@@ -37,7 +43,7 @@ def run_dir(tmp_path_factory):
     c.ema_decay = 0.5
     c.profile_steps = "1,2"
     c.sample_prompts = ("a handwritten digit 3", "a handwritten digit 8")
-  last = train.train(c, root)
+  last = loop.train(c, root)
   return root, c, last
 
 
@@ -50,7 +56,7 @@ def test_run_logs_heldout_eval_samples_and_profile(run_dir):
     assert want in keys, (want, sorted(keys))
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
   # Achieved TFLOP/s from the analytic count; no MFU on CPU (no known peak).
-  from nextstep_jax import flops
+  from nextstep_jax.training import flops
   logged = [r for r in rows if "tflops_per_device" in r]
   assert logged and "mfu" not in keys
   for r in logged:
@@ -64,9 +70,9 @@ def test_run_logs_heldout_eval_samples_and_profile(run_dir):
 
 def test_sampling_uses_ema_weights_when_asked(run_dir):
   root, c, _ = run_dir
-  ema_model, *_ = evaluate.load_trained(root, use_ema=True)
-  raw_model, *_ = evaluate.load_trained(root, use_ema=False)
-  g, abstract, _ = train.abstract_model(c)
+  ema_model = run_lib.load_run(root, use_ema=True).model
+  raw_model = run_lib.load_run(root, use_ema=False).model
+  g, abstract, _ = trainer_lib.abstract_model(c)
   ckpt = os.path.join(root, "checkpoints", "4")
   ema = restore_params_from(ckpt, abstract, key="ema")
   raw = restore_params_from(ckpt, abstract, key="params")
@@ -79,29 +85,29 @@ def test_sampling_uses_ema_weights_when_asked(run_dir):
 
 def test_sample_cli_writes_images_and_edits(run_dir, tmp_path):
   root, _, _ = run_dir
-  stats = sample_cli.run(root, "a handwritten digit 5", out=str(tmp_path / "t2i"), num=2, steps=4)
+  stats = runner.sample_run(root, "a handwritten digit 5", out=str(tmp_path / "t2i"), num=2, steps=4)
   assert stats["seconds_per_image"] > 0
   assert sorted(os.listdir(tmp_path / "t2i")) == ["grid.png", "sample_000.png", "sample_001.png"]
   from PIL import Image
   src = tmp_path / "src.png"
   Image.fromarray(np.zeros((28, 28), np.uint8)).save(src)  # grayscale 28x28: converted and resized
-  sample_cli.run(root, "invert the colours", image=str(src), out=str(tmp_path / "edit"), num=1, steps=4)
+  runner.sample_run(root, "invert the colours", image=str(src), out=str(tmp_path / "edit"), num=1, steps=4)
   assert (tmp_path / "edit" / "sample_000.png").exists()
   with pytest.raises(FileNotFoundError, match="no such file"):
-    sample_cli.run(root, "x", image=str(tmp_path / "missing.png"), num=1, steps=2)
+    runner.sample_run(root, "x", image=str(tmp_path / "missing.png"), num=1, steps=2)
 
 
 def test_export_ships_ema_weights_tokenizer_and_vae_usable_from_python(run_dir, tmp_path):
   """README's Python API on an exported run: logits for text, images for a prompt."""
-  from nextstep_jax import export, latents, sampling
+  from nextstep_jax import sampling
   from nextstep_jax.data.tokenizer import load_tokenizer
   from nextstep_jax.interop import hf
   from nextstep_jax.interop.vae import load_vae_dir
   root, c, _ = run_dir
   out = str(tmp_path / "hf")
-  export.export_workdir(root, out)
+  runs.export_workdir(root, out)
   model, _ = hf.load_nextstep(out)
-  ema_model, *_ = evaluate.load_trained(root, use_ema=True)
+  ema_model = run_lib.load_run(root, use_ema=True).model
   np.testing.assert_array_equal(np.asarray(model.backbone.lm_head_kernel[...]),
                                 np.asarray(ema_model.backbone.lm_head_kernel[...]))
   tok = load_tokenizer(out)
@@ -109,5 +115,5 @@ def test_export_ships_ema_weights_tokenizer_and_vae_usable_from_python(run_dir, 
   assert model.backbone.forward_logits(ids).shape == (1, ids.shape[1], c.model.vocab_size)
   cond, neg = sampling.image_prompts(tok, ["a handwritten digit 7"], 4, 4)
   tokens = sampling.sample_images(model, cond, neg, 4, 4, jax.random.key(0), cfg=3.0, steps=4, pad_id=tok.pad_id)
-  images = latents.decode_tokens(load_vae_dir(os.path.join(out, "vae")), tokens, 4, 4)
+  images = vae_tokens.decode_tokens(load_vae_dir(os.path.join(out, "vae")), tokens, 4, 4)
   assert images.shape == (1, 32, 32, 3) and np.isfinite(np.asarray(images)).all()

@@ -6,7 +6,7 @@ import pytest
 
 from configs.common import base_config
 from nextstep_jax import parallel
-from nextstep_jax import train
+from nextstep_jax.training import trainer as trainer_lib
 from tests.batches import synthetic_batch
 
 
@@ -34,7 +34,7 @@ def _config(axes):
 def _run(axes, devices, steps=1):
   c = _config(axes)
   mesh = parallel.make_mesh(c.mesh, devices=devices)
-  t = train.Trainer(c, mesh)
+  t = trainer_lib.Trainer(c, mesh)
   state = t.init_state(seed=0)
   losses = []
   for s in range(steps):
@@ -73,7 +73,7 @@ def test_sharded_step_equals_single_device():
 def test_non_finite_loss_skips_update():
   c = _config(dict(data=1, fsdp=1, tensor=1))
   mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
-  t = train.Trainer(c, mesh)
+  t = trainer_lib.Trainer(c, mesh)
   state = t.init_state(seed=0)
   before = jax.tree.map(np.asarray, state["params"])
   batch = synthetic_batch(8, 32, 64, 16)
@@ -92,7 +92,7 @@ def _single(config_updates):
       node = node[p]
     node[leaf] = v
   mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
-  return c, mesh, train.Trainer(c, mesh)
+  return c, mesh, trainer_lib.Trainer(c, mesh)
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -110,7 +110,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_ema_tracks_params_and_survives_checkpoint(tmp_path):
-  from nextstep_jax import checkpoint as ckpt_lib
+  from nextstep_jax.training import checkpoint as ckpt_lib
   c, mesh, t = _single({"ema_decay": 0.9})
   state = t.init_state(seed=0)
   init = jax.tree.map(np.asarray, state["params"])
@@ -154,7 +154,7 @@ def _step_temp_bytes(axes, monkeypatch, constrained: bool) -> int:
   with monkeypatch.context() as m:
     if not constrained:
       m.setattr(parallel, "constrain", lambda x, logical_axes: x)
-    t = train.Trainer(c, mesh)
+    t = trainer_lib.Trainer(c, mesh)
     state = t.init_state(seed=0)
     batch = parallel.global_batch(synthetic_batch(8, 32, 64, 16, seed=0), mesh)
     return t.step_fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes

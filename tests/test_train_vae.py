@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nextstep_jax import train_vae
+from nextstep_jax import run as run_lib
+from nextstep_jax.evaluation import image_metrics
+from nextstep_jax.data import images as images_lib
+from nextstep_jax import vae_tokens
+from nextstep_jax.training import vae_trainer
 from nextstep_jax.models import vae as vae_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +78,7 @@ def trained(tmp_path_factory):
 def test_cli_trains_and_writes_everything(trained):
   workdir, _, out = trained
   assert "held-out PSNR" in out and "step 20 |" in out
-  ev = json.load(open(os.path.join(workdir, train_vae.EVAL_FILE)))
+  ev = json.load(open(os.path.join(workdir, vae_trainer.EVAL_FILE)))
   assert ev["step"] == 20 and ev["num_images"] == 16 and ev["devices"] == jax.device_count()
   assert np.isfinite(ev["psnr"]) and 0.0 < ev["ssim"] <= 1.0
   assert ev["gamma"] == 0.2 and ev["noise_aug"] is True
@@ -94,14 +98,15 @@ def test_cli_trains_and_writes_everything(trained):
 
 def test_resume_and_load_vae(trained, tmp_path):
   workdir, config, _ = trained
-  vae, cfg = train_vae.load_vae(workdir)
+  vae = run_lib.load_vae(workdir)
+  cfg = vae.config
   assert cfg.base_channels == 8 and cfg.channel_mults == (1, 2)
   # the loaded weights reproduce the recorded evaluation
-  heldout, _ = train_vae.load_images("digits", "heldout", 32)
+  heldout, _ = images_lib.load_images("digits", "heldout", 32)
   x = jnp.asarray(heldout[:16])
   recon = jax.jit(lambda v, x: v.decode(v.encode(x, sample=False)))(vae, x)
-  ev = train_vae.evaluate(np.asarray(x), np.asarray(recon))
-  recorded = json.load(open(os.path.join(workdir, train_vae.EVAL_FILE)))
+  ev = image_metrics.reconstruction_summary(np.asarray(x), np.asarray(recon))
+  recorded = json.load(open(os.path.join(workdir, vae_trainer.EVAL_FILE)))
   assert abs(ev["psnr"] - recorded["psnr"]) < 1e-3
   # the same through the exported safetensors
   from nextstep_jax.interop.vae import load_vae_dir
@@ -112,16 +117,16 @@ def test_resume_and_load_vae(trained, tmp_path):
   # resume from step 20 to 24, in-process (8 devices under the test conftest)
   with config.unlocked():
     config.train.steps = 24
-  result = train_vae.train_and_evaluate(config, workdir)
+  result = vae_trainer.train_and_evaluate(config, workdir)
   assert result["resumed_from"] == 20 and result["step"] == 24
   assert 24 in [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-  vae24, _ = train_vae.load_vae(workdir)
-  vae20, _ = train_vae.load_vae(workdir, step=20)
+  vae24 = run_lib.load_vae(workdir)
+  vae20 = run_lib.load_vae(workdir, step=20)
   p24 = jax.tree.leaves(nnx.state(vae24, nnx.Param))
   p20 = jax.tree.leaves(nnx.state(vae20, nnx.Param))
   assert any(not np.allclose(a, b) for a, b in zip(p24, p20))
   with pytest.raises(FileNotFoundError, match="not a train_vae workdir"):
-    train_vae.load_vae(str(tmp_path))
+    run_lib.load_vae(str(tmp_path))
 
 
 def test_latents_cli(trained, tmp_path):
@@ -135,10 +140,9 @@ def test_latents_cli(trained, tmp_path):
   assert stats["token_mean_abs_max"] < 1e-4
   meta = json.load(open(os.path.join(out_dir, "heldout_tokens_meta.json")))
   assert meta["grid"] == [8, 8] and meta["token_dim"] == 16  # f2 here: 32 px -> 16x16 latent
-  from nextstep_jax import latents
-  src = latents.token_source(os.path.join(out_dir, "heldout_tokens.array_record"))
+  src = vae_tokens.token_source(os.path.join(out_dir, "heldout_tokens.array_record"))
   assert len(src) == 500
-  rec = latents.decode_token_record(src[123])
+  rec = vae_tokens.decode_token_record(src[123])
   assert rec["tokens"].shape == (64, 16) and rec["label"] == 2  # held out: 50 per class, sorted
 
 
@@ -158,9 +162,9 @@ def test_config_locked_and_checked():
     c.train.stepz = 3
   with pytest.raises(AttributeError):
     c.bogus = 1
-  cfg = train_vae.validate_config(c, num_devices=1)
+  cfg = vae_trainer.validate_config(c, num_devices=1)
   assert cfg == vae_lib.preset("demo")
-  assert train_vae.validate_config(vae_f8d16.get_config(), num_devices=1) == vae_lib.preset("f8d16")
+  assert vae_trainer.validate_config(vae_f8d16.get_config(), num_devices=1) == vae_lib.preset("f8d16")
 
   def bad(match, num_devices=1, **changes):
     c = vae_demo.get_config()
@@ -168,7 +172,7 @@ def test_config_locked_and_checked():
       group, field = k.split("__")
       setattr(getattr(c, group), field, v)
     with pytest.raises(ValueError, match=match):
-      train_vae.validate_config(c, num_devices=num_devices)
+      vae_trainer.validate_config(c, num_devices=num_devices)
 
   bad("LPIPS.*cannot be downloaded", train__perceptual_weight=0.1)
   bad("batch_size=32 must be a positive multiple of the 3 devices", num_devices=3)
@@ -181,30 +185,30 @@ def test_config_locked_and_checked():
 
 def test_latent_noise_is_per_sample_uniform_std():
   z = jnp.zeros((512, 4, 4, 8))
-  out = np.asarray(train_vae.latent_noise(z, jax.random.key(0), 0.2))
+  out = np.asarray(vae_trainer.latent_noise(z, jax.random.key(0), 0.2))
   std = out.reshape(512, -1).std(-1)
   assert std.max() < 0.25 and std.min() < 0.03 and std.max() > 0.17
   assert abs(std.mean() - 0.1) < 0.01  # E[U(0, 0.2)] = 0.1
-  assert np.allclose(np.asarray(train_vae.latent_noise(z, jax.random.key(0), 0.0)), 0.0)
+  assert np.allclose(np.asarray(vae_trainer.latent_noise(z, jax.random.key(0), 0.0)), 0.0)
 
 
 def test_noise_aug_switch():
   cfg = vae_lib.VAEConfig(base_channels=8, channel_mults=(1, 2), norm_groups=4, latent_channels=4)
   vae = vae_lib.build_vae(cfg)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32))
-  c = train_vae.default_config("demo").train
+  c = vae_trainer.default_config("demo").train
   c.sample_posterior = False
   c.noise_aug = False
 
   @jax.jit
   def run(vae, x):
-    clean, mean, _ = train_vae.reconstruct(vae, x, jax.random.key(0), c)
+    clean, mean, _ = vae_trainer.reconstruct(vae, x, jax.random.key(0), c)
     return clean, vae.decode(mean)
 
   clean, direct = run(vae, x)
   np.testing.assert_allclose(np.asarray(clean), np.asarray(direct), atol=1e-6)
   c.noise_aug = True  # a Python switch: read at trace time
-  noisy, _, _ = jax.jit(lambda v, x: train_vae.reconstruct(v, x, jax.random.key(0), c))(vae, x)
+  noisy, _, _ = jax.jit(lambda v, x: vae_trainer.reconstruct(v, x, jax.random.key(0), c))(vae, x)
   assert not np.allclose(np.asarray(noisy), np.asarray(clean), atol=1e-4)
 
 
@@ -216,7 +220,7 @@ def test_adversarial_term_trains_a_discriminator(tmp_path):
   config.train.disc_channels = 8
   n = jax.device_count()
   config.train.batch_size = n
-  trainer = train_vae.VAETrainer(config, train_vae.make_mesh())
+  trainer = vae_trainer.VAETrainer(config, vae_trainer.make_mesh())
   state = trainer.init_state(0)
   d0 = jax.tree.map(np.array, jax.device_get(state["disc_params"]))  # a copy: the step donates
   x = np.random.default_rng(0).uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nextstep_jax import image_metrics, latents
+from nextstep_jax import batch as batch_lib
+from nextstep_jax import vae_tokens
+from nextstep_jax.evaluation import image_metrics
 from nextstep_jax.interop import vae as interop
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.vae import VAEConfig
@@ -93,7 +95,7 @@ def test_patchify_channel_order_and_inverse():
   # and the other way round
   t2 = rng.normal(size=(1, 12, 20)).astype(np.float32)
   np.testing.assert_array_equal(
-      np.asarray(latents.patchify(latents.unpatchify(jnp.asarray(t2), 3, 4, 2), 2)), t2)
+      np.asarray(vae_tokens.patchify(vae_tokens.unpatchify(jnp.asarray(t2), 3, 4, 2), 2)), t2)
   with pytest.raises(ValueError, match="not divisible by the patch size"):
     vae_lib.patchify(jnp.zeros((1, 5, 4, 2)), 2)
   with pytest.raises(ValueError, match="token grid"):
@@ -102,16 +104,16 @@ def test_patchify_channel_order_and_inverse():
 
 def test_normalize_tokens():
   x = jax.random.normal(jax.random.key(0), (3, 7, 16)) * 5.0 + 2.0
-  y = latents.normalize_tokens(x)
+  y = vae_tokens.normalize_tokens(x)
   np.testing.assert_allclose(np.asarray(y.mean(-1)), 0.0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(y.var(-1)), 1.0, atol=1e-4)
-  y16 = latents.normalize_tokens(x.astype(jnp.bfloat16))
+  y16 = vae_tokens.normalize_tokens(x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
 
 
 def test_encoded_tokens_have_zero_mean_unit_variance(tiny_vae, digits32):
   x, _ = digits32
-  tok = np.asarray(latents.encode_tokens(tiny_vae, jnp.asarray(x)))
+  tok = np.asarray(vae_tokens.encode_tokens(tiny_vae, jnp.asarray(x)))
   assert tok.shape == (20, 16, 16)
   np.testing.assert_allclose(tok.mean(-1), 0.0, atol=1e-5)
   np.testing.assert_allclose(tok.var(-1), 1.0, atol=1e-3)
@@ -120,26 +122,26 @@ def test_encoded_tokens_have_zero_mean_unit_variance(tiny_vae, digits32):
   raw_tok = np.asarray(vae_lib.patchify(raw, 2))
   assert np.abs(raw_tok.var(-1) - 1.0).max() > 1e-2
   # a posterior sample adds exp(logvar/2) noise on top of the normalised mean
-  sampled = np.asarray(latents.encode_tokens(tiny_vae, jnp.asarray(x), jax.random.key(1)))
+  sampled = np.asarray(vae_tokens.encode_tokens(tiny_vae, jnp.asarray(x), jax.random.key(1)))
   assert not np.allclose(sampled, tok)
 
 
 def test_token_functions_jit_and_roundtrip_shapes(tiny_vae, digits32):
   x = jnp.asarray(digits32[0][:4])
-  encode, params = latents.token_encoder(tiny_vae)
+  encode, params = vae_tokens.token_encoder(tiny_vae)
   tok_jit = jax.jit(encode)(params, x)
-  np.testing.assert_allclose(np.asarray(tok_jit), np.asarray(latents.encode_tokens(tiny_vae, x)),
+  np.testing.assert_allclose(np.asarray(tok_jit), np.asarray(vae_tokens.encode_tokens(tiny_vae, x)),
                              atol=1e-5)
-  decode, params = latents.token_decoder(tiny_vae)
+  decode, params = vae_tokens.token_decoder(tiny_vae)
   img = jax.jit(decode, static_argnums=(2, 3))(params, tok_jit, 4, 4)
   assert img.shape == (4, 32, 32, 3)
   # pixel sizes are accepted too; wrong grids are not
-  assert latents.decode_tokens(tiny_vae, tok_jit, 32, 32).shape == (4, 32, 32, 3)
+  assert vae_tokens.decode_tokens(tiny_vae, tok_jit, 32, 32).shape == (4, 32, 32, 3)
   with pytest.raises(ValueError, match="do not fill"):
-    latents.decode_tokens(tiny_vae, tok_jit, 3, 5)
+    vae_tokens.decode_tokens(tiny_vae, tok_jit, 3, 5)
   with pytest.raises(ValueError, match=r"tokens must be \(B, T, 16\)"):
-    latents.decode_tokens(tiny_vae, tok_jit[..., :8], 4, 4)
-  assert latents.token_grid(TINY, 64, 32) == (8, 4)
+    vae_tokens.decode_tokens(tiny_vae, tok_jit[..., :8], 4, 4)
+  assert vae_tokens.token_grid(TINY, 64, 32) == (8, 4)
 
 
 def test_scaling_and_shift_factors_are_inverted_by_decode(digits32):
@@ -147,11 +149,11 @@ def test_scaling_and_shift_factors_are_inverted_by_decode(digits32):
                      "shift_factor": 0.25})
   vae = vae_lib.build_vae(cfg, seed=0)
   x = jnp.asarray(digits32[0][:2])
-  tok = latents.encode_tokens(vae, x)
+  tok = vae_tokens.encode_tokens(vae, x)
   z = vae.encode(x, sample=False)
   np.testing.assert_allclose(np.asarray(tok), np.asarray(vae_lib.patchify((z - 0.25) * 0.5, 2)),
                              atol=1e-6)
-  np.testing.assert_allclose(np.asarray(latents.decode_tokens(vae, tok, 4, 4)),
+  np.testing.assert_allclose(np.asarray(vae_tokens.decode_tokens(vae, tok, 4, 4)),
                              np.asarray(vae.decode(z)), atol=1e-5)
 
 
@@ -185,18 +187,18 @@ def test_grayscale_and_rgba_are_rejected_with_the_conversion_named(tiny_vae):
 def test_as_rgb_conversions():
   rng = np.random.default_rng(0)
   g = rng.uniform(-1, 1, (2, 8, 8)).astype(np.float32)
-  rgb = vae_lib.as_rgb(g)
+  rgb = batch_lib.as_rgb(g)
   assert rgb.shape == (2, 8, 8, 3) and np.array_equal(rgb[..., 1], g)
-  assert np.array_equal(vae_lib.as_rgb(g[..., None]), rgb)
+  assert np.array_equal(batch_lib.as_rgb(g[..., None]), rgb)
   rgba = rng.uniform(-1, 1, (2, 8, 8, 4)).astype(np.float32)
   rgba[0, ..., 3] = 1.0   # opaque: colours kept
   rgba[1, ..., 3] = -1.0  # transparent: background
-  out = vae_lib.as_rgb(rgba, background=1.0)
+  out = batch_lib.as_rgb(rgba, background=1.0)
   np.testing.assert_allclose(out[0], rgba[0, ..., :3])
   np.testing.assert_allclose(out[1], 1.0)
-  assert isinstance(vae_lib.as_rgb(jnp.asarray(g)), jax.Array)
+  assert isinstance(batch_lib.as_rgb(jnp.asarray(g)), jax.Array)
   with pytest.raises(ValueError, match="2 channels"):
-    vae_lib.as_rgb(np.zeros((1, 4, 4, 2)))
+    batch_lib.as_rgb(np.zeros((1, 4, 4, 2)))
 
 
 def test_nan_pixels_rejected(tiny_vae):
@@ -205,7 +207,7 @@ def test_nan_pixels_rejected(tiny_vae):
   with pytest.raises(ValueError, match=r"NaN or Inf pixels \(in batch rows \[1\]\)"):
     tiny_vae.encode(jnp.asarray(x))
   with pytest.raises(ValueError, match="NaN"):
-    latents.latent_stats(tiny_vae, x)
+    vae_tokens.latent_stats(tiny_vae, x)
   x[1, 5, 5, 0] = np.inf
   with pytest.raises(ValueError, match="NaN or Inf"):
     vae_lib.validate_images(x, TINY)
@@ -304,13 +306,13 @@ def test_config_json_fields():
 
 def test_latent_stats_and_token_records(tiny_vae, digits32, tmp_path):
   x, labels = digits32
-  stats = latents.latent_stats(tiny_vae, x, batch_size=8)  # 20 = 8 + 8 + 4 (padded batch)
+  stats = vae_tokens.latent_stats(tiny_vae, x, batch_size=8)  # 20 = 8 + 8 + 4 (padded batch)
   assert stats["num_images"] == 20 and stats["num_tokens"] == 20 * 16
   assert len(stats["channel_mean"]) == 4 and len(stats["token_std"]) == 16
   assert stats["token_mean_abs_max"] < 1e-5
   assert 0.99 < stats["token_var_range"][0] <= stats["token_var_range"][1] < 1.01
   # against a direct computation
-  tok = np.asarray(latents.encode_tokens(tiny_vae, jnp.asarray(x)), np.float64)
+  tok = np.asarray(vae_tokens.encode_tokens(tiny_vae, jnp.asarray(x)), np.float64)
   np.testing.assert_allclose(stats["token_mean"], tok.mean((0, 1)), atol=1e-5)
   ch = tok.reshape(20, 16, 4, 4)  # (.., c, pi*p+pj)
   np.testing.assert_allclose(stats["channel_std"], ch.transpose(2, 0, 1, 3).reshape(4, -1).std(-1),
@@ -319,16 +321,16 @@ def test_latent_stats_and_token_records(tiny_vae, digits32, tmp_path):
   np.testing.assert_allclose(stats["raw_channel_mean"], raw.mean((0, 1, 2)), atol=1e-5)
 
   path = str(tmp_path / "tok.array_record")
-  meta = latents.write_token_records(tiny_vae, x, labels, path, batch_size=8)
+  meta = vae_tokens.write_token_records(tiny_vae, x, labels, path, batch_size=8)
   assert meta["num_records"] == 20 and meta["grid"] == [4, 4] and meta["token_dim"] == 16
-  src = latents.token_source(path)
+  src = vae_tokens.token_source(path)
   assert len(src) == 20
   for i in (0, 7, 19):
-    rec = latents.decode_token_record(src[i])
+    rec = vae_tokens.decode_token_record(src[i])
     assert rec["index"] == i and rec["label"] == labels[i] and rec["grid"] == (4, 4)
     np.testing.assert_allclose(rec["tokens"], tok[i], atol=1e-5)
   with pytest.raises(ValueError, match="labels"):
-    latents.write_token_records(tiny_vae, x, labels[:3], path)
+    vae_tokens.write_token_records(tiny_vae, x, labels[:3], path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 
 from nextstep_jax.data import digits as digits_lib
 from nextstep_jax.data import sources as sources_lib
-from nextstep_jax.data.batch import validate_batch
+from nextstep_jax.batch import validate_batch
 from nextstep_jax.data.packing import RowPacker, RowSpec, assemble_batch
 from nextstep_jax.data.sequences import Image, Sample, SequenceBuilder
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.batch import IGNORE
 
 
 class Packable(Protocol):

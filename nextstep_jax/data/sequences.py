@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from nextstep_jax.data.batch import IGNORE
+from nextstep_jax.batch import IGNORE
 
 
 @dataclasses.dataclass

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from typing import Iterable, Sequence
 
+from nextstep_jax.data import digits
+
 # SPEC §1: the special tokens of the release, in order.
 SPECIAL_TOKENS: tuple[str, ...] = (
   "[PAD]",
@@ -350,7 +352,6 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
 def demo_corpus(cache_dir: str | None = None) -> list[str]:
   """The demo tokenizer's training text: every digit caption, instruction and interleaved text,
   then the docstrings of Python's standard library."""
-  from nextstep_jax.data import digits  # pylint: disable=import-outside-toplevel
   return list(digits.demo_texts()) + list(digits.stdlib_docstrings(cache_dir))
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from nextstep_jax.interop import names
+from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.interop.params import load_pure_params
 from nextstep_jax.models import backbone as bb
 from nextstep_jax.models import fm_head
@@ -596,7 +597,6 @@ def _copy_vae(vae: Any, vae_dir: str) -> None:
     else:
       raise FileNotFoundError(f"VAE path {src} does not exist")
   elif isinstance(vae, nnx.Module):
-    from nextstep_jax.interop import vae as vae_interop  # pylint: disable=import-outside-toplevel
     vae_interop.export_vae(vae, vae_dir)
   else:
     raise TypeError(f"cannot save VAE {vae!r}: give a path or an AutoencoderKL")

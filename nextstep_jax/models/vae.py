@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+
 Array = jax.Array
 
 
@@ -199,29 +200,6 @@ def normalize_tokens(x: Array, eps: float = 1e-6) -> Array:
 # Input checks and conversion.
 
 
-def as_rgb(images: np.ndarray | Array, background: float = 1.0) -> np.ndarray | Array:
-  """The documented conversion of non-RGB pixels in [-1, 1] to (B, H, W, 3).
-
-  (B, H, W) or (B, H, W, 1) grayscale: replicated to three channels.
-  (B, H, W, 4) RGBA: alpha (also in [-1, 1]) composited over a flat ``background`` value
-  (1.0 = white, as PIL's RGBA -> RGB on white). (B, H, W, 3) passes through.
-  """
-  xp = jnp if isinstance(images, jax.Array) else np
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.ndim != 4:
-    raise ValueError(f"images must be (B, H, W[, C]), got shape {tuple(images.shape)}")
-  c = images.shape[-1]
-  if c == 3:
-    return images
-  if c == 1:
-    return xp.repeat(images, 3, axis=-1)
-  if c == 4:
-    alpha = (images[..., 3:] + 1.0) / 2.0
-    return images[..., :3] * alpha + background * (1.0 - alpha)
-  raise ValueError(f"cannot convert images with {c} channels to RGB (expected 1, 3 or 4)")
-
-
 def check_image_shape(shape: tuple[int, ...], cfg: VAEConfig, multiple: int | None = None,
                       name: str = "images") -> None:
   """Raises ValueError unless ``shape`` is (B, H, W, in_channels) with H, W divisible by ``multiple``."""
@@ -232,7 +210,7 @@ def check_image_shape(shape: tuple[int, ...], cfg: VAEConfig, multiple: int | No
   if c != cfg.in_channels:
     kind = {1: "grayscale", 4: "RGBA"}.get(c, f"{c}-channel")
     raise ValueError(f"{name} are {kind} (shape {tuple(shape)}) but the VAE takes {cfg.in_channels} "
-                     f"channels; convert with nextstep_jax.models.vae.as_rgb")
+                     f"channels; convert with nextstep_jax.batch.as_rgb")
   if h % multiple or w % multiple:
     raise ValueError(f"{name} size {h}x{w} is not divisible by {multiple} (VAE downsampling factor "
                      f"{cfg.factor}" + (f" x patch size {cfg.patch_size}" if multiple != cfg.factor

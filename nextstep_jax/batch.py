@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 IGNORE = -100
@@ -74,3 +76,40 @@ def padded_chunks(array: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.
     if real < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
     yield real, chunk
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixels: float32 in [-1, 1] in every batch and inside the project; 8-bit only at the borders.
+# ------------------------------------------------------------------------------------------------
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] pixels -> uint8 [0, 255] (clipped, rounded)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images_u8) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return np.asarray(images_u8, np.float32) / 127.5 - 1.0
+
+
+def as_rgb(images: np.ndarray | jax.Array, background: float = 1.0) -> np.ndarray | jax.Array:
+  """The documented conversion of non-RGB pixels in [-1, 1] to (B, H, W, 3).
+
+  (B, H, W) or (B, H, W, 1) grayscale: replicated to three channels.
+  (B, H, W, 4) RGBA: alpha (also in [-1, 1]) composited over a flat ``background`` value
+  (1.0 = white, as PIL's RGBA -> RGB on white). (B, H, W, 3) passes through.
+  """
+  xp = jnp if isinstance(images, jax.Array) else np
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise ValueError(f"images must be (B, H, W[, C]), got shape {tuple(images.shape)}")
+  c = images.shape[-1]
+  if c == 3:
+    return images
+  if c == 1:
+    return xp.repeat(images, 3, axis=-1)
+  if c == 4:
+    alpha = (images[..., 3:] + 1.0) / 2.0
+    return images[..., :3] * alpha + background * (1.0 - alpha)
+  raise ValueError(f"cannot convert images with {c} channels to RGB (expected 1, 3 or 4)")

@@ -79,3 +79,11 @@ def reconstruction_metrics(originals: Array, reconstructions: Array) -> dict[str
   """Per-image PSNR and SSIM of [-1, 1] images (compared in [0, 1] after clipping)."""
   a, b = to_unit(originals), to_unit(reconstructions)
   return {"psnr": psnr(a, b), "ssim": ssim(a, b)}
+
+
+def reconstruction_summary(originals: np.ndarray, reconstructions: np.ndarray) -> dict[str, float]:
+  """Mean (and spread of) PSNR / SSIM over images; pixels in [-1, 1]."""
+  m = reconstruction_metrics(jnp.asarray(originals), jnp.asarray(reconstructions))
+  psnr, ssim = np.asarray(m["psnr"], np.float64), np.asarray(m["ssim"], np.float64)
+  return {"psnr": float(psnr.mean()), "psnr_std": float(psnr.std()), "ssim": float(ssim.mean()),
+          "ssim_std": float(ssim.std()), "num_images": int(len(psnr))}

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextstep_jax.interop import hf
+
 RANK_AXIS = "lora_rank"
 A_KEY, B_KEY = "lora_a", "lora_b"
 WEIGHTS_FILE = "lora.safetensors"
@@ -321,7 +323,6 @@ def save_lora(path: str | os.PathLike, lora_params: Mapping, cfg: LoraConfig,
   ``backbone.layers.q_kernel.lora_a``) and ``lora_config.json`` (rank, alpha, targets, head_targets,
   format version and optional JSON-able `metadata`, e.g. the base model's name)."""
   # Local import: interop.hf imports the model package, which this module does not otherwise need.
-  from nextstep_jax.interop import hf  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   tensors = _flat(lora_params)
   expected = {".".join(p + (k,)) for _, p, _ in cfg.kernels() for k in (A_KEY, B_KEY)}
@@ -345,7 +346,6 @@ def load_lora(path: str | os.PathLike) -> tuple[dict, LoraConfig]:
   the file. Apply to base params with ``apply_lora`` / ``merge_lora`` (which also check the shapes
   against the base kernels).
   """
-  from nextstep_jax.interop import hf  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   cfg_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
   if not os.path.isfile(cfg_file):

@@ -506,41 +506,67 @@ class Checkpointer:
 
 
 def restore_params_from(path: str | os.PathLike, abstract_params: Any, key: str = "params") -> Any:
-  """Only the parameters of another run's checkpoint (``checkpoint.init_from``).
+  """Only the parameters of another run's checkpoint (``checkpoint.init_from``); see
+  ``restore_params_step``, which also says which step was read."""
+  return restore_params_step(path, abstract_params, key=key)[1]
 
-  `path` is a checkpoint directory (its newest step is used) or one step's directory
-  (``.../checkpoints/20000``). The saved state must be a mapping whose `key` entry holds
-  parameters with the structure of `abstract_params` (ShapeDtypeStructs with shardings; the
-  dtype there wins, so fp32 masters can be read as bf16 and the reverse). The optimizer state
-  and step counter of the source are not read: the new run starts them fresh.
+
+def restore_params_step(path: str | os.PathLike, abstract_params: Any, key: str = "params",
+                        what: str = "checkpoint.init_from") -> tuple[int, Any]:
+  """(step, params) of another run's checkpoint, read only.
+
+  `path` is a checkpoint directory or one step's directory (``.../checkpoints/20000``). A
+  directory gives its newest step that passes its integrity check and reads back: each newer step
+  that fails is named in a warning with the reason (as training's resume does, but nothing is
+  moved: readers never change a run). An explicit step that fails raises CorruptCheckpointError.
+  The saved state must be a mapping whose `key` entry holds parameters with the structure of
+  `abstract_params` (ShapeDtypeStructs with shardings; the dtype there wins, so fp32 masters can
+  be read as bf16 and the reverse). The optimizer state and step counter are not read.
+  `what` names the path in messages (a config field or a flag).
   """
   root = absolute(path)
   if not root.exists():
-    raise FileNotFoundError(f"checkpoint.init_from={str(path)!r} does not exist")
+    raise FileNotFoundError(f"{what}={str(path)!r} does not exist")
   steps = [s for s in (_step_of(p) for p in root.iterdir() if p.is_dir()) if s is not None]
-  if (root / STATE).exists() and _step_of(root) is not None:
-    root, step = root.parent, _step_of(root)
-  elif steps:
-    step = None
-  else:
-    raise FileNotFoundError(f"checkpoint.init_from={str(path)!r} holds no checkpoint steps")
+  explicit = (root / STATE).exists() and _step_of(root) is not None
+  if explicit:
+    root, steps = root.parent, [_step_of(root)]
+  elif not steps:
+    raise FileNotFoundError(f"{what}={str(path)!r} holds no checkpoint steps")
+  target = {key: abstract_params}
   manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+  failed: list[tuple[int, str]] = []
   try:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"checkpoint.init_from={str(path)!r} holds no finished checkpoint")
-    reason = check_integrity(root / str(step))
-    if reason is not None:
-      raise CorruptCheckpointError(f"checkpoint.init_from={str(path)!r}: step {step} is corrupt: {reason}")
-    target = {key: abstract_params}
-    out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)}))
+    if not explicit:
+      steps = sorted(manager.all_steps(), reverse=True)
+      if not steps:
+        raise FileNotFoundError(f"{what}={str(path)!r} holds no finished checkpoint")
+    for i, step in enumerate(steps):
+      reason = check_integrity(root / str(step))
+      if reason is not None and explicit:
+        raise CorruptCheckpointError(f"{what}={str(path)!r}: step {step} is corrupt: {reason}")
+      if reason is None:
+        try:
+          out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)}))
+        except Exception as e:  # pylint: disable=broad-except  # any reader error: unreadable
+          if explicit:
+            raise
+          reason = f"it cannot be read ({_first_line(e)})"
+      if reason is None:
+        if failed:
+          logging.warning("checkpoint: reading step %d of %s, not the newest step %d (%s)", step, root,
+                          steps[0], "; ".join(f"step {s}: {r}" for s, r in failed))
+        logging.info("checkpoint: params from %s step %d", root, step)
+        return step, out[STATE][key]
+      failed.append((step, reason))
+      nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left"
+      logging.warning("checkpoint: step %d in %s is unusable: %s; %s", step, root, reason, nxt)
   finally:
     manager.close()
-  logging.info("checkpoint: params from %s step %d", root, step)
-  return out[STATE][key]
+  raise CorruptCheckpointError(f"{what}={str(path)!r}: no step can be read:\n  " +
+                               "\n  ".join(f"step {s}: {r}" for s, r in failed))
 
 
 def read_step(directory: str | os.PathLike, step: int | None = None

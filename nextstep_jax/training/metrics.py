@@ -9,14 +9,16 @@ call ({"step": ..., "time": ..., name: value, ...}); TensorBoard events go to
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
+
+from nextstep_jax.data.images import image_grid
 
 # The console line shows these first, in this order, when present; other scalars follow.
 CONSOLE_KEYS = ("loss", "ce", "fm", "grad_norm", "lr", "step_time", "tokens_per_s")
@@ -36,27 +38,6 @@ def _fmt(name: str, v: float) -> str:
   if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
     return f"{name} {v:.3e}"
   return f"{name} {v:.4f}"
-
-
-def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-  """(N, H, W, C) or (H, W, C) or (H, W) uint8 -> one (H', W', C) uint8 image (a grid)."""
-  x = np.asarray(images)
-  if x.dtype != np.uint8:
-    raise TypeError(f"images must be uint8, got {x.dtype}")
-  if x.ndim == 2:
-    x = x[..., None]
-  if x.ndim == 3:
-    return x
-  if x.ndim != 4:
-    raise ValueError(f"images must be (H, W), (H, W, C) or (N, H, W, C), got shape {x.shape}")
-  n, h, w, c = x.shape
-  cols = cols or int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i in range(n):
-    r, k = divmod(i, cols)
-    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = x[i]
-  return grid
 
 
 class StepTimer:
@@ -87,7 +68,6 @@ class MetricsWriter:
   def __init__(self, workdir: str | os.PathLike, process_index: int | None = None,
                console_every: int = 1):
     if process_index is None:
-      import jax
       process_index = jax.process_index()
     self.workdir = os.fspath(workdir)
     self.active = process_index == 0
@@ -168,3 +148,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """All records of a metrics.jsonl file."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def log(msg: str) -> None:
+  """A line on the console of process 0 (every trainer's progress and notices)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 from nextstep_jax.data import digits
-from nextstep_jax.data.batch import padded_chunks
+from nextstep_jax.batch import padded_chunks
 
 WEIGHTS_FILE = "classifier.safetensors"
 META_FILE = "classifier.json"

@@ -1,0 +1,1 @@
+"""Evaluation: the digit judge, Frechet distance, PSNR/SSIM, digit generation and prompt following."""

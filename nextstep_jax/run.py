@@ -1,0 +1,221 @@
+"""A finished work directory, read: its saved config, tokenizer, VAE, parameters and newest good step.
+
+Every reader of a run goes through here: ``sample``, ``export``, ``evaluate``, ``latents``, DPO's
+reference and policy, and training's ``checkpoint.init_from``. Layout of a training work directory::
+
+  <workdir>/checkpoints/<step>/     orbax steps, each with its integrity manifest
+  <workdir>/checkpoints/config.json the experiment config the run trained with
+  <workdir>/tokenizer/              the demo tokenizer (when config.tokenizer.path is empty)
+
+and of a VAE work directory (``python -m nextstep_jax.train_vae``)::
+
+  <vae>/vae_config.json  <vae>/checkpoints/<step>/  <vae>/export/ (FLUX-named safetensors)
+
+A step is read only after its integrity check; when the newest step of a directory is corrupt or
+unreadable, the next older one is read and a warning names the step skipped and why (as training's
+resume does, except that readers never move anything: a run is never changed by reading it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from flax import nnx
+
+from nextstep_jax import vae_tokens
+from nextstep_jax.data import tokenizer as tok_lib
+from nextstep_jax.interop.vae import load_vae_dir
+from nextstep_jax.models import nextstep as ns
+from nextstep_jax.models import vae as vae_lib
+from nextstep_jax.models.vae import AutoencoderKL, VAEConfig
+from nextstep_jax.training import checkpoint as ckpt_lib
+from nextstep_jax.training import lora as lora_lib
+from nextstep_jax.training.trainer import abstract_model, lora_config
+
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+VAE_CONFIG_FILE = "vae_config.json"
+VAE_EXPORT_DIR = "export"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINTS)
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The experiment config the run saved beside its checkpoints (``checkpoints/config.json``)."""
+  path = os.path.join(checkpoint_dir(workdir), CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir} holds no trained run's config (is it a "
+                            "training work directory with checkpoints?)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except ValueError as e:  # JSONDecodeError is a ValueError
+    raise ValueError(f"{path}: not a valid config JSON ({e})") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer and VAE
+# ------------------------------------------------------------------------------------------------
+
+def load_tokenizer(config, workdir: str, *, path: str | None = None, build: bool = False):
+  """The run's tokenizer: `path`, else ``tokenizer.path``, else the demo tokenizer in
+  ``<workdir>/tokenizer`` (trained there when `build`, as training does; readers need it to exist).
+  Checked against ``model.vocab_size``."""
+  path = path or config.tokenizer.path
+  if path:
+    tok = tok_lib.load_tokenizer(path, None if path != config.tokenizer.path else config.tokenizer.kind)
+  elif build:
+    if config.tokenizer.kind != "sentencepiece":
+      raise ValueError(f"config tokenizer.path is empty but tokenizer.kind is {config.tokenizer.kind!r}: "
+                       "only the demo sentencepiece model is trained on the fly; set tokenizer.path")
+    tok = tok_lib.build_demo_tokenizer(workdir, vocab_size=int(config.tokenizer.vocab_size))
+  else:
+    path = os.path.join(workdir, TOKENIZER_DIR)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path} does not exist: the demo tokenizer is saved there by training "
+                              "(config tokenizer.path is empty)")
+    tok = tok_lib.load_tokenizer(path, config.tokenizer.kind)
+  if tok.vocab_size > int(config.model.vocab_size):
+    raise ValueError(f"tokenizer {tok.source} has {tok.vocab_size} ids but model.vocab_size is "
+                     f"{config.model.vocab_size}")
+  return tok
+
+
+def _vae_workdir_config(workdir: str) -> VAEConfig:
+  cfg_path = os.path.join(workdir, VAE_CONFIG_FILE)
+  try:
+    with open(cfg_path, encoding="utf-8") as f:
+      return VAEConfig.from_dict(json.load(f))
+  except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+    raise ValueError(f"{cfg_path}: not a valid VAE config ({e})") from e
+
+
+def load_vae(path: str, step: int | None = None, config=None) -> AutoencoderKL:
+  """The VAE at `path`: a ``train_vae`` work directory (its newest good checkpoint, or checkpoint
+  `step`, else its ``export/``), or an exported VAE directory (config.json + weights).
+
+  With the experiment `config`, the VAE's tokens are checked against ``image.token_dim`` and
+  ``image.patch_size``."""
+  if not path:
+    raise ValueError("vae.checkpoint is empty: set it to a train_vae work directory or an exported VAE "
+                     "directory")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"vae.checkpoint={path!r} is not a directory (relative paths are read from the "
+                            "current directory)")
+  if os.path.isfile(os.path.join(path, VAE_CONFIG_FILE)):
+    cfg = _vae_workdir_config(path)
+    ckpt_dir = os.path.join(path, CHECKPOINTS)
+    if os.path.isdir(ckpt_dir) and any(p.isdigit() for p in os.listdir(ckpt_dir)):
+      graphdef, abstract = nnx.split(vae_lib.abstract_vae(cfg), nnx.Param)
+      src = ckpt_dir if step is None else os.path.join(ckpt_dir, str(step))
+      _, params = ckpt_lib.restore_params_step(src, nnx.to_pure_dict(abstract), key="params",
+                                               what="VAE checkpoint")
+      vae = nnx.merge(graphdef, params)
+    elif step is None and os.path.isdir(os.path.join(path, VAE_EXPORT_DIR)):
+      vae = load_vae_dir(os.path.join(path, VAE_EXPORT_DIR))
+    else:
+      raise FileNotFoundError(f"{path}: no checkpoint{'' if step is None else f' for step {step}'} "
+                              f"and no {VAE_EXPORT_DIR}/ directory")
+  elif step is None and os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    vae = load_vae_dir(path)
+  else:
+    raise FileNotFoundError(f"{path} is not a train_vae workdir (no {VAE_CONFIG_FILE}) nor an exported VAE "
+                            f"directory (no {CONFIG_FILE})")
+  if config is not None:
+    want = int(config.image.token_dim)
+    if vae.config.token_dim != want or vae.config.patch_size != int(config.image.patch_size):
+      raise ValueError(f"vae.checkpoint {path}: the VAE makes {vae.config.token_dim}-d tokens with patch "
+                       f"{vae.config.patch_size}, the config expects image.token_dim={want} with patch "
+                       f"{config.image.patch_size}")
+  return vae
+
+
+def vae_encoder(config) -> tuple[Callable, Any] | None:
+  """(encode(vae_params, images) -> tokens, vae_params) of ``vae.checkpoint`` for the pixel path (the
+  frozen VAE encodes inside the train step); None for precomputed latents."""
+  if config.data.payload != "images":
+    return None
+  if not config.vae.checkpoint:
+    raise ValueError("data.payload='images' needs vae.checkpoint: the workdir of a trained VAE "
+                     "(python -m nextstep_jax.train_vae) to encode pixels inside the step")
+  vae = load_vae(config.vae.checkpoint, config=config)
+  graphdef, vae_params = nnx.split(vae)
+  encode = lambda p, images: vae_tokens.encode_tokens(nnx.merge(graphdef, p), images)
+  return encode, vae_params
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters and the whole run
+# ------------------------------------------------------------------------------------------------
+
+def params_key(config, use_ema: bool = True) -> str:
+  """The state entry to read: "ema" when asked for and the run kept one (``ema_decay`` > 0)."""
+  return "ema" if use_ema and float(config.get("ema_decay", 0.0)) > 0 else "params"
+
+
+def load_params(path: str, config, *, use_ema: bool = True, target: Any = None,
+                what: str = "checkpoint") -> tuple[int, dict]:
+  """(step, the model's params) of a checkpoint directory (newest good step) or one step's directory.
+
+  The EMA weights when `use_ema` and the run kept them; a LoRA run's adapters merged into its frozen
+  base. `target`: abstract params with shardings (default: the first local device)."""
+  lora = lora_config(config)
+  key = params_key(config, use_ema)
+  _, abstract, axes = abstract_model(config)
+  if target is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+  if lora is None:
+    return ckpt_lib.restore_params_step(path, target, key=key, what=what)
+  step, base = ckpt_lib.restore_params_step(path, target, key="base", what=what)
+  if not _is_step_dir(path):  # the adapters of the same step as the base
+    path = os.path.join(str(path), str(step))
+  _, adapters = ckpt_lib.restore_params_step(path, lora_lib.abstract_lora(target, axes, lora), key=key,
+                                             what=what)
+  return step, lora_lib.merge_lora(base, adapters, lora)
+
+
+def _is_step_dir(path: str) -> bool:
+  return os.path.basename(os.path.normpath(str(path))).isdigit()
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run, loaded: the model (its params on the first device), the config it trained with,
+  its tokenizer and VAE, and the step read."""
+  model: ns.NextStep
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  vae: AutoencoderKL | None
+  step: int
+  workdir: str
+
+
+def load_run(workdir: str, config=None, step: int | None = None, use_ema: bool = True, *,
+             tokenizer: str | None = None, need_vae: bool = True) -> Run:
+  """The run in `workdir`: checkpoint `step` (default: the newest good one), the EMA weights when the
+  run kept them (`use_ema`), the saved config unless `config` is given, the tokenizer (`tokenizer`,
+  ``tokenizer.path`` or ``<workdir>/tokenizer``) and the VAE (``vae.checkpoint``; None when not
+  `need_vae` and none is configured)."""
+  config = config if config is not None else saved_config(workdir)
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} does not exist: no trained transformer in {workdir}")
+  src = directory if step is None else os.path.join(directory, str(int(step)))
+  if step is not None and not os.path.isdir(src):
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory}")
+  graphdef = abstract_model(config)[0]
+  step, params = load_params(src, config, use_ema=use_ema, what=f"run {workdir}")
+  model = nnx.merge(graphdef, params)
+  vae = None
+  if need_vae or config.vae.checkpoint:
+    vae = load_vae(config.vae.checkpoint, config=config)
+  return Run(model, config, load_tokenizer(config, workdir, path=tokenizer), vae, int(step), workdir)

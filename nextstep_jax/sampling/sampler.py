@@ -1,0 +1,145 @@
+"""The compiled image sampler: prefill, then a fori_loop over the image tokens (condition, head
+integration, KV-cached decode step). See the package docstring."""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nextstep_jax.models import nextstep as ns
+from nextstep_jax.sampling.flow import sample_token
+from nextstep_jax.sampling.prompts import PromptLike, as_prompt, stack_groups
+
+
+TRACES: collections.Counter = collections.Counter()
+
+
+def trace_count(name: str | None = None) -> int:
+  """How many times the jitted sampler functions were traced (all, or one by name)."""
+  return sum(TRACES.values()) if name is None else TRACES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled pieces (pure functions of (graphdef, state, ...))
+# ---------------------------------------------------------------------------------------------
+
+def embed_prompt(model: ns.NextStep, tokens, img_tokens, img_index) -> jax.Array:
+  if img_tokens is None:
+    return model.backbone.embed(tokens)
+  m = img_tokens.shape[1]
+  toks = model.prepare_tokens(img_tokens)  # token norm, as in training
+  seq = jnp.take_along_axis(toks, jnp.clip(img_index, 0, m - 1)[..., None], axis=1)
+  return model.embed_inputs(tokens, seq, img_index >= 0)
+
+
+def prefill(model: ns.NextStep, cache, tokens, mask, img_tokens, img_index):
+  """Runs left-padded prompts (R, P) into the cache. Returns (h_last (R, D), cache, lengths (R,))."""
+  seg = mask.astype(jnp.int32)
+  pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+  x = embed_prompt(model, tokens, img_tokens, img_index)
+  hs, cache = model.backbone(x, pos, seg, cache=cache)
+  return hs[:, -1], cache, jnp.sum(seg, axis=1)
+
+
+def image_loop(model: ns.NextStep, cache, h_last, next_pos, key, *, groups: int, num_tokens: int,
+                steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift):
+  """h*w image tokens, each fed back into every row. Returns (tokens (B, T, d), cache, h_last)."""
+  r = h_last.shape[0]
+  b, d = r // groups, model.config.token_dim
+
+  def body(i, carry):
+    cache, h_last, out = carry
+    cond = model.image_out(h_last)
+    tok = sample_token(model.head, cond, jax.random.fold_in(key, i), groups=groups, steps=steps, sde=sde,
+                       cfg=cfg, cfg_img=cfg_img, time_shift=time_shift)
+    if use_norm:
+      tok = ns.normalize_tokens(tok)
+    out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+    x_in = model.image_in(jnp.tile(tok, (groups, 1)))[:, None]  # (R, 1, D)
+    hs, cache = model.backbone(x_in, (next_pos + i)[:, None], jnp.ones((r, 1), jnp.int32), cache=cache)
+    return cache, hs[:, 0], out
+
+  out0 = jnp.zeros((b, num_tokens, d), jnp.float32)
+  cache, h_last, out = jax.lax.fori_loop(0, num_tokens, body, (cache, h_last, out0))
+  return out, cache, h_last
+
+
+STATIC = ("graphdef", "groups", "h", "w", "steps", "sde", "use_norm")
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def _sample_jit(graphdef, state, tokens, mask, img_tokens, img_index, key, cfg, cfg_img, time_shift, *,
+                groups, h, w, steps, sde, use_norm):
+  TRACES["sample_images"] += 1
+  model = nnx.merge(graphdef, state)
+  r, p = tokens.shape
+  cache = model.backbone.init_cache(r, p + h * w)
+  h_last, cache, lengths = prefill(model, cache, tokens, mask, img_tokens, img_index)
+  out, _, _ = image_loop(model, cache, h_last, lengths, key, groups=groups, num_tokens=h * w, steps=steps,
+                          sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift)
+  return out
+
+
+def check_common(h: int, w: int, steps: int, time_shift: float) -> None:
+  if h < 1 or w < 1:
+    raise ValueError(f"image grid h={h}, w={w} must be positive")
+  if steps < 1:
+    raise ValueError(f"steps={steps} must be >= 1")
+  if time_shift <= 0:
+    raise ValueError(f"time_shift={time_shift} must be > 0")
+
+
+def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: int, key: jax.Array, *,
+                  cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28, time_shift: float = 1.0,
+                  use_norm: bool = True, sde: bool = False, pad_id: int = 0) -> jax.Array:
+  """The compiled sampler for 1, 2 or 3 prompt groups (module docstring). Returns (B, h*w, d)."""
+  if not 1 <= len(prompts) <= 3:
+    raise ValueError(f"sample_guided takes 1, 2 or 3 prompt groups, got {len(prompts)}")
+  if sde and steps < 2:
+    raise ValueError("the SDE sampler needs steps >= 2")
+  check_common(h, w, steps, time_shift)
+  ps = [as_prompt(p, pad_id=pad_id, name=f"prompt group {g}") for g, p in enumerate(prompts)]
+  s = stack_groups(ps)
+  if s["image_tokens"] is not None and s["image_tokens"].shape[2] != model.config.token_dim:
+    raise ValueError(f"prompt image tokens have dim {s['image_tokens'].shape[2]}, the model's token_dim "
+                     f"is {model.config.token_dim}")
+  graphdef, state = nnx.split(model)
+  return _sample_jit(graphdef, state, jnp.asarray(s["tokens"]), jnp.asarray(s["mask"]),
+                     None if s["image_tokens"] is None else jnp.asarray(s["image_tokens"]),
+                     None if s["image_index"] is None else jnp.asarray(s["image_index"]), key,
+                     jnp.float32(cfg), jnp.float32(cfg_img), jnp.float32(time_shift),
+                     groups=len(ps), h=int(h), w=int(w), steps=int(steps), sde=bool(sde),
+                     use_norm=bool(use_norm))
+
+
+def sample_images(model: ns.NextStep, prompt_tokens: PromptLike, neg_tokens: PromptLike | None, h: int,
+                  w: int, key: jax.Array, *, cfg: float = 7.5, steps: int = 28, time_shift: float = 1.0,
+                  use_norm: bool = True, sde: bool = False, prompt_image_tokens=None, prompt_image_index=None,
+                  pad_id: int = 0) -> jax.Array:
+  """Text-to-image (or image-conditioned) sampling with classifier-free guidance on the head.
+
+  prompt_tokens: (B, P) left-padded ids (mask = ids != pad_id), a (tokens, mask) pair or a Prompt,
+  ending with the image prefix; neg_tokens: the unconditional rows (B, P2) (the negative text + the
+  same prefix), or None for no guidance (cfg unused). prompt_image_tokens (B, M, d) and
+  prompt_image_index (B, P): source images inside the conditional prompt. Returns (B, h*w, d).
+  """
+  cond = as_prompt(prompt_tokens, pad_id=pad_id, image_tokens=prompt_image_tokens,
+                   image_index=prompt_image_index, name="prompt_tokens")
+  groups = [cond] if neg_tokens is None else [cond, as_prompt(neg_tokens, pad_id=pad_id, name="neg_tokens")]
+  return sample_guided(model, groups, h, w, key, cfg=cfg, steps=steps, time_shift=time_shift,
+                       use_norm=use_norm, sde=sde, pad_id=pad_id)
+
+
+def edit_images(model: ns.NextStep, prompt: PromptLike, image_neg_prompt: PromptLike, neg_prompt: PromptLike,
+                h: int, w: int, key: jax.Array, *, cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28,
+                time_shift: float = 3.2, use_norm: bool = True, sde: bool = False, pad_id: int = 0
+                ) -> jax.Array:
+  """Image editing with three rows per sample: [image + text, image + negative, negative only]
+  (Prompts carrying the source image tokens where they have them). Returns (B, h*w, d)."""
+  return sample_guided(model, [prompt, image_neg_prompt, neg_prompt], h, w, key, cfg=cfg, cfg_img=cfg_img,
+                       steps=steps, time_shift=time_shift, use_norm=use_norm, sde=sde, pad_id=pad_id)
