@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from nextstep_jax.data import mixture as M  # noqa: E402
-from nextstep_jax.data import sources as S  # noqa: E402
+from nextstep_jax.data import formats as F  # noqa: E402
 from nextstep_jax.data import tokenizer as T  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def main() -> None:
     print(f"generated {args.jpegs} JPEGs of 512x512 in {time.perf_counter() - t:.1f} s")
     root = os.path.join(tmp, "records")
     t = time.perf_counter()
-    counters = S.convert_image_folder(folder, root, S.ConvertOptions(unit=16, sides=(16, 32)))
+    counters = F.convert_image_folder(folder, root, F.ConvertOptions(unit=16, sides=(16, 32)))
     dt = time.perf_counter() - t
     print(f"converted to ArrayRecord: {counters['written']} images in {dt:.1f} s "
           f"({counters['written'] / dt:.0f} images/s), counters {dict(counters)}")

@@ -7,7 +7,7 @@
    its checkpoint, VAE and tokenizer -> OUT/sft;
 2. evaluation of the SFT model (nextstep_jax.evaluate.evaluate_run: per_digit samples of every digit with
    "a handwritten digit d", judged by the base run's classifier) -> the "before" figure;
-3. preference pairs (nextstep_jax.dpo.build_digit_preferences): chosen a real digit of the prompted class,
+3. preference pairs (nextstep_jax.evaluation.preferences.build_digit_preferences): chosen a real digit of the prompted class,
    rejected an SFT sample the classifier reads as another digit (a real digit of another class when
    --rounds rounds of sampling give none) -> OUT/pairs (train from the training digits, heldout from the
    held-out digits); sampling seeds differ from the evaluation's;

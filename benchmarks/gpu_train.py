@@ -5,7 +5,7 @@
   python benchmarks/gpu_train.py --head=base --remat=dots --rows=2
   python benchmarks/gpu_train.py --tiny                   # the same path at toy sizes, any backend
 
-Builds the real train step (nextstep_jax.train.Trainer: bf16 compute, fp32 master weights and AdamW,
+Builds the real train step (nextstep_jax.training.trainer.Trainer: bf16 compute, fp32 master weights and AdamW,
 cuDNN flash attention, chunked CE) on one device, feeds synthetic packed rows on the latent path (half
 text, half image tokens), and prints compile time, step time (median after warm-up), tokens/s,
 TFLOP/s and MFU against the device's bf16 dense peak (nextstep_jax.training.flops: H100/H200 989 TFLOP/s),

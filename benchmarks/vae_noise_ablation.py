@@ -60,7 +60,7 @@ def main(argv) -> None:
     config = vae_demo.get_config()
     with config.unlocked():
       if FLAGS.steps:
-        config.train.steps = FLAGS.steps
+        config.steps = FLAGS.steps
       config.train.noise_aug = noise
       config.train.gamma = 0.2
     wd = os.path.join(FLAGS.workdir, name)

@@ -21,19 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.common import STAGES, stage_config
-
-
-def dpo_section(beta: float, data: str = "", reference: str = "") -> ml_collections.ConfigDict:
-  """The ``dpo`` config fields.
-
-  beta: the DPO temperature; reduction: "mean" (per-token errors averaged over an image's tokens)
-  or "sum"; data: the preference directory (train.jsonl, heldout.jsonl, images/); reference: the
-  frozen reference checkpoint ("" = checkpoint.init_from); sft_weight: optional weight of the
-  chosen images' FM error added to the loss (0 = pure DPO); heldout_batches: held-out pair
-  batches evaluated every ``eval_every`` steps (when heldout.jsonl exists).
-  """
-  return ml_collections.ConfigDict(dict(beta=float(beta), reduction="mean", data=data, reference=reference,
-                                        sft_weight=0.0, heldout_batches=2))
+from nextstep_jax.config import dpo_section
 
 
 def apply_dpo_stage(c: ml_collections.ConfigDict) -> None:

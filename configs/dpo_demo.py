@@ -2,7 +2,7 @@
 
 SPEC §7's DPO row (300 steps, constant lr after 200 warm-up steps, weight decay 0.1) with the
 learning rate a fifth of the SFT demo's peak, as the paper's (2e-6 vs 1e-5). Pairs (prompt, chosen, rejected) come from
-``python benchmarks/dpo_digits.py`` (or nextstep_jax.dpo.build_digit_preferences): chosen a real digit
+``python benchmarks/dpo_digits.py`` (or nextstep_jax.evaluation.preferences.build_digit_preferences): chosen a real digit
 of the prompted class, rejected an SFT sample the classifier reads as another digit. Rows of 48
 tokens hold a caption and one 16-token image; 16 pairs (32 sequences) per step.
 Paths default to runs/demo (VAE, tokenizer), runs/sft_demo (policy and reference) and

@@ -8,20 +8,20 @@ steps of 32 digits. Measured (benchmarks/vae_noise_ablation.py): held-out PSNR 2
   python -m nextstep_jax.train_vae --config=configs/vae_demo.py --workdir=runs/vae_demo
 """
 
-from nextstep_jax.training import vae_trainer
+from nextstep_jax import config
 
 
 def get_config():
-  c = vae_trainer.default_config("demo")
+  c = config.vae_base_config("demo")
   c.workdir = "runs/vae_demo"
   c.data.source = "digits"
   c.data.image_size = 32
-  c.train.steps = 700
-  c.train.batch_size = 32
-  c.train.lr = 2e-3
-  c.train.warmup_steps = 20
-  c.train.schedule = "cosine"
-  c.train.min_lr = 1e-4
+  c.steps = 700
+  c.data.batch_size = 32
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 20
+  c.optim.schedule = "cosine"
+  c.optim.min_lr = 1e-4
   c.train.noise_aug = True
   c.train.gamma = 0.2
   c.train.l1_weight = 1.0
@@ -29,7 +29,7 @@ def get_config():
   c.train.kl_weight = 1e-4
   c.log_every = 50
   c.eval_every = 350
-  c.ckpt_every = 350
-  c.ckpt_keep = 2
+  c.checkpoint.every = 350
+  c.checkpoint.keep = 2
   c.lock()
   return c

@@ -10,21 +10,21 @@ Loss: L1 + L2 + small KL; an LPIPS term is not available offline, a from-scratch
   python -m nextstep_jax.train_vae --config=configs/vae_f8d16.py --workdir=runs/vae_f8d16
 """
 
-from nextstep_jax.training import vae_trainer
+from nextstep_jax import config
 
 
 def get_config():
-  c = vae_trainer.default_config("f8d16")
+  c = config.vae_base_config("f8d16")
   c.workdir = "runs/vae_f8d16"
   c.data.source = "digits"
   c.data.image_size = 64
-  c.train.steps = 100_000
-  c.train.batch_size = 32
-  c.train.lr = 1e-4
-  c.train.warmup_steps = 1000
-  c.train.schedule = "cosine"
-  c.train.min_lr = 1e-5
-  c.train.b2 = 0.99
+  c.steps = 100_000
+  c.data.batch_size = 32
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 1000
+  c.optim.schedule = "cosine"
+  c.optim.min_lr = 1e-5
+  c.optim.b2 = 0.99
   c.train.noise_aug = True
   c.train.gamma = 0.2
   c.train.l1_weight = 1.0
@@ -35,8 +35,8 @@ def get_config():
   c.eval.num_images = 500
   c.log_every = 100
   c.eval_every = 5000
-  c.ckpt_every = 5000
-  c.ckpt_keep = 3
+  c.checkpoint.every = 5000
+  c.checkpoint.keep = 3
   c.vae.dtype = "float32"
   c.lock()
   return c

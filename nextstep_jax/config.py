@@ -1,9 +1,13 @@
-"""Config checking and loading: fail before anything compiles, naming the field.
+"""The config schema, its checks, and loading: fail before anything compiles, naming the field.
 
-``validate(config, num_devices)`` checks a built config against the schema (see configs/common.py)
-and the device count; ``apply_overrides`` sets dotted keys on a locked config, rejecting unknown
-ones; ``load_config`` builds a config from a file or module, applies overrides and validates
-(the training CLI uses ml_collections.config_flags instead, then calls ``validate``).
+``base_config(backbone, head)`` is the transformer's schema: every field and its default, stated once
+(model sizes from ``BACKBONES`` / ``HEADS``); ``vae_base_config(preset)`` is the VAE trainer's, in the
+same vocabulary (``steps``, ``optim.*``, ``checkpoint.*``, ``data.*``). Experiment configs
+(``configs/<name>.py``) start from them. ``validate(config, num_devices)`` checks a config section by
+section (the mesh through ``parallel.check_mesh``); ``with_defaults`` completes a config saved by an
+older run; ``apply_overrides`` sets dotted keys, rejecting unknown ones; ``load_config`` builds a config
+from a file or module (``python -m nextstep_jax.export --qwen2 --config=...`` uses it; the training
+CLIs use ml_collections.config_flags, then ``validate``).
 """
 
 from __future__ import annotations
@@ -20,48 +24,205 @@ from typing import Any
 import ml_collections
 
 from nextstep_jax import parallel
+from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.attention import IMPLEMENTATIONS
-from nextstep_jax.parallel import MESH_AXES, resolve_mesh_axes, rules_dict
+from nextstep_jax.models.presets import BACKBONES, HEADS
+from nextstep_jax.parallel import DEFAULT_RULES
+from nextstep_jax.training import optim as optim_lib
 from nextstep_jax.training import lora as lora_lib
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-# The schema's attention names; validate() uses the model's own list when it is importable.
-ATTENTION = ("xla", "cudnn", "splash")
 SCHEDULES = ("constant", "cosine")
 PAYLOADS = ("images", "image_tokens")
 TOKENIZERS = ("sentencepiece", "hf")
 VAE_PRESETS = ("demo", "f8d16")
 RATIO_KEYS = ("text", "pair", "edit", "interleaved")
-
-# Fields that code reads; every config must have them (owners may add more).
-SCHEMA: dict[str, tuple[str, ...]] = {
-  "": ("seed", "workdir", "steps", "log_every", "eval_every"),
-  "model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-            "intermediate_size", "rope_theta", "rms_norm_eps", "dtype", "param_dtype", "remat",
-            "attention", "document_mask"),
-  "head": ("dim", "num_layers", "batch_mul"),
-  "image": ("latent_channels", "patch_size", "vae_factor", "token_norm", "token_dim"),
-  "loss": ("ce_weight", "fm_weight"),
-  "optim": ("lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "b1", "b2", "eps",
-            "clip_norm"),
-  "mesh": ("axes", "rules"),
-  "checkpoint": ("every", "keep", "async_save", "init_from"),
-  "data": ("source", "batch_size", "seq_len", "ratios", "image_size", "min_image_tokens",
-           "max_image_tokens", "max_images", "max_row_image_tokens", "drop_text_prob", "payload",
-           "num_workers", "seed"),
-  "tokenizer": ("kind", "path", "vocab_size"),
-  "vae": ("preset", "checkpoint"),
-}
-
-
-def _attention_implementations() -> tuple[str, ...]:
-  return tuple(IMPLEMENTATIONS)
+INTEGRITY_MODES = ("auto", "crc32", "size", "off")
 
 
 class ConfigError(ValueError):
   """A config that cannot train; the message names every offending field."""
 
+
+# ---------------------------------------------------------------------------------------------
+# The schemas
+# ---------------------------------------------------------------------------------------------
+
+def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.ConfigDict:
+  """Every field of the transformer's config schema with its default, sized by a backbone and a head
+  preset (unlocked). The one place a field and its default are stated: experiment configs
+  (``configs/<name>.py``) start here, change what differs, and lock the result."""
+  if backbone not in BACKBONES:
+    raise KeyError(f"unknown backbone preset {backbone!r}; known: {sorted(BACKBONES)}")
+  if head not in HEADS:
+    raise KeyError(f"unknown head preset {head!r}; known: {sorted(HEADS)}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = "runs/default"
+  c.steps = 1000
+  c.log_every = 10
+  c.eval_every = 500
+  c.eval_batches = 2           # held-out batches per data source at each evaluation
+  c.sample_prompts = ()        # fixed prompts for the periodic sample grid (empty: none)
+  c.sample_cfg = 3.0           # classifier-free guidance of that grid
+  c.ema_decay = 0.0            # EMA of the weights (0 = off), kept in the checkpoint
+  c.max_skipped_steps = 10     # consecutive non-finite steps before the run stops
+  c.profile_steps = ""         # "START,STOP": a jax.profiler trace of those steps
+
+  c.model = ml_collections.ConfigDict(dict(BACKBONES[backbone]))
+  c.model.preset = backbone
+  c.model.dtype = "float32"          # compute dtype
+  c.model.param_dtype = "float32"    # master weights
+  c.model.remat = "none"
+  c.model.attention = "xla"
+  c.model.document_mask = True       # segment-id mask, positions reset per packed sample
+  # True allows num_heads * head_dim != hidden_size (Qwen3-style); Qwen2.5 checkpoints derive
+  # head_dim = hidden_size // num_heads, so the validator insists on it by default.
+  c.model.free_head_dim = False
+
+  c.head = ml_collections.ConfigDict(dict(HEADS[head]))
+  c.head.preset = head
+
+  c.image = ml_collections.ConfigDict()
+  c.image.latent_channels = 16
+  c.image.patch_size = 2
+  c.image.vae_factor = 8
+  c.image.token_norm = True
+  # Derived and stored: follows latent_channels / patch_size when they are overridden.
+  c.image.token_dim = c.image.get_ref("latent_channels") * c.image.get_ref("patch_size") ** 2
+
+  # ce_chunk > 0: LM head + CE in sequence chunks of this many positions (never holds the
+  # full (B, L, vocab) logits); must divide data.seq_len.
+  c.loss = ml_collections.ConfigDict(dict(ce_weight=0.01, fm_weight=1.0, ce_chunk=0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+    lr=1e-4, min_lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.1,
+    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1))
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.axes = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Across slices / nodes (DCN); with any size > 1, mesh.axes is per slice (nextstep_jax/parallel.py).
+  c.mesh.dcn_axes = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  c.mesh.rules = DEFAULT_RULES
+
+  # integrity: "auto" (CRC-32 up to 4 GiB a step, then sizes), "crc32", "size" or "off".
+  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True, init_from="",
+                                                integrity="auto"))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "digits"
+  c.data.batch_size = 8
+  c.data.seq_len = 128
+  c.data.ratios = ml_collections.ConfigDict(dict(text=0.2, pair=0.6, edit=0.0, interleaved=0.2))
+  c.data.image_size = 256
+  c.data.min_image_tokens = 256
+  c.data.max_image_tokens = 256
+  c.data.max_images = 1
+  c.data.max_row_image_tokens = 256
+  c.data.drop_text_prob = 0.3
+  # False (SFT): CE and FM only on the response (the image after a caption, the target after an
+  # edit instruction); no CE predicts the caption or instruction (data/sequences.py).
+  c.data.loss_on_prompt = True
+  c.data.payload = "image_tokens"
+  c.data.num_workers = 0
+  c.data.seed = 0
+
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="sentencepiece", path="",
+                                               vocab_size=c.model.vocab_size))
+  c.vae = ml_collections.ConfigDict(dict(preset="f8d16", checkpoint=""))
+  # LoRA (rank 0 = off): adapters on the named projections train, the base weights stay frozen.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, targets=("q", "k", "v", "o"), head_targets=()))
+  return c
+
+
+def vae_base_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  """Every field of the VAE trainer's config with its default, the architecture of ``preset``
+  (unlocked); ``configs/vae_*.py`` start here and lock it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = ""
+  c.steps = 1000
+  c.log_every = 50
+  c.eval_every = 500
+  c.vae = ml_collections.ConfigDict(dict(preset=preset, **vae_lib.preset(preset).to_dict()))
+  c.vae.channel_mults = tuple(c.vae.channel_mults)
+  c.data = ml_collections.ConfigDict(dict(
+      source="digits",  # "digits" (embedded MNIST 5k) or a folder of images
+      image_size=32,
+      heldout_every=10,  # folder source: every 10th file (sorted) is held out
+      batch_size=32,
+  ))
+  # AdamW and its schedule (training/optim.py), the same fields as the transformer's.
+  c.optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=0.0, schedule="constant", warmup_steps=20,
+                                           weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0))
+  c.train = ml_collections.ConfigDict(dict(
+      # latent noise augmentation (SPEC §8)
+      noise_aug=True, gamma=0.2,
+      sample_posterior=True,
+      # loss weights
+      l1_weight=1.0, l2_weight=1.0, kl_weight=1e-4, perceptual_weight=0.0,
+      adv_weight=0.0, adv_start=0, disc_lr=1e-4, disc_channels=32,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(num_images=0, batch_size=100, grid_images=16))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=False, integrity="auto"))
+  return c
+
+
+def dpo_section(beta: float = 1000.0, data: str = "", reference: str = "") -> ml_collections.ConfigDict:
+  """The ``dpo`` fields of a DPO config.
+
+  beta: the DPO temperature; reduction: "mean" (per-token errors averaged over an image's tokens)
+  or "sum"; data: the preference directory (train.jsonl, heldout.jsonl, images/); reference: the
+  frozen reference checkpoint ("" = checkpoint.init_from); sft_weight: optional weight of the
+  chosen images' FM error added to the loss (0 = pure DPO); heldout_batches: held-out pair
+  batches evaluated every ``eval_every`` steps (when heldout.jsonl exists).
+  """
+  return ml_collections.ConfigDict(dict(beta=float(beta), reduction="mean", data=data, reference=reference,
+                                        sft_weight=0.0, heldout_batches=2))
+
+
+def _fields(c: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+  """{section: its fields} of a schema ("" = top level); dict-valued fields (ratios, axes, rules)
+  count as one field."""
+  out: dict[str, tuple[str, ...]] = {"": tuple(k for k, v in c.items()
+                                              if not isinstance(v, ml_collections.ConfigDict))}
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict) and k not in ("mesh",):
+      out[k] = tuple(v.keys())
+  if "mesh" in c:
+    out["mesh"] = ("axes", "dcn_axes", "rules")
+  return out
+
+
+# Fields that code reads; every transformer config has them (experiments may add more).
+SCHEMA: dict[str, tuple[str, ...]] = _fields(base_config())
+
+
+def with_defaults(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (e.g. a run's saved config.json) completed with the schema's defaults for the fields it
+  lacks (a run saved by an older version); every field it has is kept as it is."""
+  out = base_config()
+
+  def merge(dst: ml_collections.ConfigDict, src: Mapping[str, Any]) -> None:
+    for k, v in src.items():
+      if isinstance(v, (Mapping, ml_collections.ConfigDict)) and isinstance(dst.get(k), ml_collections.ConfigDict) \
+          and k not in ("ratios", "axes", "dcn_axes", "rules"):
+        merge(dst[k], v)
+      else:
+        dst[k] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+
+  with out.unlocked():
+    for key in ("model", "head"):  # sized by a preset: drop the preset's other fields first
+      if key in config:
+        out[key] = ml_collections.ConfigDict()
+    merge(out, config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, section by section
+# ---------------------------------------------------------------------------------------------
 
 def _get(config: Any, dotted: str) -> Any:
   node = config
@@ -79,6 +240,193 @@ def _has(config: Any, dotted: str) -> bool:
   return True
 
 
+class _Checks:
+  """Collects every problem of a config (each message names its field)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.errors: list[str] = []
+
+  def err(self, msg: str) -> None:
+    self.errors.append(msg)
+
+  def positive(self, *names: str) -> None:
+    for n in names:
+      v = _get(self.config, n)
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        self.err(f"{n}={v!r} must be a positive number")
+
+  def non_negative(self, *names: str) -> None:
+    for n in names:
+      v = _get(self.config, n)
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        self.err(f"{n}={v!r} must be >= 0")
+
+  def one_of(self, name: str, allowed: Sequence[str]) -> None:
+    v = _get(self.config, name)
+    if v not in allowed:
+      self.err(f"{name}={v!r} is not one of {list(allowed)}")
+
+
+def _missing(config, schema: Mapping[str, Sequence[str]]) -> list[str]:
+  return [f"{sec}.{f}" if sec else f for sec, fields in schema.items() for f in fields
+          if not _has(config, f"{sec}.{f}" if sec else f)]
+
+
+def _check_run(ck: _Checks) -> None:
+  c = ck.config
+  ck.positive("steps", "log_every", "eval_every", "eval_batches", "max_skipped_steps")
+  if not isinstance(c.ema_decay, (int, float)) or not 0.0 <= c.ema_decay < 1.0:
+    ck.err(f"ema_decay={c.ema_decay!r} must be in [0, 1) (0 = no EMA)")
+  if c.profile_steps:
+    try:
+      lo, hi = (int(x) for x in str(c.profile_steps).split(","))
+      if not 0 <= lo < hi:
+        raise ValueError
+    except ValueError:
+      ck.err(f"profile_steps={c.profile_steps!r} must be 'START,STOP' with 0 <= START < STOP (or empty)")
+
+
+def _check_model(ck: _Checks) -> None:
+  m = ck.config.model
+  ck.positive("model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+              "model.num_kv_heads", "model.head_dim", "model.intermediate_size", "model.rope_theta",
+              "model.rms_norm_eps")
+  for n in ("dtype", "param_dtype"):
+    ck.one_of(f"model.{n}", DTYPES)
+  ck.one_of("model.remat", REMAT)
+  ck.one_of("model.attention", tuple(IMPLEMENTATIONS))
+  if m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
+    ck.err(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+  if m.head_dim % 2:
+    ck.err(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
+  if not m.free_head_dim and m.num_heads > 0 and m.num_heads * m.head_dim != m.hidden_size:
+    ck.err(f"model.num_heads * model.head_dim = {m.num_heads} * {m.head_dim} != model.hidden_size"
+           f"={m.hidden_size} (Qwen2 derives head_dim = hidden_size // num_heads; set "
+           "model.free_head_dim=True to allow it)")
+
+
+def _check_head_image_loss(ck: _Checks) -> None:
+  c = ck.config
+  ck.positive("head.dim", "head.num_layers", "head.batch_mul")
+  ck.positive("image.latent_channels", "image.patch_size", "image.vae_factor")
+  im = c.image
+  if im.token_dim != im.latent_channels * im.patch_size ** 2:
+    ck.err(f"image.token_dim={im.token_dim} != image.latent_channels * image.patch_size**2 = "
+           f"{im.latent_channels * im.patch_size ** 2}")
+  ck.non_negative("loss.ce_weight", "loss.fm_weight")
+  if c.loss.ce_chunk < 0 or (c.loss.ce_chunk > 0 and c.data.seq_len % c.loss.ce_chunk):
+    ck.err(f"loss.ce_chunk={c.loss.ce_chunk} must be 0 (off) or divide data.seq_len={c.data.seq_len}")
+
+
+def _check_optim(ck: _Checks) -> None:
+  c, o = ck.config, ck.config.optim
+  ck.positive("optim.lr", "optim.eps")
+  ck.non_negative("optim.min_lr", "optim.weight_decay", "optim.clip_norm", "optim.warmup_steps")
+  ck.one_of("optim.schedule", SCHEDULES)
+  if isinstance(o.lr, (int, float)) and isinstance(o.min_lr, (int, float)) and o.min_lr > o.lr:
+    ck.err(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
+  if o.warmup_steps > c.steps:
+    ck.err(f"optim.warmup_steps={o.warmup_steps} is longer than the run (steps={c.steps})")
+  for n in ("b1", "b2"):
+    if not 0.0 <= o[n] < 1.0:
+      ck.err(f"optim.{n}={o[n]} must be in [0, 1)")
+  if not isinstance(o.grad_accum, int) or o.grad_accum < 1:
+    ck.err(f"optim.grad_accum={o.grad_accum!r} must be an integer >= 1")
+
+
+def _check_mesh_and_batch(ck: _Checks, num_devices: int | None, num_granules: int | None) -> None:
+  """The mesh against the devices (``parallel.check_mesh``), then the batch against the data-parallel
+  size and the gradient accumulation."""
+  c, d = ck.config, ck.config.data
+  sizes = None
+  try:
+    sizes = parallel.check_mesh(c.mesh, num_devices, num_granules)
+  except ValueError as e:
+    ck.err(str(e))
+  try:
+    parallel.rules_dict(c.mesh.rules)
+  except ValueError as e:
+    ck.err(str(e))
+  if sizes is not None:
+    dp = sizes["data"] * sizes["fsdp"]
+    if d.batch_size % dp:
+      ck.err(f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
+             f"data*fsdp={sizes['data']}*{sizes['fsdp']}={dp}")
+  elif isinstance(d.batch_size, int):
+    fixed = math.prod(int(c.mesh.axes.get(k, 1)) for k in ("data", "fsdp") if int(c.mesh.axes.get(k, 1)) > 0)
+    if d.batch_size % fixed:
+      ck.err(f"data.batch_size={d.batch_size} is not divisible by the fixed data-parallel axes "
+             f"(product {fixed})")
+  accum = c.optim.grad_accum
+  if isinstance(accum, int) and accum >= 1:  # each micro-batch must still split over the devices
+    if d.batch_size % accum:
+      ck.err(f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={accum}")
+    elif sizes is not None and (d.batch_size // accum) % (sizes["data"] * sizes["fsdp"]):
+      ck.err(f"data.batch_size / optim.grad_accum = {d.batch_size // accum} rows per micro-batch is not "
+             f"divisible by the data-parallel size {sizes['data'] * sizes['fsdp']}")
+
+
+def _check_checkpoint_and_lora(ck: _Checks) -> None:
+  c = ck.config
+  ck.positive("checkpoint.every", "checkpoint.keep")
+  ck.one_of("checkpoint.integrity", INTEGRITY_MODES)
+  if int(c.lora.rank or 0) > 0:
+    try:
+      lora_lib.LoraConfig.from_config(c.lora)
+    except ValueError as e:
+      ck.err(str(e))
+
+
+def _check_data(ck: _Checks) -> None:
+  c, d, im = ck.config, ck.config.data, ck.config.image
+  ck.positive("data.batch_size", "data.seq_len", "data.image_size", "data.min_image_tokens",
+              "data.max_image_tokens", "data.max_images", "data.max_row_image_tokens")
+  ck.non_negative("data.num_workers")
+  ck.one_of("data.payload", PAYLOADS)
+  if not 0.0 <= d.drop_text_prob <= 1.0:
+    ck.err(f"data.drop_text_prob={d.drop_text_prob} must be in [0, 1]")
+  ratios = dict(d.ratios)
+  if set(ratios) != set(RATIO_KEYS):
+    ck.err(f"data.ratios has keys {sorted(ratios)}, expected {list(RATIO_KEYS)}")
+  negative = {k: v for k, v in ratios.items() if not isinstance(v, (int, float)) or v < 0}
+  if negative:
+    ck.err(f"data.ratios must be >= 0, got {negative}")
+  elif abs(sum(ratios.values()) - 1.0) > 1e-6:
+    ck.err(f"data.ratios sum to {sum(ratios.values()):.6g}, not 1: {ratios}")
+  if d.min_image_tokens > d.max_image_tokens:
+    ck.err(f"data.min_image_tokens={d.min_image_tokens} > data.max_image_tokens={d.max_image_tokens}")
+  if d.max_image_tokens > d.max_row_image_tokens:
+    ck.err(f"data.max_image_tokens={d.max_image_tokens} > data.max_row_image_tokens="
+           f"{d.max_row_image_tokens} (one image must fit a row's image-token buffer)")
+  if d.max_row_image_tokens > d.seq_len:
+    ck.err(f"data.max_row_image_tokens={d.max_row_image_tokens} > data.seq_len={d.seq_len}")
+  if d.payload == "images":
+    px = im.vae_factor * im.patch_size
+    if d.image_size % px:
+      ck.err(f"data.image_size={d.image_size} is not a multiple of image.vae_factor * "
+             f"image.patch_size = {px}")
+    else:
+      per_image = (d.image_size // px) ** 2
+      if not d.min_image_tokens <= per_image <= d.max_image_tokens:
+        ck.err(f"data.image_size={d.image_size} gives {per_image} tokens per image, outside "
+               f"[data.min_image_tokens, data.max_image_tokens] = "
+               f"[{d.min_image_tokens}, {d.max_image_tokens}]")
+      if d.max_images * per_image > d.max_row_image_tokens:
+        ck.err(f"data.max_images * tokens per image = {d.max_images} * {per_image} > "
+               f"data.max_row_image_tokens={d.max_row_image_tokens}")
+  del c
+
+
+def _check_tokenizer_and_vae(ck: _Checks) -> None:
+  c = ck.config
+  ck.one_of("tokenizer.kind", TOKENIZERS)
+  ck.positive("tokenizer.vocab_size")
+  if c.tokenizer.vocab_size > c.model.vocab_size:
+    ck.err(f"tokenizer.vocab_size={c.tokenizer.vocab_size} > model.vocab_size={c.model.vocab_size}")
+  ck.one_of("vae.preset", VAE_PRESETS)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              num_granules: int | None = None) -> None:
   """Raises ConfigError listing every problem of `config` (each naming its field).
@@ -86,205 +434,66 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   `num_devices` (e.g. jax.device_count(), after distributed start-up) enables the checks of
   the mesh against the devices and of the batch against the data-parallel size; without it,
   those run only as far as the mesh's fixed sizes allow. `num_granules` (TPU slices or processes,
-  see parallel.num_granules) checks ``mesh.dcn_axes``; without it a ``mesh.dcn_axes`` with a -1 is checked
-  only for its structure.
+  see parallel.num_granules) checks ``mesh.dcn_axes``; without it a ``mesh.dcn_axes`` with a -1 is
+  checked only for its structure.
   """
-  errors: list[str] = []
-  missing = [f"{sec}.{f}" if sec else f for sec, fields in SCHEMA.items() for f in fields
-             if not _has(config, f"{sec}.{f}" if sec else f)]
+  missing = _missing(config, SCHEMA)
   if missing:
     raise ConfigError("config is missing fields: " + ", ".join(missing))
+  ck = _Checks(config)
+  _check_run(ck)
+  _check_model(ck)
+  _check_head_image_loss(ck)
+  _check_optim(ck)
+  _check_mesh_and_batch(ck, num_devices, num_granules)
+  _check_checkpoint_and_lora(ck)
+  _check_data(ck)
+  _check_tokenizer_and_vae(ck)
+  if ck.errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(ck.errors))
 
-  def err(msg: str) -> None:
-    errors.append(msg)
 
-  def positive(*names: str) -> None:
-    for n in names:
-      v = _get(config, n)
-      if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-        err(f"{n}={v!r} must be a positive number")
+VAE_SCHEMA: dict[str, tuple[str, ...]] = _fields(vae_base_config())
 
-  def non_negative(*names: str) -> None:
-    for n in names:
-      v = _get(config, n)
-      if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-        err(f"{n}={v!r} must be >= 0")
 
-  def one_of(name: str, allowed: Sequence[str]) -> None:
-    v = _get(config, name)
-    if v not in allowed:
-      err(f"{name}={v!r} is not one of {list(allowed)}")
-
-  positive("steps", "log_every", "eval_every")
-
-  # Model.
-  m = config.model
-  positive("model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
-           "model.num_kv_heads", "model.head_dim", "model.intermediate_size", "model.rope_theta",
-           "model.rms_norm_eps")
-  for n in ("dtype", "param_dtype"):
-    one_of(f"model.{n}", DTYPES)
-  one_of("model.remat", REMAT)
-  one_of("model.attention", _attention_implementations())
-  if m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
-    err(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
-  if m.head_dim % 2:
-    err(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
-  if (not m.get("free_head_dim", False) and m.num_heads > 0
-      and m.num_heads * m.head_dim != m.hidden_size):
-    err(f"model.num_heads * model.head_dim = {m.num_heads} * {m.head_dim} != model.hidden_size"
-        f"={m.hidden_size} (Qwen2 derives head_dim = hidden_size // num_heads; set "
-        "model.free_head_dim=True to allow it)")
-
-  # Head, image tokens, loss.
-  positive("head.dim", "head.num_layers", "head.batch_mul")
-  positive("image.latent_channels", "image.patch_size", "image.vae_factor")
-  im = config.image
-  if im.token_dim != im.latent_channels * im.patch_size ** 2:
-    err(f"image.token_dim={im.token_dim} != image.latent_channels * image.patch_size**2 = "
-        f"{im.latent_channels * im.patch_size ** 2}")
-  non_negative("loss.ce_weight", "loss.fm_weight")
-  ce_chunk = config.loss.get("ce_chunk", 0)
-  if ce_chunk < 0 or (ce_chunk > 0 and config.data.seq_len % ce_chunk):
-    err(f"loss.ce_chunk={ce_chunk} must be 0 (off) or divide data.seq_len={config.data.seq_len}")
-
-  # Optimiser.
-  o = config.optim
-  positive("optim.lr", "optim.eps")
-  non_negative("optim.min_lr", "optim.weight_decay", "optim.clip_norm", "optim.warmup_steps")
-  one_of("optim.schedule", SCHEDULES)
-  if isinstance(o.lr, (int, float)) and isinstance(o.min_lr, (int, float)) and o.min_lr > o.lr:
-    err(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
-  if o.warmup_steps > config.steps:
-    err(f"optim.warmup_steps={o.warmup_steps} is longer than the run (steps={config.steps})")
-  for n in ("b1", "b2"):
-    v = o[n]
-    if not 0.0 <= v < 1.0:
-      err(f"optim.{n}={v} must be in [0, 1)")
-
-  # Mesh and batch.
-  d = config.data
-  sizes = None
+def validate_vae(config: ml_collections.ConfigDict, num_devices: int) -> vae_lib.VAEConfig:
+  """Checks a VAE trainer's config (the schema of ``vae_base_config``); returns its VAEConfig. Raises
+  ConfigError listing every problem, each naming its field."""
+  missing = [m for m in _missing(config, VAE_SCHEMA) if not m.startswith("vae.")]
+  if missing:
+    raise ConfigError("VAE config is missing fields: " + ", ".join(missing))
   try:
-    axes = dict(config.mesh.axes)
-    dcn = {k: int(v) for k, v in dict(config.mesh.get("dcn_axes", None) or {}).items()}
-    hybrid = any(v != 1 for v in dcn.values())
-    if hybrid and num_granules is None and -1 not in dcn.values():
-      num_granules = math.prod(dcn.values())  # fixed DCN sizes name the granule count themselves
-    if num_devices is not None and hybrid and num_granules is not None:
-      # mesh.axes is per slice / node, mesh.dcn_axes across them.
-      sizes = parallel.resolve_hybrid_axes(axes, dcn, num_devices, num_granules)[2]
-    elif hybrid:
-      # Structure only: the granule count (or the device count) is not known here.
-      probe = math.prod(abs(v) for v in dcn.values()) or 1
-      parallel.resolve_hybrid_axes({k: 1 for k in MESH_AXES}, dcn, probe, probe)
-      resolve_mesh_axes(axes, math.prod(abs(int(v)) for v in axes.values()) or 1)
-    elif num_devices is not None:
-      sizes = resolve_mesh_axes(axes, num_devices)
-    else:
-      # Structure only; the device count is unknown.
-      probe = math.prod(abs(int(v)) for v in axes.values()) or 1
-      resolve_mesh_axes(axes, probe)
-      if -1 not in axes.values():
-        sizes = {k: int(axes.get(k, 1)) for k in MESH_AXES}
-  except ValueError as e:
-    err(str(e))
+    cfg = vae_lib.VAEConfig.from_dict(config.vae.to_dict())
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"invalid VAE config: vae: {e}") from e
+  ck = _Checks(config)
+  t = config.train
+  ck.positive("steps", "log_every", "eval_every", "checkpoint.every", "checkpoint.keep", "eval.batch_size")
+  ck.non_negative("eval.num_images", "train.gamma", "train.l1_weight", "train.l2_weight", "train.kl_weight",
+                  "train.adv_weight")
+  ck.one_of("checkpoint.integrity", INTEGRITY_MODES)
+  if config.data.batch_size < 1 or config.data.batch_size % num_devices:
+    ck.err(f"data.batch_size={config.data.batch_size} must be a positive multiple of the "
+           f"{num_devices} devices (data parallel)")
+  if t.l1_weight == 0 and t.l2_weight == 0:
+    ck.err("train.l1_weight and train.l2_weight are both 0: no reconstruction loss")
+  if t.perceptual_weight != 0:
+    ck.err("train.perceptual_weight must be 0: an LPIPS perceptual loss needs pretrained "
+           "VGG/AlexNet and LPIPS weights, which cannot be downloaded in this "
+           "environment (use l1/l2, and adv_weight for a from-scratch GAN term)")
+  s = config.data.image_size
+  if s % cfg.pixels_per_token:
+    ck.err(f"data.image_size={s} is not divisible by {cfg.pixels_per_token} pixels per "
+           f"token (VAE factor {cfg.factor} x patch size {cfg.patch_size})")
+  if config.data.source != "digits" and not os.path.isdir(config.data.source):
+    ck.err(f"data.source={config.data.source!r} is neither 'digits' nor a directory")
   try:
-    rules_dict(config.mesh.rules)
+    optim_lib.make_schedule(config.optim, config.steps)  # lr, schedule, warm-up
   except ValueError as e:
-    err(str(e))
-  if sizes is not None:
-    dp = sizes["data"] * sizes["fsdp"]
-    if d.batch_size % dp:
-      err(f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
-          f"data*fsdp={sizes['data']}*{sizes['fsdp']}={dp}")
-  elif isinstance(d.batch_size, int):
-    fixed = math.prod(int(config.mesh.axes.get(k, 1)) for k in ("data", "fsdp")
-                      if int(config.mesh.axes.get(k, 1)) > 0)
-    if d.batch_size % fixed:
-      err(f"data.batch_size={d.batch_size} is not divisible by the fixed data-parallel axes "
-          f"(product {fixed})")
-
-  # Gradient accumulation: each micro-batch must still split over the data-parallel devices.
-  accum = o.get("grad_accum", 1)
-  if not isinstance(accum, int) or accum < 1:
-    err(f"optim.grad_accum={accum!r} must be an integer >= 1")
-  elif d.batch_size % accum:
-    err(f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={accum}")
-  elif sizes is not None and (d.batch_size // accum) % (sizes["data"] * sizes["fsdp"]):
-    err(f"data.batch_size / optim.grad_accum = {d.batch_size // accum} rows per micro-batch is not "
-        f"divisible by the data-parallel size {sizes['data'] * sizes['fsdp']}")
-
-  # Training extras.
-  ema = config.get("ema_decay", 0.0)
-  if not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
-    err(f"ema_decay={ema!r} must be in [0, 1) (0 = no EMA)")
-  if config.get("max_skipped_steps", 1) < 1:
-    err(f"max_skipped_steps={config.get('max_skipped_steps')} must be >= 1")
-  prof = config.get("profile_steps", "")
-  if prof:
-    try:
-      lo, hi = (int(x) for x in str(prof).split(","))
-      if not 0 <= lo < hi:
-        raise ValueError
-    except ValueError:
-      err(f"profile_steps={prof!r} must be 'START,STOP' with 0 <= START < STOP (or empty)")
-
-  if "lora" in config and int(config.lora.get("rank", 0) or 0) > 0:
-    try:
-      lora_lib.LoraConfig.from_config(config.lora)
-    except ValueError as e:
-      err(str(e))
-
-  # Checkpoints.
-  positive("checkpoint.every", "checkpoint.keep")
-
-  # Data.
-  positive("data.batch_size", "data.seq_len", "data.image_size", "data.min_image_tokens",
-           "data.max_image_tokens", "data.max_images", "data.max_row_image_tokens")
-  non_negative("data.num_workers")
-  one_of("data.payload", PAYLOADS)
-  if not 0.0 <= d.drop_text_prob <= 1.0:
-    err(f"data.drop_text_prob={d.drop_text_prob} must be in [0, 1]")
-  ratios = dict(d.ratios)
-  if set(ratios) != set(RATIO_KEYS):
-    err(f"data.ratios has keys {sorted(ratios)}, expected {list(RATIO_KEYS)}")
-  negative = {k: v for k, v in ratios.items() if not isinstance(v, (int, float)) or v < 0}
-  if negative:
-    err(f"data.ratios must be >= 0, got {negative}")
-  elif abs(sum(ratios.values()) - 1.0) > 1e-6:
-    err(f"data.ratios sum to {sum(ratios.values()):.6g}, not 1: {ratios}")
-  if d.min_image_tokens > d.max_image_tokens:
-    err(f"data.min_image_tokens={d.min_image_tokens} > data.max_image_tokens={d.max_image_tokens}")
-  if d.max_image_tokens > d.max_row_image_tokens:
-    err(f"data.max_image_tokens={d.max_image_tokens} > data.max_row_image_tokens="
-        f"{d.max_row_image_tokens} (one image must fit a row's image-token buffer)")
-  if d.max_row_image_tokens > d.seq_len:
-    err(f"data.max_row_image_tokens={d.max_row_image_tokens} > data.seq_len={d.seq_len}")
-  if d.payload == "images":
-    px = im.vae_factor * im.patch_size
-    if d.image_size % px:
-      err(f"data.image_size={d.image_size} is not a multiple of image.vae_factor * "
-          f"image.patch_size = {px}")
-    else:
-      per_image = (d.image_size // px) ** 2
-      if not d.min_image_tokens <= per_image <= d.max_image_tokens:
-        err(f"data.image_size={d.image_size} gives {per_image} tokens per image, outside "
-            f"[data.min_image_tokens, data.max_image_tokens] = "
-            f"[{d.min_image_tokens}, {d.max_image_tokens}]")
-      if d.max_images * per_image > d.max_row_image_tokens:
-        err(f"data.max_images * tokens per image = {d.max_images} * {per_image} > "
-            f"data.max_row_image_tokens={d.max_row_image_tokens}")
-
-  # Tokenizer and VAE.
-  one_of("tokenizer.kind", TOKENIZERS)
-  positive("tokenizer.vocab_size")
-  if config.tokenizer.vocab_size > m.vocab_size:
-    err(f"tokenizer.vocab_size={config.tokenizer.vocab_size} > model.vocab_size={m.vocab_size}")
-  one_of("vae.preset", VAE_PRESETS)
-
-  if errors:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    ck.err(str(e))
+  if ck.errors:
+    raise ConfigError("invalid VAE config:\n  " + "\n  ".join(ck.errors))
+  return cfg
 
 
 # ------------------------------------------------------------------------------------------

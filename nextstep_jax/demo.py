@@ -40,7 +40,7 @@ def run(workdir: str, vae_steps: int = -1, steps: int = -1, per_digit: int = 20,
   vae_dir = os.path.join(workdir, "vae")
   vcfg = vae_demo.get_config()
   if vae_steps >= 0:
-    vcfg.train.steps = vae_steps
+    vcfg.steps = vae_steps
   print(f"[demo] 1/3 VAE -> {vae_dir}", flush=True)
   t0 = time.perf_counter()
   vae_trainer.train_and_evaluate(vcfg, vae_dir)

@@ -3,25 +3,9 @@
   python -m nextstep_jax.evaluate --workdir=runs/demo [--per_digit=20 --cfg=3.0 --steps=28 --seed=0]
       [--config=configs/demo.py]  (default: the config saved with the checkpoint)
 
-For every digit d the transformer (restored from ``<workdir>/checkpoints``) draws ``per_digit`` images
-with the prompt exactly ``"a handwritten digit {d}"`` through the compiled sampler
-(``nextstep_jax.sampling``; classifier-free guidance with the empty negative prompt when cfg != 1),
-the VAE (``config.vae.checkpoint``) decodes them, and a small CNN trained on the real training digits
-(``nextstep_jax.evaluation.classifier``, kept in ``<workdir>/classifier``) judges them:
-  prompt_accuracy          fraction of samples the classifier reads as the prompted digit
-                           (per_class_accuracy: the same per digit);
-  frechet_distance         Fréchet distance between Gaussians fitted to the classifier's penultimate
-                           features of the samples and of the 500 real held-out digits (an "FID" with
-                           the digit classifier in place of Inception);
-  frechet_distance_real    the same distance for as many real *training* digits as there are samples:
-                           the floor that sampling noise alone gives at this sample size (the FD is
-                           biased upwards for small sets, so compare the two numbers, not FD with 0);
-  vae_psnr, vae_ssim       the VAE's reconstruction quality on the held-out digits (image_metrics);
-  classifier_heldout_accuracy  how far the judge can be trusted.
-Everything goes to ``<workdir>/eval.json``; ``<workdir>/samples_grid.png`` shows the samples, one row
-per digit.
-
-The library: ``nextstep_jax/evaluation/digits.py``.
+It samples every digit with the prompt "a handwritten digit {d}", judges the samples with the digit
+classifier (prompt accuracy, Fréchet distance against real digits and its real-vs-real floor), measures
+the VAE, and writes ``<workdir>/eval.json`` and ``<workdir>/samples_grid.png``. The library: ``nextstep_jax/evaluation/digits.py``.
 """
 
 from __future__ import annotations

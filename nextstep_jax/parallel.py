@@ -153,6 +153,29 @@ def resolve_mesh_axes(axes: Mapping[str, int], num_devices: int) -> dict[str, in
   return sizes
 
 
+def check_mesh(mesh_config: Any, num_devices: int | None = None, num_granules: int | None = None
+               ) -> dict[str, int] | None:
+  """Checks ``config.mesh`` (axes, dcn_axes; ``rules_dict`` checks the rules) before anything is built; returns the resolved
+  (data, fsdp, tensor) sizes when the device count (and, for a hybrid mesh, the granule count) allow
+  it, else None after checking the structure. Raises ValueError naming the field."""
+  axes = dict(mesh_config.axes)
+  dcn = {k: int(v) for k, v in dict(mesh_config.dcn_axes or {}).items()}
+  hybrid = any(v != 1 for v in dcn.values())
+  if hybrid and num_granules is None and -1 not in dcn.values():
+    num_granules = math.prod(dcn.values())  # fixed DCN sizes name the granule count themselves
+  if num_devices is not None and hybrid and num_granules is not None:
+    return resolve_hybrid_axes(axes, dcn, num_devices, num_granules)[2]  # axes per slice, dcn across
+  if hybrid:  # structure only: the granule count (or the device count) is not known here
+    probe = math.prod(abs(v) for v in dcn.values()) or 1
+    resolve_hybrid_axes({k: 1 for k in MESH_AXES}, dcn, probe, probe)
+    resolve_mesh_axes(axes, math.prod(abs(int(v)) for v in axes.values()) or 1)
+    return None
+  if num_devices is not None:
+    return resolve_mesh_axes(axes, num_devices)
+  resolve_mesh_axes(axes, math.prod(abs(int(v)) for v in axes.values()) or 1)  # structure only
+  return {k: int(axes.get(k, 1)) for k in MESH_AXES} if -1 not in axes.values() else None
+
+
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the ('data', 'fsdp', 'tensor') mesh over `devices` (all devices by default).
 

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from nextstep_jax import config as config_lib
 from nextstep_jax import vae_tokens
 from nextstep_jax.data import tokenizer as tok_lib
 from nextstep_jax.interop.vae import load_vae_dir
@@ -49,16 +50,18 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The experiment config the run saved beside its checkpoints (``checkpoints/config.json``)."""
+  """The experiment config the run saved beside its checkpoints (``checkpoints/config.json``), completed
+  with the schema's defaults for fields it lacks."""
   path = os.path.join(checkpoint_dir(workdir), CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist: {workdir} holds no trained run's config (is it a "
                             "training work directory with checkpoints?)")
   try:
     with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except ValueError as e:  # JSONDecodeError is a ValueError
     raise ValueError(f"{path}: not a valid config JSON ({e})") from e
+  return config_lib.with_defaults(saved)  # fields a run saved by an older version lacks: their defaults
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +161,7 @@ def vae_encoder(config) -> tuple[Callable, Any] | None:
 
 def params_key(config, use_ema: bool = True) -> str:
   """The state entry to read: "ema" when asked for and the run kept one (``ema_decay`` > 0)."""
-  return "ema" if use_ema and float(config.get("ema_decay", 0.0)) > 0 else "params"
+  return "ema" if use_ema and float(config.ema_decay) > 0 else "params"
 
 
 def load_params(path: str, config, *, use_ema: bool = True, target: Any = None,

@@ -1,7 +1,7 @@
 """Train the image tokenizer, then evaluate it (the library: ``nextstep_jax/training/vae_trainer.py``).
 
   python -m nextstep_jax.train_vae --config=configs/vae_demo.py [--workdir=DIR] \
-      [--config.train.steps=200 --config.train.noise_aug=False ...]
+      [--config.steps=200 --config.train.noise_aug=False ...]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hand-built packed batches following nextstep_jax/data/batch.py, for model and step tests."""
+"""Hand-built packed batches following nextstep_jax/batch.py, for model and step tests."""
 
 import numpy as np
 

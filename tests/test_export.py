@@ -15,6 +15,7 @@ from nextstep_jax import export as export_cli
 from nextstep_jax import run as run_lib
 from nextstep_jax.interop import runs
 from nextstep_jax.interop import hf
+from nextstep_jax.interop import safetensors_io
 from nextstep_jax.interop.params import load_pure_params, pure_params
 from nextstep_jax.models import backbone as bb
 from nextstep_jax.models import fm_head
@@ -80,9 +81,9 @@ def test_export_then_import_is_bitwise(tmp_path):
   n = len(shards)
   assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
   assert set(index["weight_map"].values()) == set(shards)
-  with open(os.path.join(out, hf.INDEX_FILE)) as f:
+  with open(os.path.join(out, safetensors_io.INDEX_FILE)) as f:
     assert json.load(f) == index
-  total = sum(hf.SafetensorsFile(os.path.join(out, s)).get(k).nbytes
+  total = sum(safetensors_io.SafetensorsFile(os.path.join(out, s)).get(k).nbytes
               for k, s in index["weight_map"].items())
   assert index["metadata"]["total_size"] == total
 
@@ -97,7 +98,7 @@ def test_export_then_import_is_bitwise(tmp_path):
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
   for s in shards:
     ref = safetensors_numpy.load_file(os.path.join(out, s))
-    ours = hf.load_safetensors(os.path.join(out, s))
+    ours = safetensors_io.load_safetensors(os.path.join(out, s))
     assert sorted(ref) == sorted(ours)
     for k in ref:
       np.testing.assert_array_equal(ref[k], ours[k])
@@ -118,7 +119,7 @@ def test_bfloat16_export_rounds_once(tmp_path):
   model = _model(seed=1)
   out = str(tmp_path / "hf16")
   hf.export_nextstep(model, CFG, out, META, dtype="bfloat16")
-  f = hf.TensorDir(out)
+  f = safetensors_io.TensorDir(out)
   assert f.get("lm_head.weight").dtype == ml_dtypes.bfloat16
   loaded, _ = hf.load_nextstep(out)
   for x, y in zip(jax.tree.leaves(pure_params(model)), jax.tree.leaves(pure_params(loaded))):
@@ -131,7 +132,7 @@ def test_names_and_shapes_are_spec_9(tmp_path):
   index = hf.export_nextstep(_model(), CFG, out, META)
   want = expected_shapes(64, 4, 2, 16, 128, 64, 2, 64, 2, 8)
   assert set(index["weight_map"]) == set(want)
-  files = hf.TensorDir(out)
+  files = safetensors_io.TensorDir(out)
   assert {k: tuple(files.shape(k)) for k in files.names()} == want
 
   # The 14B preset with the base head, abstractly (nothing materialised).
@@ -185,7 +186,7 @@ def test_qwen2_import_gives_transformers_logits(tmp_path, tie):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   # An experiment config whose sizes disagree with config.json is refused, naming the fields.
   import dataclasses
-  with pytest.raises(hf.CheckpointError, match=r"hidden_size: config 32 vs checkpoint 64"):
+  with pytest.raises(safetensors_io.CheckpointError, match=r"hidden_size: config 32 vs checkpoint 64"):
     hf.import_qwen2_backbone(path, dataclasses.replace(c, hidden_size=32))
   # Runtime fields come from the given config.
   assert hf.qwen2_config(path, {"dtype": "bfloat16", "remat": "full"}).dtype == "bfloat16"
@@ -210,21 +211,21 @@ def test_damaged_directories_give_clear_errors(tmp_path):
   path = os.path.join(d, shard)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) - 1000)
-  with pytest.raises(hf.CheckpointError, match=rf"{shard}: truncated file: tensor \S+ needs bytes"):
+  with pytest.raises(safetensors_io.CheckpointError, match=rf"{shard}: truncated file: tensor \S+ needs bytes"):
     hf.load_nextstep(d)
   with open(path, "r+b") as f:
     f.truncate(5)
-  with pytest.raises(hf.CheckpointError, match=rf"{shard}: truncated safetensors file"):
+  with pytest.raises(safetensors_io.CheckpointError, match=rf"{shard}: truncated safetensors file"):
     hf.load_nextstep(d)
 
   # A tensor missing from the index.
   d = copy("missing")
-  with open(os.path.join(d, hf.INDEX_FILE)) as f:
+  with open(os.path.join(d, safetensors_io.INDEX_FILE)) as f:
     idx = json.load(f)
   del idx["weight_map"]["layers.1.mlp.up_proj.weight"]
-  with open(os.path.join(d, hf.INDEX_FILE), "w") as f:
+  with open(os.path.join(d, safetensors_io.INDEX_FILE), "w") as f:
     json.dump(idx, f)
-  with pytest.raises(hf.CheckpointError, match=r"tensor layers.1.mlp.up_proj.weight is missing"):
+  with pytest.raises(safetensors_io.CheckpointError, match=r"tensor layers.1.mlp.up_proj.weight is missing"):
     hf.load_nextstep(d)
 
   # config.json that does not match the tensors: the misshapen tensor and its file are named.
@@ -233,7 +234,7 @@ def test_damaged_directories_give_clear_errors(tmp_path):
     cfg = json.load(f)
   with open(os.path.join(d, "config.json"), "w") as f:
     json.dump({**cfg, "intermediate_size": 96}, f)
-  with pytest.raises(hf.CheckpointError, match=r"model-\d+-of-\d+.safetensors: tensor layers.0.mlp.gate_proj.weight "
+  with pytest.raises(safetensors_io.CheckpointError, match=r"model-\d+-of-\d+.safetensors: tensor layers.0.mlp.gate_proj.weight "
                                                r"has shape \[128, 64\], config.json implies \[96, 64\]"):
     hf.load_nextstep(d)
 
@@ -246,7 +247,7 @@ def test_damaged_directories_give_clear_errors(tmp_path):
     d = copy(name)
     with open(os.path.join(d, "config.json"), "w") as f:
       f.write(text)
-    with pytest.raises(hf.CheckpointError, match=pattern):
+    with pytest.raises(safetensors_io.CheckpointError, match=pattern):
       hf.load_nextstep(d)
 
   # Pickles are never read.
@@ -254,8 +255,8 @@ def test_damaged_directories_give_clear_errors(tmp_path):
   os.makedirs(d)
   with open(os.path.join(d, "pytorch_model.bin"), "wb") as f:
     f.write(b"\x80\x04not loaded")
-  with pytest.raises(hf.CheckpointError, match="PyTorch pickles are never loaded"):
-    hf.TensorDir(d)
+  with pytest.raises(safetensors_io.CheckpointError, match="PyTorch pickles are never loaded"):
+    safetensors_io.TensorDir(d)
 
 
 # ---------------------------------------------------------------------------------------------

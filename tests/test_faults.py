@@ -28,6 +28,22 @@ STEPS = 10          # the faulted demo run: checkpoints every 2 steps, 3 kept
 PEER_HEARTBEAT_S = 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _config_workdir_is_the_run_workdir():
+  """The harness's trainer flags pass --workdir only, so config.workdir, which the data cache follows,
+  stays the demo's relative runs/demo: inside the repository the trainer runs in. Point it at the
+  run's workdir as well, so the runs write nothing into the checkout."""
+  original = faults.train_flags
+
+  def train_flags(workdir, *args, **kwargs):
+    return list(original(workdir, *args, **kwargs)) + [f"--config.workdir={workdir}"]
+
+  patch = pytest.MonkeyPatch()
+  patch.setattr(faults, "train_flags", train_flags)
+  yield
+  patch.undo()
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   return faults.prepare_assets(tmp_path_factory.mktemp("fault_assets"))
@@ -197,7 +213,7 @@ def test_no_module_unpickles():
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_weight_loaders_refuse_pickled_code(tmp_path):
-  from nextstep_jax.interop import hf  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.interop import safetensors_io  # pylint: disable=import-outside-toplevel
   from nextstep_jax.interop import vae as vae_io  # pylint: disable=import-outside-toplevel
   marker = tmp_path / "PWNED"
   payload = pickle.dumps(_Payload(marker))
@@ -207,8 +223,8 @@ def test_weight_loaders_refuse_pickled_code(tmp_path):
   hf_dir = tmp_path / "hf"
   hf_dir.mkdir()
   (hf_dir / "pytorch_model.bin").write_bytes(payload)
-  with pytest.raises(hf.CheckpointError, match=r"pytorch_model.bin.*PyTorch pickles are never loaded"):
-    hf.TensorDir(str(hf_dir))
+  with pytest.raises(safetensors_io.CheckpointError, match=r"pytorch_model.bin.*PyTorch pickles are never loaded"):
+    safetensors_io.TensorDir(str(hf_dir))
   assert not marker.exists()
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from nextstep_jax.data import mixture as M
+from nextstep_jax.data import schedule as schedule_lib
+from nextstep_jax.data import settings as settings_lib
 from nextstep_jax.data import tokenizer as T
 from nextstep_jax.batch import validate_batch
 
@@ -77,22 +79,22 @@ def test_realised_shares_match_stage_ratios(stage, workdir, tok):
     assert el.bad is None, el
     counts[el.key[0]] += 1
   total = sum(ratios.values())
-  for name in M.COMPONENTS:
+  for name in settings_lib.COMPONENTS:
     share = counts[name] / n
     assert abs(share - ratios.get(name, 0.0) / total) <= 0.015, (stage, name, share)
   print(stage, {k: round(v / n, 4) for k, v in counts.items()})
 
 
 def test_block_quotas_exact():
-  q = M.block_quotas({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 1000)
+  q = schedule_lib.block_quotas({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 1000)
   assert sorted(q.values()) == [333, 333, 334] and sum(q.values()) == 1000
-  assert M.block_quotas({"pair": 0.9, "edit": 0.1}, 1000) == {"pair": 900, "edit": 100}
+  assert schedule_lib.block_quotas({"pair": 0.9, "edit": 0.1}, 1000) == {"pair": 900, "edit": 100}
   with pytest.raises(ValueError, match="unknown components"):
-    M.normalise_ratios({"video": 1.0})
+    settings_lib.normalise_ratios({"video": 1.0})
   with pytest.raises(ValueError, match="non-negative"):
-    M.normalise_ratios({"pair": -1.0})
+    settings_lib.normalise_ratios({"pair": -1.0})
   with pytest.raises(ValueError, match="positive entry"):
-    M.normalise_ratios({"pair": 0.0})
+    settings_lib.normalise_ratios({"pair": 0.0})
 
 
 def test_batches_follow_the_contract(workdir, tok):

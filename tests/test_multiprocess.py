@@ -49,7 +49,7 @@ def assets(tmp_path_factory):
   from nextstep_jax.interop import vae as vae_interop
   from nextstep_jax.models import vae as vae_lib
   tmp = tmp_path_factory.mktemp("mp")
-  vae_cfg = vae_trainer.vae_config_of(config_lib.load_config(os.path.join(REPO, "configs/vae_demo.py"), check=False))
+  vae_cfg = vae_lib.VAEConfig.from_dict(config_lib.load_config(os.path.join(REPO, "configs/vae_demo.py"), check=False).vae.to_dict())
   vae = vae_lib.AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0))
   vae_interop.export_vae(vae, str(tmp / "vae" / vae_trainer.EXPORT_DIR))
   with open(tmp / "vae" / vae_trainer.VAE_CONFIG_FILE, "w", encoding="utf-8") as f:
@@ -83,8 +83,10 @@ def _launch(n: int, workdir, overrides: dict, log_dir) -> subprocess.CompletedPr
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   # One CPU device per process (local.sh adds the count); keep conftest's fast-compiling XLA level.
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  # config.workdir too: the data cache follows it (the demo's default, runs/demo, is relative to the
+  # repository local.sh runs in), and tests write nothing into the checkout.
   cmd = ["bash", os.path.join(REPO, "launch", "local.sh"), str(n), "--config=configs/demo.py",
-         f"--workdir={workdir}"] + _as_flags(overrides)
+         f"--workdir={workdir}"] + _as_flags(dict(overrides, workdir=str(workdir)))
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nextstep_jax.data import mixture as M
+from nextstep_jax.data import settings as settings_lib
 from nextstep_jax.data import tokenizer as T
 from nextstep_jax.batch import IGNORE
 from nextstep_jax.data.sequences import SequenceBuilder
@@ -92,9 +93,9 @@ def _data_config(workdir, **data):
 
 def test_mixture_and_heldout_batches_mask_prompts(tmp_path):
   tok = T.tokenizer_from_config(_data_config(tmp_path))
-  assert M.data_settings(_data_config(tmp_path)).loss_on_prompt is True
+  assert settings_lib.data_settings(_data_config(tmp_path)).loss_on_prompt is True
   cfg = _data_config(tmp_path, loss_on_prompt=False, drop_text_prob=0.0)
-  assert M.data_settings(cfg).loss_on_prompt is False
+  assert settings_lib.data_settings(cfg).loss_on_prompt is False
   elements, *_ = M.build_sample_dataset(cfg, tok)
   n_pairs = n_edits = 0
   for k in range(40):

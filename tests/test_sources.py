@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nextstep_jax.data import formats as F
 from nextstep_jax.data import mixture as M
 from nextstep_jax.data import sources as S
 from nextstep_jax.batch import validate_batch
@@ -95,8 +96,8 @@ def test_image_folder_bad_records(tmp_path):
     (folder / name).write_bytes(data)
     if caption is not None:
       (folder / (name.rsplit(".", 1)[0] + ".txt")).write_bytes(caption)
-  counters = S.convert_image_folder(str(folder), str(tmp_path / "root"),
-                                    S.ConvertOptions(max_pixels=1_000_000, **OPTS))
+  counters = F.convert_image_folder(str(folder), str(tmp_path / "root"),
+                                    F.ConvertOptions(max_pixels=1_000_000, **OPTS))
   assert counters["written"] == 7
   assert counters["skipped/decode_error"] == 2
   assert counters["skipped/empty_file"] == 1
@@ -134,7 +135,7 @@ def test_webdataset_shards(tmp_path):
       info = tarfile.TarInfo(name)
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
-  counters = S.convert_webdataset([str(shard)], str(tmp_path / "root"), S.ConvertOptions(**OPTS))
+  counters = F.convert_webdataset([str(shard)], str(tmp_path / "root"), F.ConvertOptions(**OPTS))
   assert counters["written"] == 2
   assert counters["skipped/missing_caption"] == 1
   assert counters["skipped/missing_image"] == 1
@@ -161,27 +162,27 @@ def data_root(tmp_path_factory):
     (imgs / f"{i}.jpg").write_bytes(jpeg(100 + 10 * i, 90, seed=i))
   (imgs / "wide.png").write_bytes(png(200, 60))
   root = str(tmp / "root")
-  opts = S.ConvertOptions(**OPTS)
+  opts = F.ConvertOptions(**OPTS)
   counters = {}
   write_jsonl(tmp / "pairs.jsonl", [
       *[{"image": f"img/{i}.jpg", "caption": f"picture {i}"} for i in range(6)],
       {"image": "img/missing.jpg", "caption": "no file"},
       "{broken json",
       {"image": "img/0.jpg"}])
-  counters["pair"] = S.convert_pairs_jsonl(str(tmp / "pairs.jsonl"), root, opts)
+  counters["pair"] = F.convert_pairs_jsonl(str(tmp / "pairs.jsonl"), root, opts)
   write_jsonl(tmp / "edits.jsonl", [
       {"source": "img/1.jpg", "instruction": "make it wide", "target": "img/wide.png"},
       {"source": ["img/2.jpg", "img/3.jpg"], "instruction": "merge", "target": "img/4.jpg"},
       {"source": "img/1.jpg", "instruction": "", "target": "img/2.jpg"}])
-  counters["edit"] = S.convert_edits_jsonl(str(tmp / "edits.jsonl"), root, opts)
+  counters["edit"] = F.convert_edits_jsonl(str(tmp / "edits.jsonl"), root, opts)
   write_jsonl(tmp / "inter.jsonl", [
       {"segments": [{"text": "first"}, {"image": "img/0.jpg"}, {"text": "then"},
                     {"image": "img/wide.png"}]},
       {"segments": [{"text": "no images here"}]}])
-  counters["interleaved"] = S.convert_interleaved_jsonl(str(tmp / "inter.jsonl"), root, opts)
+  counters["interleaved"] = F.convert_interleaved_jsonl(str(tmp / "inter.jsonl"), root, opts)
   write_jsonl(tmp / "text.jsonl", [{"text": "A document about digits. " * 40},
                                    {"text": "Short one."}, {"text": ""}])
-  counters["text"] = S.convert_text_jsonl(str(tmp / "text.jsonl"), root)
+  counters["text"] = F.convert_text_jsonl(str(tmp / "text.jsonl"), root)
   return root, counters
 
 
@@ -205,7 +206,7 @@ def test_jsonl_converters(data_root):
   rec = inter(S.open_records(root, "interleaved")[0])
   assert rec.record["segments"] == ["first", 0, "then", 1]
   with pytest.raises(FileExistsError, match="overwrite=True"):
-    S.convert_text_jsonl(str(root) + "/../text.jsonl", root)
+    F.convert_text_jsonl(str(root) + "/../text.jsonl", root)
 
 
 def test_reader_rejects_bad_stored_records(tmp_path):
@@ -283,8 +284,8 @@ def test_latent_records_feed_the_latent_path(tmp_path):
     x = img.reshape(h, 16, w, 16, 3).mean(axis=(1, 3)) / 255.0
     return np.concatenate([x] * 5 + [x[..., :1]], axis=-1)
   root = tmp_path / "root"
-  counters = S.convert_pairs_jsonl(str(tmp_path / "pairs.jsonl"), str(root),
-                                   S.ConvertOptions(latent_fn=latent_fn, **OPTS))
+  counters = F.convert_pairs_jsonl(str(tmp_path / "pairs.jsonl"), str(root),
+                                   F.ConvertOptions(latent_fn=latent_fn, **OPTS))
   assert counters["written"] == 3
   config = demo_config(tmp_path, dict(pair=1.0), source=str(root), payload="image_tokens",
                        image_size=64, min_image_tokens=16, max_image_tokens=64,
@@ -297,7 +298,7 @@ def test_latent_records_feed_the_latent_path(tmp_path):
   assert used.size > 0 and np.abs(batch["image_tokens"]).sum() > 0
   # Without latents, the latent path refuses to start.
   plain = tmp_path / "plain"
-  S.convert_pairs_jsonl(str(tmp_path / "pairs.jsonl"), str(plain), S.ConvertOptions(**OPTS))
+  F.convert_pairs_jsonl(str(tmp_path / "pairs.jsonl"), str(plain), F.ConvertOptions(**OPTS))
   config.data.source = str(plain)
   with pytest.raises(ValueError, match="carry no latents"):
     M.build_train_iterator(config, CharTokenizer())

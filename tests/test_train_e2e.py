@@ -24,8 +24,8 @@ from nextstep_jax.training.checkpoint import restore_params_from
 def run_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("e2e"))
   vcfg = vae_demo.get_config()
-  vcfg.train.steps = 2
-  vcfg.train.warmup_steps = 1
+  vcfg.steps = 2
+  vcfg.optim.warmup_steps = 1
   vcfg.eval.num_images = 20
   vae_trainer.train_and_evaluate(vcfg, os.path.join(root, "vae"))
   c = demo_config.get_config()

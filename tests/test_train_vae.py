@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nextstep_jax import config as config_lib
 from nextstep_jax import run as run_lib
 from nextstep_jax.evaluation import image_metrics
 from nextstep_jax.data import images as images_lib
@@ -33,16 +34,16 @@ def get_config():
   c.vae.channel_mults = (1, 2)
   c.vae.norm_groups = 4
   c.vae.mid_attention = False  # (tested in test_vae*); keeps the compile short
-  c.train.steps = 20
-  c.train.batch_size = 8
-  c.train.warmup_steps = 2
-  c.train.lr = 3e-3
+  c.steps = 20
+  c.data.batch_size = 8
+  c.optim.warmup_steps = 2
+  c.optim.lr = 3e-3
   c.eval.num_images = 16
   c.eval.batch_size = 16
   c.eval.grid_images = 8
   c.log_every = 5
   c.eval_every = 10
-  c.ckpt_every = 10
+  c.checkpoint.every = 10
   return c
 '''
 
@@ -116,7 +117,7 @@ def test_resume_and_load_vae(trained, tmp_path):
       np.asarray(recon), atol=1e-5)
   # resume from step 20 to 24, in-process (8 devices under the test conftest)
   with config.unlocked():
-    config.train.steps = 24
+    config.steps = 24
   result = vae_trainer.train_and_evaluate(config, workdir)
   assert result["resumed_from"] == 20 and result["step"] == 24
   assert 24 in [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
@@ -162,9 +163,9 @@ def test_config_locked_and_checked():
     c.train.stepz = 3
   with pytest.raises(AttributeError):
     c.bogus = 1
-  cfg = vae_trainer.validate_config(c, num_devices=1)
+  cfg = config_lib.validate_vae(c, num_devices=1)
   assert cfg == vae_lib.preset("demo")
-  assert vae_trainer.validate_config(vae_f8d16.get_config(), num_devices=1) == vae_lib.preset("f8d16")
+  assert config_lib.validate_vae(vae_f8d16.get_config(), num_devices=1) == vae_lib.preset("f8d16")
 
   def bad(match, num_devices=1, **changes):
     c = vae_demo.get_config()
@@ -172,7 +173,7 @@ def test_config_locked_and_checked():
       group, field = k.split("__")
       setattr(getattr(c, group), field, v)
     with pytest.raises(ValueError, match=match):
-      vae_trainer.validate_config(c, num_devices=num_devices)
+      config_lib.validate_vae(c, num_devices=num_devices)
 
   bad("LPIPS.*cannot be downloaded", train__perceptual_weight=0.1)
   bad("batch_size=32 must be a positive multiple of the 3 devices", num_devices=3)
@@ -196,7 +197,7 @@ def test_noise_aug_switch():
   cfg = vae_lib.VAEConfig(base_channels=8, channel_mults=(1, 2), norm_groups=4, latent_channels=4)
   vae = vae_lib.build_vae(cfg)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32))
-  c = vae_trainer.default_config("demo").train
+  c = config_lib.vae_base_config("demo").train
   c.sample_posterior = False
   c.noise_aug = False
 
@@ -219,7 +220,7 @@ def test_adversarial_term_trains_a_discriminator(tmp_path):
   config.train.adv_start = 0
   config.train.disc_channels = 8
   n = jax.device_count()
-  config.train.batch_size = n
+  config.data.batch_size = n
   trainer = vae_trainer.VAETrainer(config, vae_trainer.make_mesh())
   state = trainer.init_state(0)
   d0 = jax.tree.map(np.array, jax.device_get(state["disc_params"]))  # a copy: the step donates

@@ -8,7 +8,8 @@ The stream, stage by stage:
 2. The named mixture (``NamedMixMapDataset``): global position k -> (component, ordinal n) ->
    that component's record n. Positions come in blocks of ``MIX_BLOCK``; every block holds each
    component's exact quota of the stage ratios (largest remainder), in a seeded random order, so
-   realised shares match the ratios to 1/MIX_BLOCK. The mapping is pure index arithmetic.
+   realised shares match the ratios to 1/MIX_BLOCK. The mapping is pure index arithmetic
+   (schedule.py).
 3. Host sharding: process p of P takes global positions p, p+P, p+2P, ... (``ds[p::P]``), so the
    hosts' shards are disjoint and their union is the single-host stream, record for record.
 4. ``ElementBuilder`` (grain map, parallel in threads or worker processes): decode the record
@@ -30,8 +31,6 @@ import collections
 import dataclasses
 import logging
 import os
-import sys
-import threading
 import zlib
 from typing import Any, Callable, Sequence
 
@@ -42,253 +41,12 @@ from nextstep_jax.data import digits as digits_lib
 from nextstep_jax.data import sources as sources_lib
 from nextstep_jax.batch import validate_batch
 from nextstep_jax.data.packing import RowPacker, RowSpec, assemble_batch
+from nextstep_jax.data.schedule import MixItem, MixSchedule, NamedMixMapDataset
 from nextstep_jax.data.sequences import Image, Sample, SequenceBuilder
+from nextstep_jax.data.settings import DataSettings, data_settings
 
-COMPONENTS = ("text", "pair", "edit", "interleaved")
-MIX_BLOCK = 1000
 STATE_VERSION = 1
 _log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings read from the config.
-# ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class DataSettings:
-  """Everything the pipeline reads from a config, validated (see notes/config.md)."""
-  source: str
-  batch_size: int          # global rows
-  local_batch: int         # rows per process
-  seq_len: int
-  ratios: dict
-  image_size: int
-  unit: int                # pixels per token side: vae_factor * patch_size
-  token_dim: int
-  min_image_tokens: int
-  max_image_tokens: int
-  sides: tuple             # base grid sides of the area range (sources.area_sides)
-  payload: str
-  max_images: int
-  max_row_image_tokens: int
-  drop_text_prob: float
-  num_workers: int
-  num_threads: int
-  seed: int
-  open_rows: int
-  workdir: str
-  loss_on_prompt: bool = True   # False (SFT): no CE on captions / instructions (sequences.py)
-
-  @property
-  def pixel(self) -> bool:
-    return self.payload == "images"
-
-  def row_spec(self, pad_id: int) -> RowSpec:
-    return RowSpec(seq_len=self.seq_len, payload=self.payload, max_images=self.max_images,
-                   max_image_tokens=self.max_row_image_tokens, token_dim=self.token_dim,
-                   image_shape=(self.image_size, self.image_size), pad_id=pad_id,
-                   open_rows=self.open_rows)
-
-
-def normalise_ratios(ratios) -> dict[str, float]:
-  """Component -> share (positive ones only, summing to 1); clear errors for bad ratio tables."""
-  ratios = dict(ratios)
-  unknown = sorted(set(ratios) - set(COMPONENTS))
-  if unknown:
-    raise ValueError(f"data.ratios has unknown components {unknown}; known: {COMPONENTS}")
-  for name, v in ratios.items():
-    if not isinstance(v, (int, float)) or v < 0 or v != v:
-      raise ValueError(f"data.ratios.{name} must be a non-negative number, got {v!r}")
-  total = float(sum(ratios.values()))
-  if total <= 0:
-    raise ValueError(f"data.ratios must have a positive entry, got {ratios}")
-  return {n: float(ratios[n]) / total for n in COMPONENTS if ratios.get(n, 0) > 0}
-
-
-def data_settings(config, process_count: int = 1) -> DataSettings:
-  """Reads and validates config.data / config.image (errors name the field)."""
-  d, im = config.data, config.image
-  get = lambda cfg, k, default: cfg[k] if k in cfg else default  # noqa: E731
-  unit = int(im.vae_factor) * int(im.patch_size)
-  token_dim = int(get(im, "token_dim", int(im.latent_channels) * int(im.patch_size) ** 2))
-  if process_count < 1:
-    raise ValueError(f"process_count must be >= 1, got {process_count}")
-  if d.batch_size % process_count:
-    raise ValueError(f"data.batch_size ({d.batch_size}) must be divisible by the process count "
-                     f"({process_count})")
-  if d.seq_len < 8:
-    raise ValueError(f"data.seq_len must be at least 8, got {d.seq_len}")
-  if d.payload not in ("images", "image_tokens"):
-    raise ValueError(f"data.payload must be 'images' or 'image_tokens', got {d.payload!r}")
-  if not d.source:
-    raise ValueError("data.source is empty: 'digits' or a directory written by data/sources.py")
-  sides = sources_lib.area_sides(int(d.min_image_tokens), int(d.max_image_tokens))
-  if d.source == "digits" or d.payload == "images":
-    if d.image_size % unit:
-      raise ValueError(f"data.image_size ({d.image_size}) must be a multiple of vae_factor * "
-                       f"patch_size ({unit})")
-  if d.source == "digits":
-    per_image = (d.image_size // unit) ** 2
-    if not d.min_image_tokens <= per_image <= d.max_image_tokens:
-      raise ValueError(f"digits of {d.image_size} px make {per_image} tokens per image, outside "
-                       f"data.min_image_tokens..max_image_tokens ({d.min_image_tokens}.."
-                       f"{d.max_image_tokens})")
-  return DataSettings(
-      source=str(d.source), batch_size=int(d.batch_size),
-      local_batch=int(d.batch_size) // process_count, seq_len=int(d.seq_len),
-      ratios=normalise_ratios(d.ratios), image_size=int(d.image_size), unit=unit,
-      token_dim=token_dim, min_image_tokens=int(d.min_image_tokens),
-      max_image_tokens=int(d.max_image_tokens), sides=sides, payload=str(d.payload),
-      max_images=int(d.max_images), max_row_image_tokens=int(d.max_row_image_tokens),
-      drop_text_prob=float(d.drop_text_prob), num_workers=int(get(d, "num_workers", 0)),
-      num_threads=int(get(d, "num_threads", 0)), seed=int(get(d, "seed", 0)),
-      open_rows=int(get(d, "pack_open_rows", 8)), workdir=str(get(config, "workdir", "") or ""),
-      loss_on_prompt=bool(get(d, "loss_on_prompt", True)))
-
-
-# ---------------------------------------------------------------------------------------------
-# The named mixture.
-# ---------------------------------------------------------------------------------------------
-
-def block_quotas(weights: dict[str, float], block: int = MIX_BLOCK) -> dict[str, int]:
-  """Records per component in one block: floor(w * block), remainders by largest fraction."""
-  names = list(weights)
-  raw = np.array([weights[n] * block for n in names])
-  q = np.floor(raw).astype(np.int64)
-  order = sorted(range(len(names)), key=lambda i: (-(raw[i] - q[i]), i))
-  for i in order[:block - int(q.sum())]:
-    q[i] += 1
-  return {n: int(v) for n, v in zip(names, q)}
-
-
-class MixSchedule:
-  """Global position k -> (component, ordinal n), anchored at (anchor_k, anchor_counts).
-
-  Position k >= anchor_k is offset r = k - anchor_k in block r // block. Each block holds every
-  component's quota in a random order seeded by (seed, anchor_k, block index), so
-  n = anchor_counts[c] + blocks_before * quota[c] + (earlier positions of c in the block).
-  """
-
-  def __init__(self, weights: dict[str, float], seed: int, anchor_k: int = 0,
-               anchor_counts: dict[str, int] | None = None, block: int = MIX_BLOCK):
-    if not weights:
-      raise ValueError("the mixture needs at least one component with a positive ratio")
-    self.weights = dict(weights)
-    self.names = tuple(weights)
-    self.seed, self.block = int(seed), int(block)
-    self.quota = block_quotas(self.weights, self.block)
-    self.anchor_k = int(anchor_k)
-    self.anchor_counts = {n: 0 for n in self.names}
-    self.anchor_counts.update({n: int(v) for n, v in (anchor_counts or {}).items()})
-    self._cache: dict = {}
-    self._lock = threading.Lock()
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_cache"], state["_lock"] = {}, None
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-    """(component index per position, ordinal among that component's positions in the block)."""
-    key = (self.anchor_k, b)
-    with self._lock:
-      hit = self._cache.get(key)
-    if hit is not None:
-      return hit
-    counts = np.array([self.quota[n] for n in self.names])
-    sel = np.repeat(np.arange(len(self.names)), counts)
-    rng = np.random.default_rng([self.seed, self.anchor_k, b, 0x6D6978])
-    sel = rng.permutation(sel)
-    within = np.zeros(self.block, np.int64)
-    for c in range(len(self.names)):
-      idx = np.flatnonzero(sel == c)
-      within[idx] = np.arange(idx.size)
-    with self._lock:
-      if len(self._cache) >= 16:
-        self._cache.clear()
-      self._cache[key] = (sel, within)
-    return sel, within
-
-  def select(self, k: int) -> tuple[str, int]:
-    r = int(k) - self.anchor_k
-    if r < 0:
-      raise IndexError(f"mixture position {k} precedes the anchor {self.anchor_k}")
-    b, o = divmod(r, self.block)
-    sel, within = self._block(b)
-    name = self.names[int(sel[o])]
-    return name, self.anchor_counts[name] + b * self.quota[name] + int(within[o])
-
-  def counts_at(self, k: int) -> dict[str, int]:
-    """Records of each component at global positions anchor_k..k-1 plus the anchor counts."""
-    r = int(k) - self.anchor_k
-    if r < 0:
-      raise IndexError(f"mixture position {k} precedes the anchor {self.anchor_k}")
-    b, o = divmod(r, self.block)
-    sel, _ = self._block(b)
-    out = dict(self.anchor_counts)
-    for c, n in enumerate(self.names):
-      out[n] = out.get(n, 0) + b * self.quota[n] + int(np.count_nonzero(sel[:o] == c))
-    return out
-
-  def rebase(self, anchor_k: int, anchor_counts: dict[str, int]) -> None:
-    self.anchor_k = int(anchor_k)
-    self.anchor_counts = {n: 0 for n in self.names}
-    self.anchor_counts.update({n: int(v) for n, v in anchor_counts.items()})
-    with self._lock:
-      self._cache.clear()
-
-  def state(self) -> dict:
-    return dict(weights=dict(self.weights), anchor_k=self.anchor_k,
-                anchor_counts=dict(self.anchor_counts), block=self.block)
-
-
-@dataclasses.dataclass
-class MixItem:
-  """One position of the mixed stream: component, its record ordinal n, global position k."""
-  name: str
-  n: int
-  k: int
-  record: Any = None
-  error: str | None = None
-
-
-class NamedMixMapDataset(grain.MapDataset):
-  """Infinite random-access mixture of named per-source MapDatasets (module docstring).
-
-  Not strictly immutable: the pipeline's iterator re-anchors the schedule on restore.
-  """
-
-  def __init__(self, parents: dict[str, grain.MapDataset], schedule: MixSchedule):
-    missing = [n for n in schedule.names if n not in parents]
-    if missing:
-      raise ValueError(f"mixture components {missing} have a positive ratio but no source")
-    super().__init__([parents[n] for n in schedule.names])
-    self.sources = {n: parents[n] for n in schedule.names}
-    self.schedule = schedule
-
-  def __len__(self) -> int:
-    return sys.maxsize
-
-  def __str__(self) -> str:
-    return f"NamedMixMapDataset({self.schedule.weights})"
-
-  def item(self, name: str, n: int, k: int) -> MixItem:
-    """The record of component `name` at ordinal n (read errors become a counted marker)."""
-    try:
-      return MixItem(name, n, k, self.sources[name][n])
-    except Exception as e:  # a corrupt shard must not stop training
-      _log.warning("reading %s record %d failed: %s", name, n, e)
-      return MixItem(name, n, k, None, "read_error")
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    name, n = self.schedule.select(index)
-    return self.item(name, n, int(index))
 
 
 def _per_source_seed(seed: int, name: str) -> int:

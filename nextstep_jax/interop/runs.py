@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nextstep_jax import run as run_lib
-from nextstep_jax.interop import hf
+from nextstep_jax.interop import hf, safetensors_io
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.training import checkpoint as ckpt_lib
 
@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
 
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
-                   max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
+                   max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
                    vae: str | None = None, use_ema: bool = True) -> dict:
   """Writes the run's params (newest good checkpoint, or `step`) as a NextStep-1 directory. Returns the index.
 

@@ -1,7 +1,7 @@
 """The unified NextStep-1 model (SPEC §2, §5): one causal backbone, an LM head for text and a
 flow-matching head for continuous image tokens.
 
-Inputs follow the batch contract (``nextstep_jax/data/batch.py``). At image positions the token embedding is
+Inputs follow the batch contract (``nextstep_jax/batch.py``). At image positions the token embedding is
 replaced by ``image_in_projector(token)``; the head's condition for the image token at position p is
 ``image_out_projector(h[p - 1])`` (the BOI position predicts token 0). The loss is
 ``ce_weight * CE + fm_weight * FM`` with rectified flow (t=0 noise, t=1 data), t = sigmoid(N(0, 1)), and
@@ -48,9 +48,9 @@ class NextStepConfig:
     h = fm_head.HeadConfig(dim=config.head.dim, num_layers=config.head.num_layers, cond_dim=b.hidden_size,
                            token_dim=token_dim, batch_mul=config.head.batch_mul, dtype=b.dtype,
                            param_dtype=b.param_dtype, remat=b.remat)
-    return cls(backbone=b, head=h, token_dim=token_dim, token_norm=bool(img.get("token_norm", True)),
+    return cls(backbone=b, head=h, token_dim=token_dim, token_norm=bool(img.token_norm),
                ce_weight=float(config.loss.ce_weight), fm_weight=float(config.loss.fm_weight),
-               ce_chunk=int(config.loss.get("ce_chunk", 0)))
+               ce_chunk=int(config.loss.ce_chunk))
 
 
 def cross_entropy(logits_blv: jax.Array, targets_bl: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -176,7 +176,7 @@ def prepare_config(config, topo: Topology | None = None, rows_per_device: int = 
 
 
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """ShapeDtypeStructs of one global batch (nextstep_jax/data/batch.py, latent path) with its sharding."""
+  """ShapeDtypeStructs of one global batch (nextstep_jax/batch.py, latent path) with its sharding."""
   b, seq = int(config.data.batch_size), int(config.data.seq_len)
   m, d = int(config.data.max_row_image_tokens), int(config.image.token_dim)
   sharding = parallel.data_sharding(mesh)
@@ -260,7 +260,7 @@ def hints_for(config, mesh, result: AotResult) -> list[str]:
     hints.append(f"shorter rows per device: --config.data.seq_len={int(config.data.seq_len) // 2} (or tensor "
                  "parallelism: --config.mesh.axes.tensor=2, which splits heads and MLP and halves "
                  "activations per device)")
-  chunk = int(config.loss.get("ce_chunk", 0))
+  chunk = int(config.loss.ce_chunk)
   if chunk == 0 or chunk > 1024:
     hints.append(f"compute the LM head and CE in chunks: --config.loss.ce_chunk=1024 (now {chunk})")
   if int(config.head.batch_mul) > 1:

@@ -297,7 +297,7 @@ class Checkpointer:
     c = config.checkpoint
     directory = directory or os.path.join(config.workdir, "checkpoints")
     return cls(directory, every=c.every, keep=c.keep, async_save=c.async_save, config=config,
-               integrity=c.get("integrity", "auto"))
+               integrity=c.integrity)
 
   def _report_unfinished(self) -> None:
     """Warns about saves that never finished (a writer killed mid-save) and steps moved aside."""

@@ -69,7 +69,7 @@ REDUCTIONS = ("mean", "sum")
 
 def fm_token_errors(model: ns.NextStep, batch: dict, image_tokens_bmd: jax.Array, key: jax.Array,
                     row_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Per image-token flow-matching errors of one batch (the batch contract of data/batch.py).
+  """Per image-token flow-matching errors of one batch (the batch contract of batch.py).
 
   Returns (err (B, M), weight (B, M)), fp32: err[r, s] is the squared velocity error of buffer slot
   s of row r, averaged over the d token dims and the ``batch_mul`` (x0, t) draws; weight[r, s] is the
@@ -156,30 +156,33 @@ def dpo_settings(config, for_training: bool = True) -> dict[str, Any]:
     raise config_lib.ConfigError("config has no 'dpo' section (see configs/dpo.py)")
   d = config.dpo
   errors = []
-  beta = d.get("beta", None)
+  missing = [f"dpo.{k}" for k in config_lib.dpo_section() if k not in d]
+  if missing:
+    raise config_lib.ConfigError("the dpo section is missing fields: " + ", ".join(missing) +
+                                 " (build it with nextstep_jax.config.dpo_section)")
+  beta = d.beta
   if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
     errors.append(f"dpo.beta={beta!r} must be a positive number")
-  if d.get("reduction", "mean") not in REDUCTIONS:
-    errors.append(f"dpo.reduction={d.get('reduction')!r} is not one of {list(REDUCTIONS)}")
-  sw = d.get("sft_weight", 0.0)
+  if d.reduction not in REDUCTIONS:
+    errors.append(f"dpo.reduction={d.reduction!r} is not one of {list(REDUCTIONS)}")
+  sw = d.sft_weight
   if not isinstance(sw, (int, float)) or sw < 0:
     errors.append(f"dpo.sft_weight={sw!r} must be >= 0")
-  if for_training and not d.get("data", ""):
+  if for_training and not d.data:
     errors.append("dpo.data is empty: a preference directory with train.jsonl (see nextstep_jax/dpo.py)")
   if for_training and config.data.payload != "images":
     errors.append(f"data.payload={config.data.payload!r}: DPO reads preference images as pixels and encodes "
                   "them with the frozen VAE inside the step; set data.payload='images' and vae.checkpoint")
-  if int(config.optim.get("grad_accum", 1)) != 1:
+  if int(config.optim.grad_accum) != 1:
     errors.append(f"optim.grad_accum={config.optim.grad_accum}: the DPO step does not accumulate; use 1")
   if errors:
     raise config_lib.ConfigError("invalid DPO config:\n  " + "\n  ".join(errors))
-  return {"beta": float(beta), "reduction": str(d.get("reduction", "mean")), "sft_weight": float(sw),
-          "data": str(d.get("data", "")), "reference": str(d.get("reference", "") or ""),
-          "heldout_batches": int(d.get("heldout_batches", 2))}
+  return {"beta": float(beta), "reduction": str(d.reduction), "sft_weight": float(sw),
+          "data": str(d.data), "reference": str(d.reference or ""), "heldout_batches": int(d.heldout_batches)}
 
 
 class DPOTrainer(Trainer):
-  """train.Trainer with DPO gradients: same state (params, optimizer, step, EMA, LoRA base), same
+  """training.trainer.Trainer with DPO gradients: same state (params, optimizer, step, EMA, LoRA base), same
   shardings, same update with its non-finite skip; the jitted step takes the reference params as a
   second argument, sharded like the policy, never donated and never differentiated."""
 

@@ -59,20 +59,12 @@ def peak_flops(device_kind: str) -> float | None:
   return None
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  if hasattr(cfg, "get"):
-    v = cfg.get(key, default)
-  else:
-    v = getattr(cfg, key, default)
-  return default if v is None else v
-
-
 def forward_flops_per_row(config: Any) -> dict[str, float]:
   """Forward FLOPs of one packed row, by component: backbone matmuls, attention, LM head, image
   projectors, flow-matching head."""
   m, h, d = config.model, config.head, config.data
   seq = int(d.seq_len)
-  slots = int(_get(d, "max_row_image_tokens", seq))
+  slots = int(d.max_row_image_tokens)
   hid, layers = int(m.hidden_size), int(m.num_layers)
   nh, nkv, hd, ff = int(m.num_heads), int(m.num_kv_heads), int(m.head_dim), int(m.intermediate_size)
   vocab = int(m.vocab_size)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nextstep_jax.interop import hf
+from nextstep_jax.interop import safetensors_io
 
 RANK_AXIS = "lora_rank"
 A_KEY, B_KEY = "lora_a", "lora_b"
@@ -322,7 +322,6 @@ def save_lora(path: str | os.PathLike, lora_params: Mapping, cfg: LoraConfig,
   """Writes the adapters to directory `path`: ``lora.safetensors`` (tensors named like
   ``backbone.layers.q_kernel.lora_a``) and ``lora_config.json`` (rank, alpha, targets, head_targets,
   format version and optional JSON-able `metadata`, e.g. the base model's name)."""
-  # Local import: interop.hf imports the model package, which this module does not otherwise need.
   path = os.fspath(path)
   tensors = _flat(lora_params)
   expected = {".".join(p + (k,)) for _, p, _ in cfg.kernels() for k in (A_KEY, B_KEY)}
@@ -330,8 +329,8 @@ def save_lora(path: str | os.PathLike, lora_params: Mapping, cfg: LoraConfig,
     raise ValueError(f"save_lora: the adapter tree has tensors {sorted(tensors)}, the config "
                      f"{cfg.to_json()} expects {sorted(expected)}")
   os.makedirs(path, exist_ok=True)
-  hf.save_safetensors(os.path.join(path, WEIGHTS_FILE), {k: np.asarray(jax.device_get(v))
-                                                          for k, v in tensors.items()})
+  safetensors_io.save_safetensors(os.path.join(path, WEIGHTS_FILE), {k: np.asarray(jax.device_get(v))
+                                                                      for k, v in tensors.items()})
   doc = {"format_version": FORMAT_VERSION, **cfg.to_json(), "metadata": dict(metadata or {})}
   tmp = os.path.join(path, CONFIG_FILE + ".partial")
   with open(tmp, "w", encoding="utf-8") as f:
@@ -368,7 +367,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict, LoraConfig]:
                      head_targets=tuple(doc["head_targets"]))
   except (TypeError, ValueError) as e:
     raise ValueError(f"{cfg_file}: {e}") from e
-  st = hf.SafetensorsFile(weights_file)
+  st = safetensors_io.SafetensorsFile(weights_file)
   expected = {".".join(p + (k,)): (p, k) for _, p, _ in cfg.kernels() for k in (A_KEY, B_KEY)}
   names = set(st.names())
   if names != set(expected):

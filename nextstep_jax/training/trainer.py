@@ -70,8 +70,8 @@ class Trainer:
     self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.steps)
     opt_abstract = jax.eval_shape(self.tx.init, self.abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.ema_decay = float(config.get("ema_decay", 0.0))
-    self.grad_accum = int(config.optim.get("grad_accum", 1))
+    self.ema_decay = float(config.ema_decay)
+    self.grad_accum = int(config.optim.grad_accum)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     self.state_shardings = {
         "step": replicated,

@@ -5,7 +5,8 @@ folder of images, ``data/images.py``) -> mesh (one 'data' axis over all devices;
 parameters replicated) -> model and AdamW (``training/optim.py``) -> resume from the newest good
 checkpoint in ``<workdir>/checkpoints`` -> loop (jitted step; TensorBoard + console + JSONL; reconstruction
 grids as PNG under ``<workdir>/images``; checkpoints every ``checkpoint.every`` steps, keeping
-``checkpoint.keep``) -> held-out PSNR/SSIM to ``<workdir>/vae_eval.json`` -> FLUX-named safetensors export
+``checkpoint.keep``). The config schema: ``config.vae_base_config`` (``steps``, ``optim.*``,
+``checkpoint.*`` and ``data.batch_size`` as in the transformer's; ``train.*`` the loss) -> held-out PSNR/SSIM to ``<workdir>/vae_eval.json`` -> FLUX-named safetensors export
 in ``<workdir>/export`` (``interop.vae.export_vae``). ``run.load_vae`` reads the result.
 
 The loss (SPEC §8): x -> encoder -> (mean, logvar) -> token-wise norm of the mean -> sample
@@ -36,6 +37,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nextstep_jax import config as config_lib
 from nextstep_jax import run as run_lib
 from nextstep_jax.batch import padded_chunks
 from nextstep_jax.data.images import batch_indices, load_images
@@ -55,84 +57,6 @@ EVAL_FILE = "vae_eval.json"
 RNG_IMPL = "rbg"
 VAE_CONFIG_FILE = run_lib.VAE_CONFIG_FILE
 EXPORT_DIR = run_lib.VAE_EXPORT_DIR
-
-
-# ------------------------------------------------------------------------------------------------
-# Config.
-
-
-def default_config(preset: str = "demo") -> ml_collections.ConfigDict:
-  """All fields of a VAE training config, with the architecture of ``preset`` (unlocked)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.workdir = ""
-  c.vae = ml_collections.ConfigDict(dict(preset=preset, **vae_lib.preset(preset).to_dict()))
-  c.vae.channel_mults = tuple(c.vae.channel_mults)
-  c.data = ml_collections.ConfigDict(dict(
-      source="digits",  # "digits" (embedded MNIST 5k) or a folder of images
-      image_size=32,
-      heldout_every=10,  # folder source: every 10th file (sorted) is held out
-  ))
-  c.train = ml_collections.ConfigDict(dict(
-      steps=1000, batch_size=32,
-      # AdamW and schedule, read by nextstep_jax.training.optim.make_optimizer
-      lr=1e-3, min_lr=0.0, schedule="constant", warmup_steps=20, weight_decay=0.0,
-      b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0,
-      # latent noise augmentation (SPEC §8)
-      noise_aug=True, gamma=0.2,
-      sample_posterior=True,
-      # loss weights
-      l1_weight=1.0, l2_weight=1.0, kl_weight=1e-4, perceptual_weight=0.0,
-      adv_weight=0.0, adv_start=0, disc_lr=1e-4, disc_channels=32,
-  ))
-  c.eval = ml_collections.ConfigDict(dict(num_images=0, batch_size=100, grid_images=16))
-  c.log_every = 50
-  c.eval_every = 500
-  c.ckpt_every = 500
-  c.ckpt_keep = 2
-  c.async_checkpoint = False
-  return c
-
-
-def vae_config_of(config: ml_collections.ConfigDict) -> VAEConfig:
-  """The VAEConfig of ``config.vae`` (``preset`` is informational; the fields decide)."""
-  return VAEConfig.from_dict(config.vae.to_dict())
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> VAEConfig:
-  """Fails early, naming the field, on anything the run cannot do."""
-  cfg = vae_config_of(config)
-  t = config.train
-  if t.steps < 1:
-    raise ValueError(f"train.steps={t.steps} must be >= 1")
-  n = num_devices or jax.device_count()
-  if t.batch_size < 1 or t.batch_size % n:
-    raise ValueError(f"train.batch_size={t.batch_size} must be a positive multiple of the "
-                     f"{n} devices (data parallel)")
-  if t.gamma < 0:
-    raise ValueError(f"train.gamma={t.gamma} must be >= 0 (noise std ~ U(0, gamma))")
-  for name in ("l1_weight", "l2_weight", "kl_weight", "adv_weight"):
-    if getattr(t, name) < 0:
-      raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")
-  if t.l1_weight == 0 and t.l2_weight == 0:
-    raise ValueError("train.l1_weight and train.l2_weight are both 0: no reconstruction loss")
-  if t.perceptual_weight != 0:
-    raise ValueError("train.perceptual_weight must be 0: an LPIPS perceptual loss needs pretrained "
-                     "VGG/AlexNet and LPIPS weights, which cannot be downloaded in this "
-                     "environment (use l1/l2, and adv_weight for a from-scratch GAN term)")
-  s = config.data.image_size
-  if s % cfg.pixels_per_token:
-    raise ValueError(f"data.image_size={s} is not divisible by {cfg.pixels_per_token} pixels per "
-                     f"token (VAE factor {cfg.factor} x patch size {cfg.patch_size})")
-  if config.data.source != "digits" and not os.path.isdir(config.data.source):
-    raise ValueError(f"data.source={config.data.source!r} is neither 'digits' nor a directory")
-  for name in ("log_every", "eval_every", "ckpt_every", "ckpt_keep"):
-    if getattr(config, name) < 1:
-      raise ValueError(f"{name}={getattr(config, name)} must be >= 1")
-  if config.eval.batch_size < 1 or config.eval.num_images < 0:
-    raise ValueError("eval.batch_size must be >= 1 and eval.num_images >= 0 (0 = all held out)")
-  optim_lib.make_schedule(t, t.steps)  # checks lr, schedule, warmup
-  return cfg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,13 +87,13 @@ class VAETrainer:
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config = config
     self.mesh = mesh
-    self.vae_cfg = vae_config_of(config)
+    self.vae_cfg = VAEConfig.from_dict(config.vae.to_dict())
     t = config.train
     self.use_adv = t.adv_weight > 0
     abstract = vae_lib.abstract_vae(self.vae_cfg)
     self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     self.abstract_params = nnx.to_pure_dict(abstract_params)
-    self.tx, self.schedule = optim_lib.make_optimizer(t, t.steps)
+    self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.steps)
     if self.use_adv:
       d = nnx.eval_shape(lambda: PatchDiscriminator(3, t.disc_channels, rngs=nnx.Rngs(0)))
       self.disc_graphdef, _ = nnx.split(d, nnx.Param)
@@ -281,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   workdir = workdir or config.workdir
   if not workdir:
     raise ValueError("no workdir: pass workdir= or set config.workdir (--workdir on the CLI)")
-  vae_cfg = validate_config(config)
+  vae_cfg = config_lib.validate_vae(config, jax.device_count())
   t = config.train
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -303,15 +227,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   grid_x = heldout_x[np.linspace(0, len(heldout_x) - 1, min(config.eval.grid_images,
                                                              len(heldout_x))).astype(int)]
   n_proc, pid = jax.process_count(), jax.process_index()
-  local_bs = t.batch_size // n_proc
+  local_bs = config.data.batch_size // n_proc
 
   mesh = make_mesh()
   trainer = VAETrainer(config, mesh)
   log(f"VAE {vae_cfg.to_dict()}: {sum(int(np.prod(s.shape)) for s in jax.tree.leaves(trainer.abstract_params)):,} "
        f"parameters; {len(train_x)} train / {len(heldout_x)} held-out images; mesh {dict(mesh.shape)}")
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.ckpt_every,
-                      keep=config.ckpt_keep, async_save=config.async_checkpoint, config=config)
+  ckpt = Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           trainer.abstract_state, trainer.state_sharding)
   restored = ckpt.restore_latest_good(abstract)  # newest readable step (corrupt ones set aside)
@@ -328,15 +251,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   last_log = time.perf_counter()
   metrics_host: dict[str, float] = {}
   try:
-    for step in range(start, t.steps):
-      rows = batch_indices(len(train_x), t.batch_size, config.seed, step)
+    for step in range(start, config.steps):
+      rows = batch_indices(len(train_x), config.data.batch_size, config.seed, step)
       state, metrics = trainer.step(state, train_x[rows[pid * local_bs:(pid + 1) * local_bs]])
       done = step + 1
       if t_compile is None:
         jax.block_until_ready(metrics)
         t_compile = time.perf_counter() - t_start
         last_log = time.perf_counter()
-      if done % config.log_every == 0 or done == t.steps:
+      if done % config.log_every == 0 or done == config.steps:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(v) for v in metrics_host.values()):
           raise FloatingPointError(f"non-finite metrics at step {done}: {metrics_host}")
@@ -346,14 +269,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
           metrics_host["step_time"] = (now - last_log) / since
         last_log = now
         writer.write_scalars(done, metrics_host)
-      if done % config.eval_every == 0 or done == t.steps:
+      if done % config.eval_every == 0 or done == config.steps:
         recon = trainer.reconstruct(state["params"], heldout_x, config.eval.batch_size)
         ev = image_metrics.reconstruction_summary(heldout_x, recon)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in ev.items() if k != "num_images"})
         grid_recon = trainer.reconstruct(state["params"], grid_x, config.eval.batch_size)
         writer.write_images(done, "recon", recon_grid(grid_x, grid_recon))
         last_log = time.perf_counter()
-      ckpt.save(done, state, force=done == t.steps)
+      ckpt.save(done, state, force=done == config.steps)
     train_time = time.perf_counter() - t_start
     train_cpu = time.process_time() - cpu_start
     ckpt.wait()
@@ -362,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     vae = nnx.merge(trainer.graphdef, params)
     recon = trainer.reconstruct(state["params"], heldout_x, config.eval.batch_size)
     ev = image_metrics.reconstruction_summary(heldout_x, recon)
-    result = dict(ev, step=t.steps, resumed_from=start, train_time_s=train_time,
+    result = dict(ev, step=config.steps, resumed_from=start, train_time_s=train_time,
                   train_cpu_s=train_cpu, compile_time_s=t_compile or 0.0, gamma=t.gamma if t.noise_aug else 0.0,
                   noise_aug=bool(t.noise_aug), source=config.data.source,
                   image_size=config.data.image_size, vae=vae_cfg.to_dict(),
@@ -372,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         json.dump(result, f, indent=2)
       export_vae(vae, os.path.join(workdir, EXPORT_DIR))
     log(f"held-out PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.4f} over {ev['num_images']} images; "
-         f"{t.steps - start} steps in {train_time:.1f} s (compile {t_compile or 0:.1f} s)")
+         f"{config.steps - start} steps in {train_time:.1f} s (compile {t_compile or 0:.1f} s)")
     return result
   finally:
     writer.close()

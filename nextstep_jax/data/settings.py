@@ -1,0 +1,104 @@
+"""The data pipeline's settings: config.data / config.image read and validated into ``DataSettings``
+(see notes/config.md); the pipeline itself is ``data/mixture.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nextstep_jax.data import sources as sources_lib
+from nextstep_jax.data.packing import RowSpec
+
+
+COMPONENTS = ("text", "pair", "edit", "interleaved")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """Everything the pipeline reads from a config, validated (see notes/config.md)."""
+  source: str
+  batch_size: int          # global rows
+  local_batch: int         # rows per process
+  seq_len: int
+  ratios: dict
+  image_size: int
+  unit: int                # pixels per token side: vae_factor * patch_size
+  token_dim: int
+  min_image_tokens: int
+  max_image_tokens: int
+  sides: tuple             # base grid sides of the area range (sources.area_sides)
+  payload: str
+  max_images: int
+  max_row_image_tokens: int
+  drop_text_prob: float
+  num_workers: int
+  num_threads: int
+  seed: int
+  open_rows: int
+  workdir: str
+  loss_on_prompt: bool = True   # False (SFT): no CE on captions / instructions (sequences.py)
+
+  @property
+  def pixel(self) -> bool:
+    return self.payload == "images"
+
+  def row_spec(self, pad_id: int) -> RowSpec:
+    return RowSpec(seq_len=self.seq_len, payload=self.payload, max_images=self.max_images,
+                   max_image_tokens=self.max_row_image_tokens, token_dim=self.token_dim,
+                   image_shape=(self.image_size, self.image_size), pad_id=pad_id,
+                   open_rows=self.open_rows)
+
+
+def normalise_ratios(ratios) -> dict[str, float]:
+  """Component -> share (positive ones only, summing to 1); clear errors for bad ratio tables."""
+  ratios = dict(ratios)
+  unknown = sorted(set(ratios) - set(COMPONENTS))
+  if unknown:
+    raise ValueError(f"data.ratios has unknown components {unknown}; known: {COMPONENTS}")
+  for name, v in ratios.items():
+    if not isinstance(v, (int, float)) or v < 0 or v != v:
+      raise ValueError(f"data.ratios.{name} must be a non-negative number, got {v!r}")
+  total = float(sum(ratios.values()))
+  if total <= 0:
+    raise ValueError(f"data.ratios must have a positive entry, got {ratios}")
+  return {n: float(ratios[n]) / total for n in COMPONENTS if ratios.get(n, 0) > 0}
+
+
+def data_settings(config, process_count: int = 1) -> DataSettings:
+  """Reads and validates config.data / config.image (errors name the field)."""
+  d, im = config.data, config.image
+  get = lambda cfg, k, default: cfg[k] if k in cfg else default  # noqa: E731
+  unit = int(im.vae_factor) * int(im.patch_size)
+  token_dim = int(get(im, "token_dim", int(im.latent_channels) * int(im.patch_size) ** 2))
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1, got {process_count}")
+  if d.batch_size % process_count:
+    raise ValueError(f"data.batch_size ({d.batch_size}) must be divisible by the process count "
+                     f"({process_count})")
+  if d.seq_len < 8:
+    raise ValueError(f"data.seq_len must be at least 8, got {d.seq_len}")
+  if d.payload not in ("images", "image_tokens"):
+    raise ValueError(f"data.payload must be 'images' or 'image_tokens', got {d.payload!r}")
+  if not d.source:
+    raise ValueError("data.source is empty: 'digits' or a directory written by data/formats.py")
+  sides = sources_lib.area_sides(int(d.min_image_tokens), int(d.max_image_tokens))
+  if d.source == "digits" or d.payload == "images":
+    if d.image_size % unit:
+      raise ValueError(f"data.image_size ({d.image_size}) must be a multiple of vae_factor * "
+                       f"patch_size ({unit})")
+  if d.source == "digits":
+    per_image = (d.image_size // unit) ** 2
+    if not d.min_image_tokens <= per_image <= d.max_image_tokens:
+      raise ValueError(f"digits of {d.image_size} px make {per_image} tokens per image, outside "
+                       f"data.min_image_tokens..max_image_tokens ({d.min_image_tokens}.."
+                       f"{d.max_image_tokens})")
+  return DataSettings(
+      source=str(d.source), batch_size=int(d.batch_size),
+      local_batch=int(d.batch_size) // process_count, seq_len=int(d.seq_len),
+      ratios=normalise_ratios(d.ratios), image_size=int(d.image_size), unit=unit,
+      token_dim=token_dim, min_image_tokens=int(d.min_image_tokens),
+      max_image_tokens=int(d.max_image_tokens), sides=sides, payload=str(d.payload),
+      max_images=int(d.max_images), max_row_image_tokens=int(d.max_row_image_tokens),
+      drop_text_prob=float(d.drop_text_prob), num_workers=int(get(d, "num_workers", 0)),
+      num_threads=int(get(d, "num_threads", 0)), seed=int(get(d, "seed", 0)),
+      open_rows=int(get(d, "pack_open_rows", 8)), workdir=str(get(config, "workdir", "") or ""),
+      loss_on_prompt=bool(get(d, "loss_on_prompt", True)))
