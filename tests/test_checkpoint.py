@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common
 from nextstep_jax import parallel as par
+from nextstep_jax.training.data_state import decode_data_state, encode_data_state
 from nextstep_jax.training.checkpoint import (Checkpointer, CorruptCheckpointError, check_integrity,
-                                     decode_data_state, encode_data_state, read_step,
+                                     read_step,
                                      restore_params_from, write_integrity)
 
 

@@ -12,6 +12,9 @@ The stream, stage by stage:
    (schedule.py).
 3. Host sharding: process p of P takes global positions p, p+P, p+2P, ... (``ds[p::P]``), so the
    hosts' shards are disjoint and their union is the single-host stream, record for record.
+   With grain worker processes (data.num_workers = W), worker w of process p reads positions
+   p + w*P + t*P*W (grain slices the shard once more). Each packing iterator thus reads one
+   ``schedule.Stream``: offset + t * stride.
 4. ``ElementBuilder`` (grain map, parallel in threads or worker processes): decode the record
    (bad ones become counted markers, never exceptions), prepare images, build the sample
    sequences (sequences.py).
@@ -20,15 +23,36 @@ The stream, stage by stage:
 
 Checkpointing: the iterator's state (JSON) holds the position in the stream, the open and queued
 rows as sample keys ``[component, n, k, j]`` (samples are rebuilt from keys on restore), the
-counters, and the mixture's anchor and ratios by component name. Restoring under different
-ratios (a later stage) keeps each component's position (no record repeats) and re-anchors the
-block schedule at the restore point; components absent from the new ratios keep their counts.
+counters, the mixture's anchor and ratios by component name, and the stream it reads (offset,
+stride). Restoring under different ratios (a later stage) keeps each component's position (no
+record repeats) and re-anchors the block schedule at the restore point; components absent from
+the new ratios keep their counts.
+
+Elastic resume (another process count): ``TrainIterator.set_state`` also takes
+``{"elastic_states": [state of process 0, ..., of process M-1]}`` (``elastic_envelope``; what
+training/checkpoint.py returns for a step written by M processes and read by N), and re-shards a
+process's own state when only data.num_workers changed. Each new process computes the same
+hand-over from the old states (``schedule.reshard``): base = the largest next unread position of
+any old stream; positions >= base are sharded as in a fresh run (process q of N, worker w, from
+their first position >= base). Positions below base that an old stream had not reached yet (the
+streams are ragged: each packs at its own pace) and the samples an old stream had read but not
+emitted (its open and queued rows) are handed out round-robin, in stream order, to the new
+streams, which pack them first. The old counters are summed into the first new stream (process 0,
+worker 0), so their sum over processes stays the global total.
+Exact: every position is read once over the whole run and each of its samples (that fits a row)
+emitted once, so the multiset of samples (component, n, j) consumed is that of an uninterrupted
+run over the same positions; the schedule (the record at each position) is unchanged; with
+M == N (same workers) the resume is bitwise exact, as the elastic path is not taken.
+Changed: the rows and batches the samples land in, and their order. Ratios changed in the same
+restore re-anchor the schedule at base, alike for every new process. Needs dict states (not grain
+DataLoader bytes).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import zlib
@@ -41,11 +65,15 @@ from nextstep_jax.data import digits as digits_lib
 from nextstep_jax.data import sources as sources_lib
 from nextstep_jax.batch import validate_batch
 from nextstep_jax.data.packing import RowPacker, RowSpec, assemble_batch
-from nextstep_jax.data.schedule import MixItem, MixSchedule, NamedMixMapDataset
+from nextstep_jax.data.schedule import (MixItem, MixSchedule, NamedMixMapDataset, ShardProgress,
+                                        Stream, reshard)
 from nextstep_jax.data.sequences import Image, Sample, SequenceBuilder
 from nextstep_jax.data.settings import DataSettings, data_settings
 
 STATE_VERSION = 1
+# The key of an elastic envelope: the states of all M processes of a checkpoint, in process order
+# (training/checkpoint.py writes the same key; data/ imports nothing of training/).
+ELASTIC_STATES = "elastic_states"
 _log = logging.getLogger(__name__)
 
 
@@ -130,13 +158,15 @@ class PackedBatchDataset(grain.IterDataset):
   """Elements -> packed numpy batches of `batch_rows` rows (see packing.py)."""
 
   def __init__(self, parent: grain.IterDataset, mixture: NamedMixMapDataset,
-               builder: ElementBuilder, spec: RowSpec, batch_rows: int):
+               builder: ElementBuilder, spec: RowSpec, batch_rows: int,
+               process_index: int = 0, process_count: int = 1):
     super().__init__(parent)
     self.mixture, self.builder, self.spec, self.batch_rows = mixture, builder, spec, batch_rows
+    self.process_index, self.process_count = int(process_index), int(process_count)
 
   def __iter__(self) -> "PackedBatchIterator":
     return PackedBatchIterator(self._parent.__iter__(), self.mixture, self.builder, self.spec,
-                               self.batch_rows)
+                               self.batch_rows, self.process_index, self.process_count)
 
   def __str__(self) -> str:
     return f"PackedBatchDataset(rows={self.batch_rows}, seq_len={self.spec.seq_len})"
@@ -146,16 +176,38 @@ class PackedBatchIterator(grain.DatasetIterator):
   """Packs elements from the parent into batches; state = stream position + rows as keys."""
 
   def __init__(self, parent, mixture: NamedMixMapDataset, builder: ElementBuilder, spec: RowSpec,
-               batch_rows: int):
+               batch_rows: int, process_index: int = 0, process_count: int = 1):
     super().__init__(parent)
     self.mixture, self.builder, self.spec, self.batch_rows = mixture, builder, spec, batch_rows
+    self.process_index, self.process_count = int(process_index), int(process_count)
     self.packer = RowPacker(spec)
     self.counters: collections.Counter = collections.Counter()
     self.last_k: int | None = None
     self.last_batch_keys: list[list] = []   # sample keys per row of the last batch (debugging)
     self._barren = 0   # consecutive records without a usable sample
+    self._next_t = 0   # index in the stream of the parent's next element
+    self._stream_ok = True
 
   MAX_BARREN = 10_000   # that many unusable records in a row: the data is broken, say so
+
+  @property
+  def stream(self) -> Stream:
+    """The global positions this iterator reads (module doc, stage 3). The grain worker, if any,
+    is read from the iterator context grain sets in worker processes."""
+    ctx = getattr(getattr(self, "_ctx", None), "mp_context", None)
+    w, workers = (int(ctx.process_index), int(ctx.process_count)) if ctx is not None else (0, 1)
+    return Stream(self.process_index + w * self.process_count, self.process_count * workers)
+
+  def _pull(self) -> Element:
+    """The parent's next element, checked against the stream this iterator says it reads."""
+    element = next(self._parent)
+    expected = self.stream.position(self._next_t)
+    if self._stream_ok and element.key[2] != expected:
+      self._stream_ok = False
+      _log.warning("data stream: position %d read where %s expects %d; this iterator's state "
+                   "cannot be re-sharded (elastic resume)", element.key[2], self.stream, expected)
+    self._next_t += 1
+    return element
 
   def consume(self, element: Element) -> None:
     self.last_k = element.key[2]
@@ -189,7 +241,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         self.counters["batches"] += 1
         self.counters["tokens"] += int(np.count_nonzero(batch["segment_ids"]))
         return batch
-      self.consume(next(self._parent))
+      self.consume(self._pull())
 
   def materialise(self, key) -> Sample | None:
     """The sample of a checkpointed key (None when its component left the mixture)."""
@@ -203,14 +255,19 @@ class PackedBatchIterator(grain.DatasetIterator):
     return samples[j]
 
   def get_state(self) -> dict:
+    stream = self.stream
     return dict(version=STATE_VERSION, parent=self._parent.get_state(),
                 packer=self.packer.state(), counters=dict(self.counters),
-                mixture=self.mixture.schedule.state(), last_k=self.last_k)
+                mixture=self.mixture.schedule.state(), last_k=self.last_k,
+                stream=dict(offset=stream.offset, stride=stream.stride) if self._stream_ok else None)
 
   def set_state(self, state: dict) -> None:
     if state.get("version") != STATE_VERSION:
       raise ValueError(f"data iterator state has version {state.get('version')}, this code "
                        f"reads version {STATE_VERSION}")
+    if "elastic" in state:
+      self._take_over(state["elastic"])
+      return
     schedule = self.mixture.schedule
     saved = state["mixture"]
     if _same_weights(saved["weights"], schedule.weights) and saved["block"] == schedule.block:
@@ -228,6 +285,34 @@ class PackedBatchIterator(grain.DatasetIterator):
     self.packer = RowPacker(self.spec)
     self.packer.load_state(state["packer"], self.materialise)
     self.last_k = state["last_k"]
+    parent = state["parent"]
+    self._next_t = int(parent.get("next_index", 0)) if isinstance(parent, dict) else 0
+    self._stream_ok, self._barren = state.get("stream", {}) is not None, 0
+
+  def _take_over(self, hand: dict) -> None:
+    """Elastic resume (module doc): this stream's share of a ``schedule.Reshard``."""
+    self.mixture.schedule.rebase(hand["anchor_k"], hand["anchor_counts"])
+    parent = self._parent.get_state()
+    if not isinstance(parent, dict) or "next_index" not in parent:
+      raise ValueError(f"cannot position the record stream {parent!r} for an elastic resume")
+    self._parent.set_state(dict(parent, next_index=int(hand["next_index"])))
+    self._next_t, self._stream_ok, self._barren = int(hand["next_index"]), True, 0
+    self.counters = collections.Counter(hand["counters"])
+    self.packer = RowPacker(self.spec)
+    for item in hand["items"]:
+      if len(item) == 3:   # a record position no old stream had read
+        if item[0] in self.mixture.sources:
+          self.consume(self.builder(self.mixture.item(item[0], int(item[1]), int(item[2]))))
+        else:
+          self.counters.update([f"records/{item[0]}", "skipped/component_removed"])
+        continue
+      sample = self.materialise(item)   # a sample read but not emitted by an old stream
+      reason = sample is not None and self.spec.reject_reason(sample)
+      if reason:
+        self.counters[f"skipped/{reason}"] += 1
+      elif sample is not None:
+        self.packer.add(sample)
+    self.last_k = int(hand["base"]) - 1 if int(hand["base"]) > 0 else None
 
   def __str__(self) -> str:
     return f"PackedBatchIterator(rows={self.batch_rows})"
@@ -242,36 +327,63 @@ def collect_counters(state: Any) -> dict[str, int]:
   """Sums the counters of every packing iterator state found in an iterator state (in-process or
   grain worker states)."""
   total: collections.Counter = collections.Counter()
-
-  def walk(node):
-    if isinstance(node, dict):
-      if node.get("version") == STATE_VERSION and "packer" in node and "counters" in node:
-        total.update(node["counters"])
-        return
-      for v in node.values():
-        walk(v)
-    elif isinstance(node, (list, tuple)):
-      for v in node:
-        walk(v)
-    elif isinstance(node, (str, bytes)):
-      try:
-        import json  # pylint: disable=import-outside-toplevel
-        walk(json.loads(node))
-      except (ValueError, TypeError):
-        pass
-  walk(state)
+  for ps in _packer_states(state):
+    total.update(ps["counters"])
   return dict(total)
+
+
+def _is_packer_state(node: Any) -> bool:
+  return (isinstance(node, dict) and node.get("version") == STATE_VERSION and "packer" in node
+          and "counters" in node)
+
+
+def _map_packer_states(node: Any, fn: Callable[[dict], Any]) -> Any:
+  """A copy of an iterator state with every packing-iterator state (itself, or grain workers'
+  states) replaced by fn(state)."""
+  if _is_packer_state(node):
+    return fn(node)
+  if isinstance(node, dict):
+    return {k: _map_packer_states(v, fn) for k, v in node.items()}
+  if isinstance(node, (list, tuple)):
+    return type(node)(_map_packer_states(v, fn) for v in node)
+  if isinstance(node, (str, bytes)):   # a state serialised as JSON (grain's DataLoader)
+    try:
+      parsed = json.loads(node)
+    except (ValueError, TypeError):
+      return node
+    return _map_packer_states(parsed, fn) if isinstance(parsed, (dict, list)) else node
+  return node
+
+
+def _packer_states(state: Any) -> list[dict]:
+  found: list[dict] = []
+  _map_packer_states(state, found.append)
+  return found
+
+
+def _stream_of(ps: dict) -> Stream | None:
+  s = ps.get("stream")
+  return Stream(int(s["offset"]), int(s["stride"])) if s else None
+
+
+def elastic_envelope(states: Sequence[Any]) -> dict:
+  """What ``TrainIterator.set_state`` takes to resume from the states of all processes of a
+  checkpoint (in process order) with another process count (training/checkpoint.py builds the
+  same from the files of a step)."""
+  return {ELASTIC_STATES: list(states), "saved_process_count": len(states)}
 
 
 class TrainIterator(grain.DatasetIterator):
   """What train.py holds: ``next(it)`` -> numpy batch (batch.py, local rows), ``get_state()`` /
-  ``set_state()`` (JSON; grain's orbax CheckpointHandler saves it beside the model), and
-  ``counters`` (records, samples per component, skipped/<reason>, converted/<what>, batches,
-  tokens) for the train loop to log."""
+  ``set_state()`` (JSON; grain's orbax CheckpointHandler saves it beside the model; an elastic
+  envelope re-shards, see the module doc), and ``counters`` (records, samples per component,
+  skipped/<reason>, converted/<what>, batches, tokens) for the train loop to log."""
 
-  def __init__(self, inner: grain.DatasetIterator, settings: DataSettings):
+  def __init__(self, inner: grain.DatasetIterator, settings: DataSettings,
+               process_index: int = 0, process_count: int = 1):
     super().__init__(inner)
     self.settings = settings
+    self.process_index, self.process_count = int(process_index), int(process_count)
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._parent)
@@ -279,8 +391,55 @@ class TrainIterator(grain.DatasetIterator):
   def get_state(self) -> dict:
     return self._parent.get_state()
 
+  @property
+  def streams(self) -> set[Stream]:
+    """The streams this process's packing iterators read (module doc, stage 3)."""
+    p, n, w = self.process_index, self.process_count, max(1, self.settings.num_workers)
+    return {Stream(p + i * n, n * w) for i in range(w)}
+
   def set_state(self, state: dict) -> None:
-    self._parent.set_state(state)
+    if isinstance(state, dict) and ELASTIC_STATES in state:
+      self._reshard(list(enumerate(state[ELASTIC_STATES])), len(state[ELASTIC_STATES]))
+      return
+    saved = [_stream_of(ps) for ps in _packer_states(state)]
+    workers_changed = (set(saved) != self.streams or
+                       _is_packer_state(state) != isinstance(self._parent, PackedBatchIterator))
+    if saved and None not in saved and workers_changed:   # data.num_workers changed
+      self._reshard([(self.process_index, state)], self.process_count)
+    else:
+      self._parent.set_state(state)
+
+  def _reshard(self, states: list[tuple[int, Any]], saved_count: int) -> None:
+    """Resumes from (process index, state) of old processes (module doc, elastic resume)."""
+    old, total = [], collections.Counter()
+    for p, state in states:
+      found = _packer_states(state)
+      if not isinstance(state, dict) or not found:
+        raise ValueError(f"process {p}'s data-iterator state ({type(state).__name__}) holds no "
+                         "packing-iterator state: it cannot be re-sharded (elastic resume)")
+      for ps in found:
+        stream = _stream_of(ps)
+        if stream is None and "stream" not in ps and ps is state:   # saved before streams
+          stream = Stream(p, saved_count)
+        if stream is None or not isinstance(ps["parent"], dict) or "next_index" not in ps["parent"]:
+          raise ValueError(f"process {p}'s data-iterator state does not say which positions it "
+                           "read: it cannot be re-sharded (elastic resume)")
+        pending = [key for _, keys in ps["packer"]["open"] + ps["packer"]["full"] for key in keys]
+        old.append(ShardProgress(stream, int(ps["parent"]["next_index"]), ps["mixture"], pending))
+        total.update(ps["counters"])
+    stride = next(iter(self.streams)).stride
+    plan = reshard(old, self.settings.seed, self.settings.ratios, stride)
+    _log.info("data: elastic resume from %d stream(s) to stride %d: new streams from position %d%s,"
+              " %d records and samples handed over", len(old), stride, plan.base,
+              " (mixture re-anchored there)" if plan.rebased else "", len(plan.items))
+
+    def hand_over(ps: dict) -> dict:
+      stream = _stream_of(ps)
+      return dict(version=STATE_VERSION, elastic=dict(
+          base=plan.base, anchor_k=plan.anchor_k, anchor_counts=plan.anchor_counts,
+          next_index=stream.first_index_at(plan.base), items=plan.share(stream),
+          counters=dict(total) if stream.offset == plan.offsets[0] else {}))
+    self._parent.set_state(_map_packer_states(self._parent.get_state(), hand_over))
 
   @property
   def counters(self) -> dict[str, int]:
@@ -378,14 +537,14 @@ def build_train_iterator(config, tokenizer, process_index: int = 0, process_coun
   read = grain.ReadOptions(num_threads=settings.num_threads,
                            prefetch_buffer_size=64 if settings.num_threads else 0)
   ds: grain.IterDataset = PackedBatchDataset(shard.to_iter_dataset(read), mixture, builder, spec,
-                                             settings.local_batch)
+                                             settings.local_batch, process_index, process_count)
   if settings.num_workers > 0:
     from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():   # grain reads its absl flags; keep defaults when unparsed
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.num_workers,
                                                      per_worker_buffer_size=2))
-  return TrainIterator(iter(ds), settings)
+  return TrainIterator(iter(ds), settings, process_index, process_count)
 
 
 def build_eval_batches(config, tokenizer, num_batches: int, *,

@@ -5,12 +5,19 @@ Positions come in blocks of ``MIX_BLOCK``; every block holds each component's ex
 stage ratios (largest remainder), in a seeded random order, so realised shares match the ratios to
 1/MIX_BLOCK. The mapping is pure index arithmetic (``MixSchedule``), re-anchored when a checkpoint
 is restored under different ratios.
+
+Also here, the index arithmetic of re-sharding (``reshard``): each packing iterator reads the
+positions ``offset + t * stride`` of the global stream (a ``Stream``); given what every old stream
+had read and still held unemitted, ``reshard`` says where new streams of another stride start and
+which records and samples they must take over, so that no position is read twice or skipped
+(the elastic resume of ``data/mixture.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import threading
 from typing import Any
@@ -118,6 +125,10 @@ class MixSchedule:
     return dict(weights=dict(self.weights), anchor_k=self.anchor_k,
                 anchor_counts=dict(self.anchor_counts), block=self.block)
 
+  @classmethod
+  def from_state(cls, state: dict, seed: int) -> "MixSchedule":
+    return cls(state["weights"], seed, state["anchor_k"], state["anchor_counts"], state["block"])
+
 
 @dataclasses.dataclass
 class MixItem:
@@ -162,3 +173,122 @@ class NamedMixMapDataset(grain.MapDataset):
       return self.slice(index)
     name, n = self.schedule.select(index)
     return self.item(name, n, int(index))
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-sharding the stream for another number of readers (elastic resume).
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """The global positions one packing iterator reads: offset + t * stride for t = 0, 1, ...
+  (process p of P with worker w of W: offset p + w * P, stride P * W)."""
+  offset: int
+  stride: int
+
+  def position(self, t: int) -> int:
+    return self.offset + int(t) * self.stride
+
+  def first_index_at(self, k: int) -> int:
+    """The smallest t with position(t) >= k."""
+    return max(0, -((self.offset - int(k)) // self.stride))
+
+
+@dataclasses.dataclass
+class ShardProgress:
+  """What one old stream had done at the checkpoint: `next_index` positions read (the next one is
+  stream.position(next_index)), with the schedule `mixture` (MixSchedule.state()), and `pending`
+  sample keys [component, n, k, j] read but not yet emitted (the packer's rows)."""
+  stream: Stream
+  next_index: int
+  mixture: dict
+  pending: list
+
+
+@dataclasses.dataclass
+class Reshard:
+  """The hand-over to new streams (``reshard``): they read positions >= base under the schedule
+  anchored at (anchor_k, anchor_counts), and share `items` round-robin in the order of `offsets`
+  (the new streams that cover what the old ones read, all of `stride`). Items are pending sample
+  keys [component, n, k, j] and unread records [component, n, k] below base, sorted by (k, j) (a
+  record sorts before its samples)."""
+  base: int
+  anchor_k: int
+  anchor_counts: dict
+  items: list
+  stride: int
+  offsets: list
+  rebased: bool
+
+  def share(self, stream: Stream) -> list:
+    if stream.stride != self.stride or stream.offset not in self.offsets:
+      raise ValueError(f"{stream} is not one of the new streams (stride {self.stride}, offsets "
+                       f"{self.offsets})")
+    return self.items[self.offsets.index(stream.offset)::len(self.offsets)]
+
+
+def _item_order(item) -> tuple[int, int]:
+  return int(item[2]), int(item[3]) if len(item) == 4 else -1
+
+
+def _residues(offset: int, stride: int, period: int) -> list[int]:
+  return [(offset + i * stride) % period for i in range(period // stride)]
+
+
+def reshard(old: list[ShardProgress], seed: int, weights: dict[str, float], new_stride: int,
+            block: int = MIX_BLOCK) -> Reshard:
+  """Hands what the `old` streams read over to the streams of stride `new_stride` that cover the
+  same positions (all offsets 0..new_stride-1 when the old streams are every process's of one
+  checkpoint; one process's share when only its worker count changed).
+
+  The old streams must have one stride and read disjoint positions; the new streams covering
+  them must cover nothing else. base = the largest next unread position of any old stream:
+  nothing at or past it was read. Below it, each old stream's unread positions become records to
+  take over (resolved to [component, n, k] under that stream's own schedule), and its pending
+  samples are taken over as keys. The new schedule keeps the old anchor when every old stream had
+  the same one and the weights are unchanged; otherwise it is re-anchored at base with the old
+  schedule's counts there (no component ordinal repeats). Deterministic: every new process
+  computes the same hand-over from the same old states.
+  """
+  if not old:
+    raise ValueError("no data-iterator states to re-shard")
+  if new_stride < 1:
+    raise ValueError(f"new stride must be >= 1, got {new_stride}")
+  streams = sorted((p.stream.offset, p.stream.stride) for p in old)
+  strides = {s for _, s in streams}
+  period = math.lcm(min(strides), new_stride)
+  covered = [r for o, s in streams for r in _residues(o, s, period)]
+  offsets = [o for o in range(new_stride) if set(_residues(o, new_stride, period)) & set(covered)]
+  if len(strides) != 1 or len(set(covered)) != len(covered) or sorted(
+      r for o in offsets for r in _residues(o, new_stride, period)) != sorted(covered):
+    raise ValueError(f"the saved data-iterator states do not partition the stream (streams "
+                     f"{streams}): not the states of one checkpoint, or not all of its "
+                     f"processes' (or workers') states")
+  base = max(p.stream.position(p.next_index) for p in old)
+  items, schedules = [], {}
+  for p in old:
+    sched = schedules.setdefault(repr(sorted(p.mixture.items())),
+                                 MixSchedule.from_state(p.mixture, seed))
+    t = p.next_index
+    while p.stream.position(t) < base:
+      k = p.stream.position(t)
+      name, n = sched.select(k)
+      items.append([name, int(n), int(k)])
+      t += 1
+    items.extend([str(key[0]), int(key[1]), int(key[2]), int(key[3])] for key in p.pending)
+  items.sort(key=_item_order)
+  if len({_item_order(item) for item in items}) != len(items):
+    raise ValueError("a position or sample is held by two saved states: they are not the states "
+                     "of one checkpoint")
+  first = old[0].mixture
+  names = set(first["weights"]) | set(weights)
+  same_weights = all(abs(float(first["weights"].get(n, 0.0)) - float(weights.get(n, 0.0))) <= 1e-9
+                     for n in names)
+  if all(p.mixture == first for p in old) and same_weights and int(first["block"]) == int(block):
+    anchor_k, counts, rebased = int(first["anchor_k"]), dict(first["anchor_counts"]), False
+  else:
+    sched = MixSchedule.from_state(first, seed)
+    anchor_k, counts, rebased = base, sched.counts_at(max(base, sched.anchor_k)), True
+  return Reshard(base=int(base), anchor_k=anchor_k,
+                 anchor_counts={k: int(v) for k, v in counts.items()}, items=items,
+                 stride=int(new_stride), offsets=offsets, rebased=rebased)

@@ -5,8 +5,11 @@ One checkpoint per saved step, under ``<directory>/<step>/``, with three items:
           into the shardings of the abstract target, so nothing is gathered on one host;
   data    the data-iterator state, one JSON file per process (each process reads its own
           shard of the data, so each has its own iterator state); dicts are stored as JSON,
-          bytes (grain's DataLoader iterator) as base64;
-  config  the experiment config as JSON, for provenance (also at ``<directory>/config.json``).
+          bytes (grain's DataLoader iterator) as base64. With the same process count each
+          process restores its own file; with another, every process reads all files and the
+          iterator re-shards them (elastic resume, ``elastic_data_state``);
+  config  the experiment config as JSON, for provenance (also at ``<directory>/config.json``,
+          written by ``write_config`` once the run's restore or init succeeded).
 Saves are asynchronous (the device->host copy happens in ``save``; writing continues in the
 background) and the newest ``keep`` checkpoints are kept. Preemption: ``should_save`` is also
 true at a preemption sync point, so a run that saves when it says so stops cleanly.
@@ -31,13 +34,11 @@ Faults:
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import json
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -45,7 +46,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from nextstep_jax.training.data_state import DataStateRestore, DataStateSave
+
 STATE, DATA, CONFIG = "state", "data", "config"
+CONFIG_FILE = "config.json"
 INTEGRITY_FILE = "integrity.json"
 INTEGRITY_MODES = ("auto", "crc32", "size", "off")
 # "auto" checksums steps up to this many bytes and records only sizes above (reading back a
@@ -72,68 +76,6 @@ logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
 class CorruptCheckpointError(RuntimeError):
   """A checkpoint step that does not match its integrity manifest, or no readable step at all."""
-
-
-# ------------------------------------------------------------------------------------------
-# Data-iterator state: one JSON file per process
-# ------------------------------------------------------------------------------------------
-
-
-def encode_data_state(data_state: dict | bytes | None) -> dict:
-  """JSON-ready envelope for an iterator state: a dict, bytes (as base64) or None."""
-  if data_state is None:
-    return {"format": "none"}
-  if isinstance(data_state, (bytes, bytearray)):
-    return {"format": "bytes", "value": base64.b64encode(bytes(data_state)).decode("ascii")}
-  if isinstance(data_state, Mapping):
-    return {"format": "dict", "value": dict(data_state)}
-  raise TypeError(f"data_state must be a dict, bytes or None, got {type(data_state).__name__}")
-
-
-def decode_data_state(envelope: Mapping[str, Any]) -> dict | bytes | None:
-  """Inverse of ``encode_data_state``."""
-  fmt = envelope.get("format")
-  if fmt == "none":
-    return None
-  if fmt == "bytes":
-    return base64.b64decode(envelope["value"])
-  if fmt == "dict":
-    return envelope["value"]
-  raise ValueError(f"unknown data-state format {fmt!r}")
-
-
-class DataStateHandler(ocp.CheckpointHandler):
-  """Writes/reads this process's iterator state as process_<i>-of-<n>.json."""
-
-  @staticmethod
-  def _file(directory: epath.Path) -> epath.Path:
-    return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-  def save(self, directory: epath.Path, args: "DataStateSave") -> None:
-    self._file(directory).write_text(json.dumps(encode_data_state(args.state)))
-
-  def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
-    path = self._file(directory)
-    if not path.exists():
-      present = sorted(p.name for p in epath.Path(directory).iterdir())
-      raise FileNotFoundError(f"no data-iterator state {path.name} in {directory} (found "
-                              f"{present}): was it saved with another number of processes?")
-    return decode_data_state(json.loads(path.read_text()))
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
-  state: dict | bytes | None
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
-  pass
 
 
 def config_to_json(config: Any) -> dict:
@@ -260,6 +202,7 @@ class Checkpointer:
     if restored is not None:
       step, state, data_state = restored
     ...
+    ckpt.write_config()                                        # once restore or init succeeded
     ckpt.save(step, state, data_state=iterator.get_state())   # saves when should_save(step)
     ...
     ckpt.save(last_step, state, data_state, force=True); ckpt.close()
@@ -280,6 +223,7 @@ class Checkpointer:
     self._async = bool(async_save)
     self._pending_step: int | None = None
     self._config_json = config_to_json(config) if config is not None else None
+    self._config_written = False
     self._report_unfinished()
     async_options = None
     if self._async and integrity != "off":
@@ -288,8 +232,20 @@ class Checkpointer:
       max_to_keep=int(keep), save_interval_steps=1, create=True,
       enable_async_checkpointing=self._async, async_options=async_options)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-    if self._config_json is not None and jax.process_index() == 0:
-      (self.directory / "config.json").write_text(json.dumps(self._config_json, indent=2))
+
+  def write_config(self) -> None:
+    """Writes the config to ``<directory>/config.json`` (process 0; aside, then renamed over the old
+    one, so a reader never sees half a file). Called once the run's restore or init has succeeded
+    (``loop.restore_or_init``, the VAE trainer), never before: a run refused at start-up leaves the
+    saved config as it was. ``save`` calls it before the first step it writes, for callers that
+    did not."""
+    self._config_written = True
+    if self._config_json is None or jax.process_index() != 0:
+      return
+    path = self.directory / CONFIG_FILE
+    tmp = self.directory / (CONFIG_FILE + ".partial")
+    tmp.write_text(json.dumps(self._config_json, indent=2))
+    tmp.replace(path)
 
   @classmethod
   def from_config(cls, config: Any, directory: str | os.PathLike | None = None) -> "Checkpointer":
@@ -353,6 +309,8 @@ class Checkpointer:
       return False
     if not (force or self.should_save(step)):
       return False
+    if not self._config_written:
+      self.write_config()
     items = {STATE: ocp.args.StandardSave(state), DATA: DataStateSave(data_state)}
     if self._config_json is not None:
       items[CONFIG] = ocp.args.JsonSave(self._config_json)
