@@ -19,10 +19,11 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import demo as demo_config
 from configs import vae_demo
+from nextstep_jax import cli
 from nextstep_jax.evaluation import digits
 from nextstep_jax.training import loop, vae_trainer
 
@@ -34,6 +35,13 @@ flags.DEFINE_integer("per_digit", 20, "generated samples per digit for the evalu
 flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale for the evaluation samples")
 
 
+def _stopped(stage: str, workdir: str) -> dict:
+  reason = loop.StopSignal.last_reason
+  print(f"[demo] stopped ({reason}) while training {stage}; rerun the same command to resume from "
+        f"{workdir}", flush=True)
+  return {"stopped": reason}
+
+
 def run(workdir: str, vae_steps: int = -1, steps: int = -1, per_digit: int = 20, cfg: float = 3.0) -> dict:
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
@@ -43,8 +51,11 @@ def run(workdir: str, vae_steps: int = -1, steps: int = -1, per_digit: int = 20,
     vcfg.steps = vae_steps
   print(f"[demo] 1/3 VAE -> {vae_dir}", flush=True)
   t0 = time.perf_counter()
+  loop.StopSignal.last_reason = ""
   vae_trainer.train_and_evaluate(vcfg, vae_dir)
   t_vae = time.perf_counter() - t0
+  if loop.StopSignal.last_reason:
+    return _stopped("the VAE", workdir)
 
   cfg_lm = demo_config.get_config()
   with cfg_lm.unlocked():
@@ -57,6 +68,8 @@ def run(workdir: str, vae_steps: int = -1, steps: int = -1, per_digit: int = 20,
   t0 = time.perf_counter()
   loop.train(cfg_lm, workdir)
   t_lm = time.perf_counter() - t0
+  if loop.StopSignal.last_reason:
+    return _stopped("the transformer", workdir)
 
   print(f"[demo] 3/3 evaluation ({per_digit} samples per digit)", flush=True)
   t0 = time.perf_counter()
@@ -80,4 +93,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -245,74 +245,81 @@ class DPOTrainer(Trainer):
 
 
 def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
-  """Runs (or resumes) DPO to ``config.steps``. Returns the last logged metrics.
+  """Runs (or resumes) DPO to ``config.steps``. Returns the last logged metrics ({} when a stop came
+  before the first step).
 
   The policy starts from ``checkpoint.init_from`` (the SFT checkpoint); the reference is
   ``dpo.reference`` (default: the same checkpoint), loaded again on resume (it is not part of the
-  saved state). Checkpoints hold the Trainer's state and the preference iterator's state."""
+  saved state). Checkpoints hold the Trainer's state and the preference iterator's state.
+  As train: the stop signal, the workdir lock and the architecture check from ``start`` on."""
   settings = dpo_settings(config)
-  workdir, mesh = start(config, workdir)
-  pidx, pcount = jax.process_index(), jax.process_count()
-  if config.data.batch_size % pcount:
-    raise config_lib.ConfigError(f"data.batch_size={config.data.batch_size} pairs is not divisible by the "
-                                 f"{pcount} processes")
+  with start(config, workdir) as run:
+    workdir, mesh = run.workdir, run.mesh
+    pidx, pcount = jax.process_index(), jax.process_count()
+    if config.data.batch_size % pcount:
+      raise config_lib.ConfigError(f"data.batch_size={config.data.batch_size} pairs is not divisible by the "
+                                   f"{pcount} processes")
 
-  tokenizer = run_lib.load_tokenizer(config, workdir, build=True)
-  spec = pair_row_spec(config, tokenizer.pad_id)
-  unit = int(config.image.vae_factor) * int(config.image.patch_size)
-  builder = PairBuilder(tokenizer, spec, unit)
-  records = PreferenceRecords(settings["data"], "train")
-  data_iter = PreferenceIterator(records, builder, config.data.batch_size, seed=int(config.data.seed),
-                                 process_index=pidx, process_count=pcount)
-  heldout = None
-  if os.path.isfile(split_file(settings["data"], "heldout")) and settings["heldout_batches"] > 0:
-    heldout = heldout_batches(PreferenceRecords(settings["data"], "heldout"), builder, config.data.batch_size,
-                              settings["heldout_batches"], pidx, pcount)
-  log(f"preference pairs: {len(records)} (train), {0 if heldout is None else len(heldout)} held-out batches")
+    tokenizer = run_lib.load_tokenizer(config, workdir, build=True)
+    spec = pair_row_spec(config, tokenizer.pad_id)
+    unit = int(config.image.vae_factor) * int(config.image.patch_size)
+    builder = PairBuilder(tokenizer, spec, unit)
+    records = PreferenceRecords(settings["data"], "train")
+    data_iter = PreferenceIterator(records, builder, config.data.batch_size, seed=int(config.data.seed),
+                                   process_index=pidx, process_count=pcount)
+    heldout = None
+    if os.path.isfile(split_file(settings["data"], "heldout")) and settings["heldout_batches"] > 0:
+      heldout = heldout_batches(PreferenceRecords(settings["data"], "heldout"), builder, config.data.batch_size,
+                                settings["heldout_batches"], pidx, pcount)
+    log(f"preference pairs: {len(records)} (train), {0 if heldout is None else len(heldout)} held-out batches")
+    run.check_stop()
 
-  trainer = DPOTrainer(config, mesh, vae=run_lib.vae_encoder(config))
-  log(f"parameters: {count_params(trainer.abstract_params):,}, beta {settings['beta']}, "
-      f"reduction {settings['reduction']}")
-  ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
-  init_from = config.checkpoint.init_from
-  ref_path = settings["reference"] or init_from
-  if not ref_path and trainer.lora is None:
-    raise config_lib.ConfigError("DPO needs a reference: set checkpoint.init_from (the SFT checkpoint) or "
-                                 "dpo.reference")
-  # As in train: resume, else the policy from init_from (with LoRA the frozen base; fresh adapters).
-  state = restore_or_init(trainer, ckpt, data_iter, init_from=init_from,
-                          required="DPO starts from a trained model: set checkpoint.init_from (the SFT "
-                                   "checkpoint)", what="policy")
-  ref = trainer.load_reference(ref_path) if trainer.lora is None else None
-  if ref is not None:
-    log(f"reference from {ref_path}")
-  step = int(state["step"])
+    trainer = DPOTrainer(config, mesh, vae=run_lib.vae_encoder(config))
+    log(f"parameters: {count_params(trainer.abstract_params):,}, beta {settings['beta']}, "
+        f"reduction {settings['reduction']}")
+    init_from = config.checkpoint.init_from
+    ref_path = settings["reference"] or init_from
+    if not ref_path and trainer.lora is None:
+      raise config_lib.ConfigError("DPO needs a reference: set checkpoint.init_from (the SFT checkpoint) or "
+                                   "dpo.reference")
+    run.check_stop()
+    ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
+    control = LoopControl(config, ckpt, run.stop)
+    writer = None
+    try:
+      # As in train: resume, else the policy from init_from (with LoRA the frozen base; fresh adapters).
+      state = restore_or_init(trainer, ckpt, data_iter, init_from=init_from,
+                              required="DPO starts from a trained model: set checkpoint.init_from (the SFT "
+                                       "checkpoint)", what="policy", stop=run.stop)
+      ref = trainer.load_reference(ref_path) if trainer.lora is None else None
+      if ref is not None:
+        log(f"reference from {ref_path}")
+      step = int(state["step"])
+      run.check_stop()  # before the first step
 
-  writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
-  timer = metrics_lib.StepTimer()
-  control = LoopControl(config, ckpt)
-  last: dict[str, float] = {}
-  try:
-    while step < config.steps:
-      batch = parallel.global_batch(next(data_iter), mesh)
-      state, metrics = trainer.dpo_step_fn(state, ref, batch)
-      step += 1
-      streak = control.check_streak(step, state)
-      if step % config.log_every == 0 or step == config.steps:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last.update(timer.lap(config.log_every, config.log_every * 2 * config.data.batch_size * config.data.seq_len))
-        last["skipped_steps"] = float(state["skipped"])
-        for k, v in data_iter.counters.items():
-          last[f"data/{k}"] = float(v)
-        writer.write_scalars(step, last)
-      if heldout and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-        writer.write_scalars(step, evaluate_heldout(trainer, state, ref, heldout, mesh))
-      if control.save_or_stop(step, state, streak, data_iter.get_state):
-        break
-  finally:
-    control.close()
-    writer.close()
-  return last
+      writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
+      timer = metrics_lib.StepTimer()
+      last: dict[str, float] = {}
+      while step < config.steps:
+        batch = parallel.global_batch(next(data_iter), mesh)
+        state, metrics = trainer.dpo_step_fn(state, ref, batch)
+        step += 1
+        streak = control.check_streak(step, state)
+        if step % config.log_every == 0 or step == config.steps:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          last.update(timer.lap(config.log_every, config.log_every * 2 * config.data.batch_size * config.data.seq_len))
+          last["skipped_steps"] = float(state["skipped"])
+          for k, v in data_iter.counters.items():
+            last[f"data/{k}"] = float(v)
+          writer.write_scalars(step, last)
+        if heldout and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+          writer.write_scalars(step, evaluate_heldout(trainer, state, ref, heldout, mesh))
+        if control.save_or_stop(step, state, streak, data_iter.get_state):
+          break
+    finally:
+      control.close(writer)
+    return last
+  return {}  # a stop before the first step (the session logged it)
 
 
 def evaluate_heldout(trainer: DPOTrainer, state: dict, ref: dict | None, batches: list[dict], mesh

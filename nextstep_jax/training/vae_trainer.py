@@ -48,6 +48,7 @@ from nextstep_jax.models.discriminator import PatchDiscriminator
 from nextstep_jax.models.vae import AutoencoderKL, VAEConfig
 from nextstep_jax.training import optim as optim_lib
 from nextstep_jax.training.checkpoint import Checkpointer, config_to_json
+from nextstep_jax.training.loop import Session
 from nextstep_jax.data.images import recon_grid
 from nextstep_jax.training.metrics import MetricsWriter, log
 
@@ -57,6 +58,10 @@ EVAL_FILE = "vae_eval.json"
 RNG_IMPL = "rbg"
 VAE_CONFIG_FILE = run_lib.VAE_CONFIG_FILE
 EXPORT_DIR = run_lib.VAE_EXPORT_DIR
+# The fields that shape the VAE's parameters: checkpoints of one are not resumed with another.
+VAE_ARCHITECTURE_FIELDS = tuple(f"vae.{k}" for k in (
+  "in_channels", "out_channels", "base_channels", "channel_mults", "num_res_blocks", "latent_channels",
+  "mid_attention"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +199,14 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 
+def _write_atomic(path: str, text: str) -> None:
+  """`text` into `path` through a file aside and a rename (a reader never sees half of it)."""
+  tmp = path + ".partial"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None
                        ) -> dict[str, Any]:
   """Trains (resuming from ``<workdir>/checkpoints``) and evaluates; returns the final metrics.
@@ -201,102 +214,120 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   Writes into ``workdir`` (default ``config.workdir``): ``config.json``, ``vae_config.json``,
   ``checkpoints/``, ``tensorboard/``, ``metrics.jsonl``, ``images/recon_*.png``,
   ``vae_eval.json`` and ``export/`` (FLUX-named safetensors + config.json).
+  As the transformer's trainer (``loop.Session``): SIGINT / SIGTERM end the run cleanly at any
+  moment (the current step saved; before the first step nothing), a second writer of the same
+  workdir is refused, and so is a ``vae.*`` architecture other than the one its checkpoints have;
+  the configs are written once the restore or init succeeded. A stopped run returns
+  ``{"stopped": "SIGINT", ...}`` without the evaluation and export.
   """
   workdir = workdir or config.workdir
   if not workdir:
     raise ValueError("no workdir: pass workdir= or set config.workdir (--workdir on the CLI)")
-  vae_cfg = config_lib.validate_vae(config, jax.device_count())
-  t = config.train
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_to_json(config), f, indent=2)
-    with open(os.path.join(workdir, VAE_CONFIG_FILE), "w") as f:
-      f.write(vae_cfg.to_json())
+  with Session() as run:  # the stop-signal handler first
+    vae_cfg = config_lib.validate_vae(config, jax.device_count())
+    t = config.train
+    os.makedirs(workdir, exist_ok=True)
+    run.guard(workdir, config, VAE_ARCHITECTURE_FIELDS,
+              saved_files=(os.path.join(run_lib.CHECKPOINTS, run_lib.CONFIG_FILE), run_lib.CONFIG_FILE))
 
-  # Data: every process holds the (small) dataset and takes its rows of each global batch.
-  train_x, _ = load_images(config.data.source, "train", config.data.image_size,
-                           config.data.heldout_every)
-  heldout_x, _ = load_images(config.data.source, "heldout", config.data.image_size,
+    # Data: every process holds the (small) dataset and takes its rows of each global batch.
+    train_x, _ = load_images(config.data.source, "train", config.data.image_size,
                              config.data.heldout_every)
-  vae_lib.validate_images(train_x, vae_cfg, vae_cfg.pixels_per_token, "training images")
-  vae_lib.validate_images(heldout_x, vae_cfg, vae_cfg.pixels_per_token, "held-out images")
-  if config.eval.num_images:
-    heldout_x = heldout_x[:config.eval.num_images]
-  # spread over the held-out set (it is sorted by label for the digits)
-  grid_x = heldout_x[np.linspace(0, len(heldout_x) - 1, min(config.eval.grid_images,
-                                                             len(heldout_x))).astype(int)]
-  n_proc, pid = jax.process_count(), jax.process_index()
-  local_bs = config.data.batch_size // n_proc
+    heldout_x, _ = load_images(config.data.source, "heldout", config.data.image_size,
+                               config.data.heldout_every)
+    vae_lib.validate_images(train_x, vae_cfg, vae_cfg.pixels_per_token, "training images")
+    vae_lib.validate_images(heldout_x, vae_cfg, vae_cfg.pixels_per_token, "held-out images")
+    if config.eval.num_images:
+      heldout_x = heldout_x[:config.eval.num_images]
+    # spread over the held-out set (it is sorted by label for the digits)
+    grid_x = heldout_x[np.linspace(0, len(heldout_x) - 1, min(config.eval.grid_images,
+                                                               len(heldout_x))).astype(int)]
+    n_proc, pid = jax.process_count(), jax.process_index()
+    local_bs = config.data.batch_size // n_proc
+    run.check_stop()
 
-  mesh = make_mesh()
-  trainer = VAETrainer(config, mesh)
-  log(f"VAE {vae_cfg.to_dict()}: {sum(int(np.prod(s.shape)) for s in jax.tree.leaves(trainer.abstract_params)):,} "
-       f"parameters; {len(train_x)} train / {len(heldout_x)} held-out images; mesh {dict(mesh.shape)}")
+    mesh = make_mesh()
+    trainer = VAETrainer(config, mesh)
+    log(f"VAE {vae_cfg.to_dict()}: {sum(int(np.prod(s.shape)) for s in jax.tree.leaves(trainer.abstract_params)):,} "
+         f"parameters; {len(train_x)} train / {len(heldout_x)} held-out images; mesh {dict(mesh.shape)}")
+    run.check_stop()
 
-  ckpt = Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_state, trainer.state_sharding)
-  restored = ckpt.restore_latest_good(abstract)  # newest readable step (corrupt ones set aside)
-  if restored is not None:
-    start, state, _ = restored
-    log(f"resumed from step {start}")
-  else:
-    state, start = trainer.init_state(config.seed), 0
+    ckpt = Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
+    writer = None
+    try:
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              trainer.abstract_state, trainer.state_sharding)
+      restored = ckpt.restore_latest_good(abstract)  # newest readable step (corrupt ones set aside)
+      if restored is not None:
+        start, state, _ = restored
+        log(f"resumed from step {start}")
+      else:
+        state, start = trainer.init_state(config.seed), 0
+      run.check_stop()  # a stop during the restore or init (its compilation): nothing is written
+      # The configs, once the restore or init succeeded.
+      ckpt.write_config()
+      if jax.process_index() == 0:
+        _write_atomic(os.path.join(workdir, "config.json"), json.dumps(config_to_json(config), indent=2))
+        _write_atomic(os.path.join(workdir, VAE_CONFIG_FILE), vae_cfg.to_json())
 
-  writer = MetricsWriter(workdir, console_every=1)
-  t_start = time.perf_counter()
-  cpu_start = time.process_time()
-  t_compile = None
-  last_log = time.perf_counter()
-  metrics_host: dict[str, float] = {}
-  try:
-    for step in range(start, config.steps):
-      rows = batch_indices(len(train_x), config.data.batch_size, config.seed, step)
-      state, metrics = trainer.step(state, train_x[rows[pid * local_bs:(pid + 1) * local_bs]])
-      done = step + 1
-      if t_compile is None:
-        jax.block_until_ready(metrics)
-        t_compile = time.perf_counter() - t_start
-        last_log = time.perf_counter()
-      if done % config.log_every == 0 or done == config.steps:
-        metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in metrics_host.values()):
-          raise FloatingPointError(f"non-finite metrics at step {done}: {metrics_host}")
-        now = time.perf_counter()
-        since = done - max(start + 1, done - config.log_every)  # steps timed (not the compile)
-        if since > 0:
-          metrics_host["step_time"] = (now - last_log) / since
-        last_log = now
-        writer.write_scalars(done, metrics_host)
-      if done % config.eval_every == 0 or done == config.steps:
-        recon = trainer.reconstruct(state["params"], heldout_x, config.eval.batch_size)
-        ev = image_metrics.reconstruction_summary(heldout_x, recon)
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in ev.items() if k != "num_images"})
-        grid_recon = trainer.reconstruct(state["params"], grid_x, config.eval.batch_size)
-        writer.write_images(done, "recon", recon_grid(grid_x, grid_recon))
-        last_log = time.perf_counter()
-      ckpt.save(done, state, force=done == config.steps)
-    train_time = time.perf_counter() - t_start
-    train_cpu = time.process_time() - cpu_start
-    ckpt.wait()
+      writer = MetricsWriter(workdir, console_every=1)
+      t_start = time.perf_counter()
+      cpu_start = time.process_time()
+      t_compile = None
+      last_log = time.perf_counter()
+      metrics_host: dict[str, float] = {}
+      for step in range(start, config.steps):
+        rows = batch_indices(len(train_x), config.data.batch_size, config.seed, step)
+        state, metrics = trainer.step(state, train_x[rows[pid * local_bs:(pid + 1) * local_bs]])
+        done = step + 1
+        if t_compile is None:
+          jax.block_until_ready(metrics)
+          t_compile = time.perf_counter() - t_start
+          last_log = time.perf_counter()
+        if done % config.log_every == 0 or done == config.steps:
+          metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if not all(math.isfinite(v) for v in metrics_host.values()):
+            raise FloatingPointError(f"non-finite metrics at step {done}: {metrics_host}")
+          now = time.perf_counter()
+          since = done - max(start + 1, done - config.log_every)  # steps timed (not the compile)
+          if since > 0:
+            metrics_host["step_time"] = (now - last_log) / since
+          last_log = now
+          writer.write_scalars(done, metrics_host)
+        if done % config.eval_every == 0 or done == config.steps:
+          recon = trainer.reconstruct(state["params"], heldout_x, config.eval.batch_size)
+          ev = image_metrics.reconstruction_summary(heldout_x, recon)
+          writer.write_scalars(done, {f"eval/{k}": v for k, v in ev.items() if k != "num_images"})
+          grid_recon = trainer.reconstruct(state["params"], grid_x, config.eval.batch_size)
+          writer.write_images(done, "recon", recon_grid(grid_x, grid_recon))
+          last_log = time.perf_counter()
+        ckpt.save(done, state, force=done == config.steps or run.stop.requested)
+        if run.stop.requested:
+          ckpt.wait()
+          log(f"stop requested ({run.stop.reason}): saved step {done}, exiting")
+          return dict(stopped=run.stop.reason, step=done, resumed_from=start)
+      train_time = time.perf_counter() - t_start
+      train_cpu = time.process_time() - cpu_start
+      ckpt.wait()
 
-    params = jax.device_get(state["params"])
-    vae = nnx.merge(trainer.graphdef, params)
-    recon = trainer.reconstruct(state["params"], heldout_x, config.eval.batch_size)
-    ev = image_metrics.reconstruction_summary(heldout_x, recon)
-    result = dict(ev, step=config.steps, resumed_from=start, train_time_s=train_time,
-                  train_cpu_s=train_cpu, compile_time_s=t_compile or 0.0, gamma=t.gamma if t.noise_aug else 0.0,
-                  noise_aug=bool(t.noise_aug), source=config.data.source,
-                  image_size=config.data.image_size, vae=vae_cfg.to_dict(),
-                  final_loss=metrics_host.get("loss"), devices=jax.device_count())
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, EVAL_FILE), "w") as f:
-        json.dump(result, f, indent=2)
-      export_vae(vae, os.path.join(workdir, EXPORT_DIR))
-    log(f"held-out PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.4f} over {ev['num_images']} images; "
-         f"{config.steps - start} steps in {train_time:.1f} s (compile {t_compile or 0:.1f} s)")
-    return result
-  finally:
-    writer.close()
-    ckpt.close()
+      params = jax.device_get(state["params"])
+      vae = nnx.merge(trainer.graphdef, params)
+      recon = trainer.reconstruct(state["params"], heldout_x, config.eval.batch_size)
+      ev = image_metrics.reconstruction_summary(heldout_x, recon)
+      result = dict(ev, step=config.steps, resumed_from=start, train_time_s=train_time,
+                    train_cpu_s=train_cpu, compile_time_s=t_compile or 0.0, gamma=t.gamma if t.noise_aug else 0.0,
+                    noise_aug=bool(t.noise_aug), source=config.data.source,
+                    image_size=config.data.image_size, vae=vae_cfg.to_dict(),
+                    final_loss=metrics_host.get("loss"), devices=jax.device_count())
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+          json.dump(result, f, indent=2)
+        export_vae(vae, os.path.join(workdir, EXPORT_DIR))
+      log(f"held-out PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.4f} over {ev['num_images']} images; "
+           f"{config.steps - start} steps in {train_time:.1f} s (compile {t_compile or 0:.1f} s)")
+      return result
+    finally:
+      if writer is not None:
+        writer.close()
+      ckpt.close()
+  return dict(stopped=run.stop.reason)  # a stop before the first step (the session logged it)
