@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.common import base_config  # noqa: E402
-from nextstep_jax import config as config_lib  # noqa: E402
+from nextstep_jax import overrides as overrides_lib  # noqa: E402
 from nextstep_jax.training import trainer as trainer_lib  # noqa: E402
 from nextstep_jax.training import flops as flops_lib  # noqa: E402
 from nextstep_jax import parallel  # noqa: E402
@@ -68,7 +68,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def demo_config():
-  c = config_lib.load_config(os.path.join(REPO, "configs/demo.py"), check=False)
+  c = overrides_lib.load_config(os.path.join(REPO, "configs/demo.py"), check=False)
   c = c.copy_and_resolve_references()
   c.data.payload = "image_tokens"
   return c
@@ -139,7 +139,7 @@ def compile_only(config) -> dict:
 def tpu_depth(topology: str, layers: int) -> dict:
   from nextstep_jax.training import aot  # pylint: disable=import-outside-toplevel
   topo = aot.parse_topology(topology)
-  config = config_lib.load_config(os.path.join(REPO, "configs/stage2.py"), {"model.num_layers": layers},
+  config = overrides_lib.load_config(os.path.join(REPO, "configs/stage2.py"), {"model.num_layers": layers},
                                   check=False)
   config = aot.prepare_config(config, topo)
   r = aot.compile_train_step(config, aot.topology_devices(topo), topology_name=topology,

@@ -12,9 +12,10 @@ import dataclasses
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from nextstep_jax import cli
 from nextstep_jax.training import aot
 
 
@@ -39,9 +40,10 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "experiment config file (configs/<name>.py)", lock_config=True)
   flags.DEFINE_string("topology", "v5p-64", "TPU topology: v5p-64, v5p-256, v5e-16, v6e-64, v4-32, ...")
   flags.DEFINE_integer("num_slices", 1, "slices joined by DCN (config.mesh.dcn_axes sets the DCN mesh)")
-  flags.DEFINE_integer("rows_per_device", 1, "rows of data.seq_len per data-parallel shard (0: keep "
-                       "data.batch_size)")
+  flags.DEFINE_integer("rows_per_device", 0, "0: the config's global batch as shipped, with the micro-batch "
+                       "and accumulation it derives for the mesh; N > 0: N rows of data.seq_len per "
+                       "data-parallel device instead")
   flags.DEFINE_string("dump_dir", "", "keep XLA's dump (optimized HLO, memory-usage report) here")
   flags.DEFINE_string("json", "", "append the result as one JSON line to this file")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -5,19 +5,13 @@
 same vocabulary (``steps``, ``optim.*``, ``checkpoint.*``, ``data.*``). Experiment configs
 (``configs/<name>.py``) start from them. ``validate(config, num_devices)`` checks a config section by
 section (the mesh through ``parallel.check_mesh``); ``with_defaults`` completes a config saved by an
-older run; ``apply_overrides`` sets dotted keys, rejecting unknown ones; ``load_config`` builds a config
-from a file or module (``python -m nextstep_jax.export --qwen2 --config=...`` uses it; the training
-CLIs use ml_collections.config_flags, then ``validate``).
+older run. Overrides and loading a config file: ``nextstep_jax/overrides.py``.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib
-import importlib.util
 import math
 import os
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,7 +35,12 @@ RATIO_KEYS = ("text", "pair", "edit", "interleaved")
 INTEGRITY_MODES = ("auto", "crc32", "size", "off")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+  """A mistake of the user's (a flag, a config field, a file): the command lines print its message on
+  one or two lines and exit with status 2, without a traceback (``nextstep_jax/cli.py``)."""
+
+
+class ConfigError(UserError):
   """A config that cannot train; the message names every offending field."""
 
 
@@ -98,7 +97,10 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
 
   c.optim = ml_collections.ConfigDict(dict(
     lr=1e-4, min_lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.1,
-    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1))
+    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
+    # Gradient accumulation steps per update; 0 = derived from data.micro_batch_per_device and the
+    # mesh (see batch_plan).
+    grad_accum=1))
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -112,7 +114,8 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "digits"
-  c.data.batch_size = 8
+  c.data.batch_size = 8               # global rows per optimizer update
+  c.data.micro_batch_per_device = 0   # rows per data-parallel device per micro-batch (optim.grad_accum=0)
   c.data.seq_len = 128
   c.data.ratios = ml_collections.ConfigDict(dict(text=0.2, pair=0.6, edit=0.0, interleaved=0.2))
   c.data.image_size = 256
@@ -224,14 +227,16 @@ def with_defaults(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_c
 # Checks, section by section
 # ---------------------------------------------------------------------------------------------
 
-def _get(config: Any, dotted: str) -> Any:
+def get_dotted(config: Any, dotted: str) -> Any:
+  """config["a"]["b"] for "a.b"."""
   node = config
   for part in dotted.split("."):
     node = node[part]
   return node
 
 
-def _has(config: Any, dotted: str) -> bool:
+def has_dotted(config: Any, dotted: str) -> bool:
+  """Whether `config` has the dotted key ("optim.lr")."""
   node = config
   for part in dotted.split("."):
     if not isinstance(node, (Mapping, ml_collections.ConfigDict)) or part not in node:
@@ -252,25 +257,25 @@ class _Checks:
 
   def positive(self, *names: str) -> None:
     for n in names:
-      v = _get(self.config, n)
+      v = get_dotted(self.config, n)
       if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
         self.err(f"{n}={v!r} must be a positive number")
 
   def non_negative(self, *names: str) -> None:
     for n in names:
-      v = _get(self.config, n)
+      v = get_dotted(self.config, n)
       if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
         self.err(f"{n}={v!r} must be >= 0")
 
   def one_of(self, name: str, allowed: Sequence[str]) -> None:
-    v = _get(self.config, name)
+    v = get_dotted(self.config, name)
     if v not in allowed:
       self.err(f"{name}={v!r} is not one of {list(allowed)}")
 
 
 def _missing(config, schema: Mapping[str, Sequence[str]]) -> list[str]:
   return [f"{sec}.{f}" if sec else f for sec, fields in schema.items() for f in fields
-          if not _has(config, f"{sec}.{f}" if sec else f)]
+          if not has_dotted(config, f"{sec}.{f}" if sec else f)]
 
 
 def _check_run(ck: _Checks) -> None:
@@ -331,8 +336,9 @@ def _check_optim(ck: _Checks) -> None:
   for n in ("b1", "b2"):
     if not 0.0 <= o[n] < 1.0:
       ck.err(f"optim.{n}={o[n]} must be in [0, 1)")
-  if not isinstance(o.grad_accum, int) or o.grad_accum < 1:
-    ck.err(f"optim.grad_accum={o.grad_accum!r} must be an integer >= 1")
+  if not isinstance(o.grad_accum, int) or o.grad_accum < 0:
+    ck.err(f"optim.grad_accum={o.grad_accum!r} must be an integer >= 1, or 0 to derive it from "
+           "data.micro_batch_per_device")
 
 
 def _check_mesh_and_batch(ck: _Checks, num_devices: int | None, num_granules: int | None) -> None:
@@ -348,9 +354,11 @@ def _check_mesh_and_batch(ck: _Checks, num_devices: int | None, num_granules: in
     parallel.rules_dict(c.mesh.rules)
   except ValueError as e:
     ck.err(str(e))
+  divides = True
   if sizes is not None:
     dp = sizes["data"] * sizes["fsdp"]
     if d.batch_size % dp:
+      divides = False
       ck.err(f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
              f"data*fsdp={sizes['data']}*{sizes['fsdp']}={dp}")
   elif isinstance(d.batch_size, int):
@@ -359,12 +367,13 @@ def _check_mesh_and_batch(ck: _Checks, num_devices: int | None, num_granules: in
       ck.err(f"data.batch_size={d.batch_size} is not divisible by the fixed data-parallel axes "
              f"(product {fixed})")
   accum = c.optim.grad_accum
-  if isinstance(accum, int) and accum >= 1:  # each micro-batch must still split over the devices
-    if d.batch_size % accum:
-      ck.err(f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={accum}")
-    elif sizes is not None and (d.batch_size // accum) % (sizes["data"] * sizes["fsdp"]):
-      ck.err(f"data.batch_size / optim.grad_accum = {d.batch_size // accum} rows per micro-batch is not "
-             f"divisible by the data-parallel size {sizes['data'] * sizes['fsdp']}")
+  if isinstance(accum, int) and accum >= 1 and d.batch_size % accum:
+    ck.err(f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={accum}")
+  elif isinstance(accum, int) and accum >= 0 and divides:  # each micro-batch must split over the devices
+    try:
+      batch_plan(c, None if sizes is None else sizes["data"] * sizes["fsdp"])
+    except ConfigError as e:
+      ck.err(str(e))
 
 
 def _check_checkpoint_and_lora(ck: _Checks) -> None:
@@ -427,19 +436,72 @@ def _check_tokenizer_and_vae(ck: _Checks) -> None:
   ck.one_of("vae.preset", VAE_PRESETS)
 
 
+def batch_plan(config, data_parallel: int | None) -> tuple[int, int]:
+  """(rows per data-parallel device in each micro-batch, accumulation steps) of one update of the global
+  batch ``data.batch_size`` over `data_parallel` (= mesh data * fsdp) devices.
+
+  ``optim.grad_accum`` = K > 0 sets the steps (each micro-batch is batch / K rows); K = 0 derives them
+  from ``data.micro_batch_per_device`` = m: K = batch / (m * data_parallel). Raises ConfigError naming
+  the numbers when they do not divide. `data_parallel` None (unknown): checks what it can, returns
+  (0, K) when K is not known yet."""
+  batch, accum = int(config.data.batch_size), int(config.optim.grad_accum)
+  micro = int(config.data.micro_batch_per_device)
+  if accum == 0:
+    if micro < 1:
+      raise ConfigError(f"optim.grad_accum=0 derives the accumulation from data.micro_batch_per_device, "
+                        f"which is {micro}; set it to the rows per device of each micro-batch (e.g. 1)")
+    if data_parallel is None:
+      return micro, 0
+    rows = micro * data_parallel
+    if batch % rows:
+      raise ConfigError(f"data.batch_size={batch} is not a multiple of data.micro_batch_per_device * "
+                        f"data-parallel devices = {micro} * {data_parallel} = {rows}; choose a global batch "
+                        f"or a micro-batch that divides it (or set optim.grad_accum)")
+    return micro, batch // rows
+  if data_parallel is None:
+    return 0, accum
+  if batch % accum or (batch // accum) % data_parallel:
+    raise ConfigError(f"data.batch_size / optim.grad_accum = {batch} / {accum} rows per micro-batch is not "
+                      f"divisible by the data-parallel size {data_parallel}")
+  return batch // accum // data_parallel, accum
+
+
+def check_paths(config) -> None:
+  """The inputs a run cannot start without, checked before anything else; the message names the field
+  and the override that sets it."""
+  c, problems = config, []
+  if not c.tokenizer.path and c.tokenizer.kind != "sentencepiece":
+    problems.append(f"tokenizer.path is empty: tokenizer.kind={c.tokenizer.kind!r} reads a Hugging Face "
+                    "tokenizer.json (the Qwen2.5 one for the stage configs); set "
+                    "--config.tokenizer.path=/path/to/tokenizer.json")
+  if not c.data.source:
+    problems.append("data.source is empty: set --config.data.source=DIR (ArrayRecord records written by "
+                    "the converters in nextstep_jax/data/formats.py) or --config.data.source=digits")
+  if c.data.payload == "images" and not c.vae.checkpoint:
+    problems.append("vae.checkpoint is empty: data.payload='images' encodes pixels with a trained VAE; set "
+                    "--config.vae.checkpoint=<train_vae work directory> (python -m nextstep_jax.train_vae "
+                    "--config=configs/vae_demo.py), or precomputed latents with "
+                    "--config.data.payload=image_tokens")
+  if problems:
+    raise ConfigError("\n".join(problems))
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             num_granules: int | None = None) -> None:
+             num_granules: int | None = None, *, paths: bool = True) -> None:
   """Raises ConfigError listing every problem of `config` (each naming its field).
 
   `num_devices` (e.g. jax.device_count(), after distributed start-up) enables the checks of
   the mesh against the devices and of the batch against the data-parallel size; without it,
   those run only as far as the mesh's fixed sizes allow. `num_granules` (TPU slices or processes,
   see parallel.num_granules) checks ``mesh.dcn_axes``; without it a ``mesh.dcn_axes`` with a -1 is
-  checked only for its structure.
+  checked only for its structure. `paths`: first check the inputs a run needs (``check_paths``);
+  False for a config that is only compiled (``nextstep_jax.aot``) or inspected.
   """
   missing = _missing(config, SCHEMA)
   if missing:
     raise ConfigError("config is missing fields: " + ", ".join(missing))
+  if paths:
+    check_paths(config)
   ck = _Checks(config)
   _check_run(ck)
   _check_model(ck)
@@ -494,105 +556,3 @@ def validate_vae(config: ml_collections.ConfigDict, num_devices: int) -> vae_lib
   if ck.errors:
     raise ConfigError("invalid VAE config:\n  " + "\n  ".join(ck.errors))
   return cfg
-
-
-# ------------------------------------------------------------------------------------------
-# Overrides and loading
-# ------------------------------------------------------------------------------------------
-
-
-def _parse_value(raw: str, current: Any) -> Any:
-  """Parses a command-line value by the type of the field it replaces."""
-  if isinstance(current, bool):
-    low = raw.strip().lower()
-    if low in ("true", "1", "yes"):
-      return True
-    if low in ("false", "0", "no"):
-      return False
-    raise ValueError(f"expected a bool, got {raw!r}")
-  if isinstance(current, str):
-    return raw
-  try:
-    return ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    return raw
-
-
-def _split_override(item: str) -> tuple[str, str]:
-  if "=" not in item:
-    raise ConfigError(f"override {item!r} must look like key.sub=value")
-  key, raw = item.split("=", 1)
-  key = key.strip()
-  if key.startswith("--"):
-    key = key[2:]
-  if key.startswith("config."):
-    key = key[len("config."):]
-  return key, raw
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any] | Sequence[str]) -> ml_collections.ConfigDict:
-  """Sets dotted keys on `config` in place; returns it.
-
-  `overrides` is {"optim.lr": 1e-3} (values used as given) or ["optim.lr=1e-3", ...] (values
-  parsed by the field's type: literals for numbers/tuples, raw text for strings). Every key is
-  checked before any is set; an unknown key or a value of the wrong type raises ConfigError
-  naming the key.
-  """
-  if isinstance(overrides, Mapping):
-    items = [(k, v, False) for k, v in overrides.items()]
-  else:
-    items = [(*_split_override(s), True) for s in overrides]
-  unknown = []
-  for key, _, _ in items:
-    if not _has(config, key):
-      parent, _, leaf = key.rpartition(".")
-      known = (sorted(_get(config, parent).keys()) if parent and _has(config, parent)
-               else sorted(config.keys()))
-      unknown.append(f"{key!r} (known under {parent or 'the top level'}: {known})")
-  if unknown:
-    raise ConfigError("unknown config keys: " + "; ".join(unknown))
-  for key, value, is_text in items:
-    parent, _, leaf = key.rpartition(".")
-    node = _get(config, parent) if parent else config
-    try:
-      if is_text:
-        value = _parse_value(value, node[leaf])
-      node[leaf] = value
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-      raise ConfigError(f"cannot set {key}={value!r}: {e}") from e
-  return config
-
-
-def _load_module(target: str | types.ModuleType) -> types.ModuleType:
-  if isinstance(target, types.ModuleType):
-    return target
-  if target.endswith(".py") or os.sep in target or "/" in target:
-    if not os.path.isfile(target):
-      raise ConfigError(f"config file {target!r} does not exist")
-    name = "_nextstep_config_" + os.path.splitext(os.path.basename(target))[0]
-    spec = importlib.util.spec_from_file_location(name, target)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-  return importlib.import_module(target)
-
-
-def load_config(path_or_module: str | types.ModuleType, overrides: Sequence[str] | Mapping[str, Any] = (),
-                num_devices: int | None = None, check: bool = True) -> ml_collections.ConfigDict:
-  """Builds ``get_config()`` of a config file/module, applies overrides, validates.
-
-  `path_or_module`: "configs/demo.py", "configs.demo", a module, or any of these with
-  ":arg" appended (passed to ``get_config(arg)`` as ml_collections.config_flags does).
-  """
-  arg = None
-  if isinstance(path_or_module, str) and ":" in path_or_module:
-    path_or_module, arg = path_or_module.split(":", 1)
-  module = _load_module(path_or_module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{getattr(module, '__file__', module)} has no get_config()")
-  config = module.get_config() if arg is None else module.get_config(arg)
-  apply_overrides(config, overrides)
-  if check:
-    validate(config, num_devices=num_devices)
-  return config

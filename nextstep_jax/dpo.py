@@ -8,9 +8,10 @@ The loss, the trainer and the loop: ``nextstep_jax/training/dpo.py``; the prefer
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from nextstep_jax import cli
 from nextstep_jax.training import dpo
 
 
@@ -24,4 +25,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "experiment config file (configs/dpo.py)", lock_config=True)
   flags.DEFINE_string("workdir", "", "output directory (default: config.workdir)")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from nextstep_jax import cli
 from nextstep_jax.evaluation import digits
 
 
@@ -22,6 +23,13 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
+  for name in ("per_digit", "steps", "batch_size"):
+    if f[name].value < 1:
+      raise cli.UserError(f"--{name}={f[name].value} must be >= 1")
+  if not f.cfg >= 0:
+    raise cli.UserError(f"--cfg={f.cfg} must be >= 0 (1: no guidance)")
+  if not f.time_shift > 0:
+    raise cli.UserError(f"--time_shift={f.time_shift} must be > 0")
   result = digits.evaluate_run(f.workdir, f.config, per_digit=f.per_digit, cfg=f.cfg, steps=f.steps, seed=f.seed,
                         time_shift=f.time_shift, batch_size=f.batch_size,
                         step=None if f.step < 0 else f.step, classifier_dir=f.classifier_dir or None,
@@ -42,4 +50,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", -1, "checkpoint step (-1: the newest)")
   flags.DEFINE_string("classifier_dir", "", "where the judge classifier is kept (default: WORKDIR/classifier)")
   flags.DEFINE_integer("vae_eval_images", 0, "held-out digits for the VAE's PSNR/SSIM (0: all 500)")
-  app.run(main)
+  cli.run(main)

@@ -18,13 +18,13 @@ Import a directory as a params-only checkpoint that ``checkpoint.init_from`` rea
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 import jax
 import numpy as np
 
-from nextstep_jax import config as config_lib
+from nextstep_jax import cli
+from nextstep_jax import overrides as overrides_lib
 from nextstep_jax.interop import hf, runs
 
 
@@ -42,13 +42,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--import_dir", default=None, help="Hugging Face directory to import")
   p.add_argument("--qwen2", action="store_true", help="--import_dir is a Qwen2.5 checkpoint (backbone only)")
   p.add_argument("--config", default=None, help="experiment config for --qwen2 (configs/<name>.py)")
+  p.add_argument("--debug", action="store_true", help="show the full traceback of a user error (or set "
+                 f"{cli.DEBUG_ENV}=1)")
   args = p.parse_args(argv)
   if bool(args.workdir) == bool(args.import_dir):
     p.error("give exactly one of --workdir (export) or --import_dir (import)")
   if args.import_dir:
     config = None
     if args.config:
-      config = config_lib.load_config(args.config)
+      config = overrides_lib.load_config(args.config)
     params = runs.import_to_checkpoint(args.import_dir, args.out, qwen2=args.qwen2, config=config)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"imported {n:,} parameters from {args.import_dir} into checkpoint {args.out} (step 0)")
@@ -62,4 +64,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, absl_flags=False)

@@ -15,8 +15,9 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from nextstep_jax import cli
 from nextstep_jax import run as run_lib
 from nextstep_jax import vae_tokens
 from nextstep_jax.data.images import load_images
@@ -26,8 +27,8 @@ def main(argv=None) -> None:
   del argv
   f = flags.FLAGS
   if bool(f.vae_workdir) == bool(f.vae_dir):
-    raise app.UsageError("give exactly one of --vae_workdir (train_vae output) or --vae_dir "
-                         "(exported VAE directory)")
+    raise cli.UserError("give exactly one of --vae_workdir (train_vae output) or --vae_dir "
+                        "(exported VAE directory)")
   vae = run_lib.load_vae(f.vae_workdir or f.vae_dir)
   images, labels = load_images(f.source, f.split, f.image_size)
   os.makedirs(f.out_dir, exist_ok=True)
@@ -64,4 +65,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -60,7 +60,7 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
   except ValueError as e:  # JSONDecodeError is a ValueError
-    raise ValueError(f"{path}: not a valid config JSON ({e})") from e
+    raise config_lib.UserError(f"{path}: not a valid config JSON ({e})") from e
   return config_lib.with_defaults(saved)  # fields a run saved by an older version lacks: their defaults
 
 
@@ -77,7 +77,7 @@ def load_tokenizer(config, workdir: str, *, path: str | None = None, build: bool
     tok = tok_lib.load_tokenizer(path, None if path != config.tokenizer.path else config.tokenizer.kind)
   elif build:
     if config.tokenizer.kind != "sentencepiece":
-      raise ValueError(f"config tokenizer.path is empty but tokenizer.kind is {config.tokenizer.kind!r}: "
+      raise config_lib.UserError(f"config tokenizer.path is empty but tokenizer.kind is {config.tokenizer.kind!r}: "
                        "only the demo sentencepiece model is trained on the fly; set tokenizer.path")
     tok = tok_lib.build_demo_tokenizer(workdir, vocab_size=int(config.tokenizer.vocab_size))
   else:
@@ -87,7 +87,7 @@ def load_tokenizer(config, workdir: str, *, path: str | None = None, build: bool
                               "(config tokenizer.path is empty)")
     tok = tok_lib.load_tokenizer(path, config.tokenizer.kind)
   if tok.vocab_size > int(config.model.vocab_size):
-    raise ValueError(f"tokenizer {tok.source} has {tok.vocab_size} ids but model.vocab_size is "
+    raise config_lib.UserError(f"tokenizer {tok.source} has {tok.vocab_size} ids but model.vocab_size is "
                      f"{config.model.vocab_size}")
   return tok
 
@@ -98,7 +98,7 @@ def _vae_workdir_config(workdir: str) -> VAEConfig:
     with open(cfg_path, encoding="utf-8") as f:
       return VAEConfig.from_dict(json.load(f))
   except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-    raise ValueError(f"{cfg_path}: not a valid VAE config ({e})") from e
+    raise config_lib.UserError(f"{cfg_path}: not a valid VAE config ({e})") from e
 
 
 def load_vae(path: str, step: int | None = None, config=None) -> AutoencoderKL:
@@ -108,7 +108,7 @@ def load_vae(path: str, step: int | None = None, config=None) -> AutoencoderKL:
   With the experiment `config`, the VAE's tokens are checked against ``image.token_dim`` and
   ``image.patch_size``."""
   if not path:
-    raise ValueError("vae.checkpoint is empty: set it to a train_vae work directory or an exported VAE "
+    raise config_lib.UserError("vae.checkpoint is empty: set it to a train_vae work directory or an exported VAE "
                      "directory")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"vae.checkpoint={path!r} is not a directory (relative paths are read from the "
@@ -135,7 +135,7 @@ def load_vae(path: str, step: int | None = None, config=None) -> AutoencoderKL:
   if config is not None:
     want = int(config.image.token_dim)
     if vae.config.token_dim != want or vae.config.patch_size != int(config.image.patch_size):
-      raise ValueError(f"vae.checkpoint {path}: the VAE makes {vae.config.token_dim}-d tokens with patch "
+      raise config_lib.UserError(f"vae.checkpoint {path}: the VAE makes {vae.config.token_dim}-d tokens with patch "
                        f"{vae.config.patch_size}, the config expects image.token_dim={want} with patch "
                        f"{config.image.patch_size}")
   return vae
@@ -147,7 +147,7 @@ def vae_encoder(config) -> tuple[Callable, Any] | None:
   if config.data.payload != "images":
     return None
   if not config.vae.checkpoint:
-    raise ValueError("data.payload='images' needs vae.checkpoint: the workdir of a trained VAE "
+    raise config_lib.UserError("data.payload='images' needs vae.checkpoint: the workdir of a trained VAE "
                      "(python -m nextstep_jax.train_vae) to encode pixels inside the step")
   vae = load_vae(config.vae.checkpoint, config=config)
   graphdef, vae_params = nnx.split(vae)

@@ -2,30 +2,36 @@
 
   python -m nextstep_jax.sample --workdir=W --prompt="a handwritten digit 7" --num=4 --out=DIR
   python -m nextstep_jax.sample --workdir=W --prompt="invert the colours" --image=in.png --out=DIR   # editing
+  python -m nextstep_jax.sample --workdir=W --unconditional --num=4                                 # no caption
 
 Text-to-image uses two rows per sample (prompt, negative prompt) with guidance on the flow-matching head;
 editing uses three ([image + instruction, image + negative, negative only]) with ``--cfg`` and
 ``--cfg_img`` and the editing time shift. Writes one PNG per sample and ``grid.png``, and prints the
-time per image (the first call includes compilation; it is reported apart).
+time per image (the first call includes compilation; it is reported apart). A mistake in the flags (an
+empty prompt, a negative guidance scale, a prompt longer than the run's context, a missing image) is
+answered with one ``error:`` line and exit status 2 before anything compiles.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from nextstep_jax import cli
 from nextstep_jax.sampling.runner import sample_run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a training work directory (checkpoints, tokenizer, config)")
-flags.DEFINE_string("prompt", "", "the caption, or the editing instruction with --image")
+flags.DEFINE_string("prompt", "", "the caption, or the editing instruction with --image (required unless "
+                    "--unconditional)")
+flags.DEFINE_bool("unconditional", False, "sample without a caption: one empty-prompt row per sample, no guidance")
 flags.DEFINE_string("negative", "", "negative prompt (the unconditional row)")
 flags.DEFINE_string("image", "", "source image for editing (PNG/JPEG)")
-flags.DEFINE_float("cfg", 3.0, "classifier-free guidance on the text")
-flags.DEFINE_float("cfg_img", 2.0, "guidance on the source image (editing)")
-flags.DEFINE_integer("steps", 28, "flow-matching ODE steps per token")
+flags.DEFINE_float("cfg", 3.0, "classifier-free guidance on the text, >= 0 (1: none; v_neg + cfg * (v - v_neg))")
+flags.DEFINE_float("cfg_img", 2.0, "guidance on the source image (editing), >= 0 (1: none)")
+flags.DEFINE_integer("steps", 28, "flow-matching ODE steps per token (>= 1)")
 flags.DEFINE_float("time_shift", -1.0, "time-grid shift s (-1: 1.0 for text-to-image, 3.2 for editing)")
 flags.DEFINE_bool("sde", False, "Euler-Maruyama instead of the ODE")
-flags.DEFINE_integer("num", 4, "images to sample")
+flags.DEFINE_integer("num", 4, "images to sample (>= 1)")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("size", 0, "image side in pixels (0: the config's data.image_size)")
 flags.DEFINE_bool("use_ema", True, "use the EMA weights when the run kept them")
@@ -38,9 +44,10 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   sample_run(FLAGS.workdir, FLAGS.prompt, out=FLAGS.out, num=FLAGS.num, image=FLAGS.image, negative=FLAGS.negative,
       cfg=FLAGS.cfg, cfg_img=FLAGS.cfg_img, steps=FLAGS.steps, time_shift=FLAGS.time_shift, sde=FLAGS.sde,
-      seed=FLAGS.seed, size=FLAGS.size, use_ema=FLAGS.use_ema, step=None if FLAGS.step < 0 else FLAGS.step)
+      seed=FLAGS.seed, size=FLAGS.size, use_ema=FLAGS.use_ema, step=None if FLAGS.step == -1 else FLAGS.step,
+      unconditional=FLAGS.unconditional)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from nextstep_jax import cli
 from nextstep_jax.training import vae_trainer
 from nextstep_jax.training.metrics import log
 
@@ -27,4 +28,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "VAE training config file", lock_config=True)
   flags.DEFINE_string("workdir", "", "output directory (overrides config.workdir)")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -6,7 +6,8 @@ import ml_collections
 import pytest
 
 from configs import common
-from nextstep_jax.config import ConfigError, apply_overrides, load_config, validate
+from nextstep_jax.config import ConfigError, validate
+from nextstep_jax.overrides import apply_overrides, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_NAMES = ("stage1", "stage2", "anneal", "sft")
@@ -33,7 +34,7 @@ def _config(name: str) -> ml_collections.ConfigDict:
 @pytest.mark.parametrize("name", STAGE_NAMES)
 def test_stage_config_matches_spec_table(name):
   c = _config(name)
-  validate(c, num_devices=64)
+  validate(c, num_devices=64, paths=False)
   (min_lr, lr, schedule, wd, ce, fm, steps, warmup, seq, area, tokens, total,
    ratios) = SPEC_TABLE[name]
   assert c.optim.min_lr == pytest.approx(min_lr, abs=1e-12)
@@ -99,7 +100,7 @@ def test_backbone_presets_match_published_qwen25_configs():
 def test_demo_config():
   c = _config("demo")
   for n in (1, 2, 8):
-    validate(c, num_devices=n)
+    validate(c, num_devices=n, paths=False)
   assert (c.model.hidden_size, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads) == (
     128, 4, 4, 2)
   assert (c.data.seq_len, c.data.batch_size, c.data.image_size, c.data.payload) == (
@@ -141,7 +142,7 @@ def _bad(overrides, num_devices=8, match=""):
   c = _config("demo")
   apply_overrides(c, overrides)
   with pytest.raises(ConfigError, match=match):
-    validate(c, num_devices=num_devices)
+    validate(c, num_devices=num_devices, paths=False)
 
 
 def test_mesh_must_fit_device_count():
@@ -155,13 +156,13 @@ def test_mesh_must_fit_device_count():
 def test_dcn_axes_are_checked_against_the_granules():
   c = _config("demo")
   apply_overrides(c, {"mesh.axes.data": -1, "mesh.dcn_axes.data": 2})
-  validate(c, num_devices=8, num_granules=2)  # 2 granules of 4 devices, data=4 inside each
-  validate(c, num_devices=8)  # fixed DCN sizes name the granule count
+  validate(c, num_devices=8, num_granules=2, paths=False)  # 2 granules of 4 devices, data=4 inside each
+  validate(c, num_devices=8, paths=False)  # fixed DCN sizes name the granule count
   with pytest.raises(ConfigError, match="mesh.dcn_axes"):
-    validate(c, num_devices=8, num_granules=4)
+    validate(c, num_devices=8, num_granules=4, paths=False)
   apply_overrides(c, {"mesh.dcn_axes.data": -1})
-  validate(c, num_devices=8)  # granule count unknown: structure only
-  validate(c, num_devices=8, num_granules=4)
+  validate(c, num_devices=8, paths=False)  # granule count unknown: structure only
+  validate(c, num_devices=8, num_granules=4, paths=False)
   _bad({"mesh.dcn_axes.data": -1, "mesh.dcn_axes.fsdp": -1}, match=r"mesh.dcn_axes .*at most one -1")
   _bad({"mesh.axes.data": 8, "mesh.dcn_axes.data": 2}, match="mesh.axes .* is per granule")
 
@@ -175,7 +176,7 @@ def test_head_dim_consistency():
        match=r"model.num_heads \* model.head_dim = 8 \* 32 != model.hidden_size=128")
   c = _config("demo")
   apply_overrides(c, {"model.num_heads": 8, "model.free_head_dim": True})
-  validate(c, num_devices=8)
+  validate(c, num_devices=8, paths=False)
   _bad({"model.head_dim": 31, "model.free_head_dim": True}, match="head_dim=31 must be even")
 
 
@@ -200,7 +201,7 @@ def test_batch_divisible_by_data_parallel_size():
        match=r"data.batch_size=6 is not divisible by the data-parallel size data\*fsdp=4\*1=4")
   c = _config("demo")
   apply_overrides(c, {"data.batch_size": 6, "mesh.axes.data": 2, "mesh.axes.tensor": -1})
-  validate(c, num_devices=8)  # data-parallel size 2 divides 6
+  validate(c, num_devices=8, paths=False)  # data-parallel size 2 divides 6
 
 
 @pytest.mark.parametrize("field,value", [
@@ -215,7 +216,7 @@ def test_every_problem_is_reported_at_once():
   c = _config("demo")
   apply_overrides(c, {"optim.lr": -1.0, "model.num_kv_heads": 3, "data.payload": "x"})
   with pytest.raises(ConfigError) as e:
-    validate(c, num_devices=1)
+    validate(c, num_devices=1, paths=False)
   msg = str(e.value)
   assert "optim.lr" in msg and "model.num_kv_heads" in msg and "data.payload" in msg
 
@@ -231,12 +232,12 @@ def test_missing_fields_are_named():
   c = common.base_config()
   del c.optim["clip_norm"]
   with pytest.raises(ConfigError, match="missing fields: optim.clip_norm"):
-    validate(c)
+    validate(c, paths=False)
 
 
 def test_validate_without_device_count_checks_structure():
   c = _config("demo")
-  validate(c)  # data=-1: nothing to check against devices
+  validate(c, paths=False)  # data=-1: nothing to check against devices
   _bad({"mesh.axes.fsdp": -1}, num_devices=None, match="at most one -1")
 
 

@@ -19,10 +19,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nextstep_jax import config as config_lib
+
+from nextstep_jax import overrides as overrides_lib
 from nextstep_jax import run as run_lib
 from nextstep_jax.training import trainer as trainer_lib
 from nextstep_jax.training import vae_trainer
+
+pytestmark = pytest.mark.multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
@@ -49,7 +52,7 @@ def assets(tmp_path_factory):
   from nextstep_jax.interop import vae as vae_interop
   from nextstep_jax.models import vae as vae_lib
   tmp = tmp_path_factory.mktemp("mp")
-  vae_cfg = vae_lib.VAEConfig.from_dict(config_lib.load_config(os.path.join(REPO, "configs/vae_demo.py"), check=False).vae.to_dict())
+  vae_cfg = vae_lib.VAEConfig.from_dict(overrides_lib.load_config(os.path.join(REPO, "configs/vae_demo.py"), check=False).vae.to_dict())
   vae = vae_lib.AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0))
   vae_interop.export_vae(vae, str(tmp / "vae" / vae_trainer.EXPORT_DIR))
   with open(tmp / "vae" / vae_trainer.VAE_CONFIG_FILE, "w", encoding="utf-8") as f:
@@ -141,6 +144,7 @@ def test_hybrid_mesh_puts_each_process_on_its_own_dcn_row(tmp_path):
     assert line == [f"RESULT {i} {{'data': 3, 'fsdp': 2, 'tensor': 1}} [{i}] 12.0\n"], line
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume(assets, tmp_path):
   overrides = _overrides(assets)
   workdir = tmp_path / "run"
@@ -160,6 +164,6 @@ def test_two_processes_match_one_and_resume(assets, tmp_path):
 
   logged = _logged_losses(workdir)
   assert sorted(logged) == list(range(1, STEPS + 1)), sorted(logged)
-  config = config_lib.load_config(os.path.join(REPO, "configs/demo.py"), dict(overrides, workdir=str(workdir)))
+  config = overrides_lib.load_config(os.path.join(REPO, "configs/demo.py"), dict(overrides, workdir=str(workdir)))
   ref = _reference_losses(config, STEPS, process_count=2)
   np.testing.assert_allclose([logged[s] for s in range(1, STEPS + 1)], ref, rtol=1e-5, atol=1e-6)

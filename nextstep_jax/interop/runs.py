@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nextstep_jax import run as run_lib
+from nextstep_jax.config import UserError
 from nextstep_jax.interop import hf, safetensors_io
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.training import checkpoint as ckpt_lib
@@ -22,7 +23,7 @@ def parse_size(text: str) -> int:
   """'5GB', '500MB', '64KiB', '1024' -> bytes (decimal units for KB/MB/GB, binary for KiB/MiB/GiB)."""
   m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
   if not m:
-    raise ValueError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or a byte count")
+    raise UserError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or a byte count")
   unit = (m.group(2) or "B").upper()
   scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
@@ -60,7 +61,7 @@ def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, conf
   ``{"params": ...}``, what ``checkpoint.restore_params_from`` reads). Returns the params."""
   if qwen2:
     if config is None:
-      raise ValueError("--qwen2 needs --config (the experiment config sizing the head and projectors)")
+      raise UserError("--qwen2 needs --config (the experiment config sizing the head and projectors)")
     backbone = hf.import_qwen2_backbone(import_dir, config)
     model = ns.NextStep(ns.NextStepConfig.from_config(config), rngs=nnx.Rngs(params=int(config.seed)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -12,25 +13,119 @@ import numpy as np
 from nextstep_jax import run as run_lib
 from nextstep_jax import vae_tokens
 from nextstep_jax.batch import to_uint8
+from nextstep_jax.config import UserError
 from nextstep_jax.data.images import load_image
-from nextstep_jax.sampling.prompts import Prompt, edit_prompts, image_prompts
+from nextstep_jax.sampling.prompts import Prompt, edit_prompts, image_prefix_ids, image_prompts
 from nextstep_jax.sampling.sampler import edit_images, sample_images
 from nextstep_jax.data.images import image_grid
 
 
+def check_request(prompt: str, *, num: int = 4, image: str = "", negative: str = "", cfg: float = 3.0,
+                  cfg_img: float = 2.0, steps: int = 28, time_shift: float = -1.0, size: int = 0,
+                  step: int | None = None, unconditional: bool = False, out: str = "") -> None:
+  """Refuses, before anything is loaded, a request the sampler cannot honour (UserError naming the
+  flag of ``python -m nextstep_jax.sample``)."""
+  if unconditional:
+    if prompt.strip():
+      raise UserError(f"--unconditional samples without a caption, but --prompt={prompt!r} was given: "
+                      "drop one of them")
+    if image:
+      raise UserError("--unconditional is text-to-image only: editing (--image) needs an instruction")
+    if negative:
+      raise UserError("--negative has no use with --unconditional (one row per sample, no guidance)")
+  elif not prompt.strip():
+    raise UserError("--prompt is empty: give " + ("the editing instruction" if image else
+                    "a caption, or --unconditional to sample without one"))
+  if num < 1:
+    raise UserError(f"--num={num} must be >= 1")
+  if steps < 1:
+    raise UserError(f"--steps={steps} must be >= 1 (flow-matching ODE steps per token)")
+  if not math.isfinite(cfg) or cfg < 0:
+    raise UserError(f"--cfg={cfg} must be >= 0: the guided velocity is v_neg + cfg * (v_prompt - v_neg), "
+                    "so 1 is no guidance, 0 the negative prompt alone, > 1 stronger guidance")
+  if not math.isfinite(cfg_img) or cfg_img < 0:
+    raise UserError(f"--cfg_img={cfg_img} must be >= 0: editing adds cfg_img * (v_image - v_neg) to the "
+                    "negative row's velocity, so 1 is no image guidance, > 1 stronger")
+  if time_shift != -1.0 and not (math.isfinite(time_shift) and time_shift > 0):
+    raise UserError(f"--time_shift={time_shift} must be > 0 (or -1: 1.0 for text-to-image, 3.2 for editing)")
+  if size < 0:
+    raise UserError(f"--size={size} must be >= 0 (0: the config's data.image_size)")
+  if step is not None and step < 0:
+    raise UserError(f"--step={step} must be >= 0 (or -1: the newest)")
+  if out and os.path.exists(out) and not os.path.isdir(out):
+    raise NotADirectoryError(f"--out={out} is a file, not a directory")
+  if image:
+    if os.path.isdir(image):
+      raise UserError(f"--image={image} is a directory, not an image file (PNG/JPEG)")
+    if not os.path.exists(image):
+      raise FileNotFoundError(f"--image {image}: no such file")
+
+
+def check_context(config, tokenizer, prompt: str, negative: str, h: int, w: int, *, image: bool,
+                  guided: bool = True, unconditional: bool = False) -> None:
+  """Refuses prompts that do not fit the model's context with the image they ask for: the run trained
+  on rows of ``data.seq_len`` positions, and a row of the sampler holds the prompt (with, for editing,
+  the source image's block), the image prefix and the h*w image tokens."""
+  limit = int(config.data.seq_len)
+  prefix = len(image_prefix_ids(tokenizer, h, w))
+  block = prefix + h * w + 1 if image else 0  # editing: the source image's prefix, tokens and EOI
+  rows = [("--prompt", "" if unconditional else prompt)]
+  if guided and not unconditional:
+    rows.append(("--negative", negative))
+  for name, text in rows:
+    n = len(tokenizer.encode(text))
+    total = block + n + prefix + h * w
+    if total > limit:
+      src = f"the source image's block ({block}), " if image else ""
+      raise UserError(f"{name} is too long: {n} tokens; with {src}the image prefix ({prefix}) and the "
+                      f"{h * w} image tokens a row needs {total} positions, more than the model's context "
+                      f"of {limit} (data.seq_len of the run's config); at most {limit - (total - n)} prompt "
+                      "tokens fit")
+
+
+def _grid(pixels_per_token: int, size: int, what: str) -> tuple[int, int]:
+  if size % pixels_per_token:
+    raise UserError(f"--size={size} is not divisible by the {pixels_per_token} pixels of a token ({what})")
+  return size // pixels_per_token, size // pixels_per_token
+
+
 def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image: str = "", negative: str = "",
         cfg: float = 3.0, cfg_img: float = 2.0, steps: int = 28, time_shift: float = -1.0, sde: bool = False,
-        seed: int = 0, size: int = 0, use_ema: bool = True, step: int | None = None) -> dict:
+        seed: int = 0, size: int = 0, use_ema: bool = True, step: int | None = None,
+        unconditional: bool = False) -> dict:
+  """Samples `num` images of the run in `workdir` for `prompt` (editing `image` when given; no prompt
+  and no guidance when `unconditional`), writes them and ``grid.png`` to `out` (default W/samples).
+  Mistakes in the request raise UserError (or FileNotFoundError for a missing path) before anything
+  compiles."""
   from PIL import Image  # pylint: disable=import-outside-toplevel  # optional: only to write PNGs
-  if num < 1:
-    raise ValueError(f"--num={num} must be >= 1")
-  loaded = run_lib.load_run(workdir, step=step, use_ema=use_ema)
-  model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
+  check_request(prompt, num=num, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
+                time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out)
+  if not os.path.isdir(workdir):
+    if os.path.exists(workdir):
+      raise NotADirectoryError(f"--workdir={workdir} is a file, not a training work directory")
+    raise FileNotFoundError(f"--workdir={workdir}: no such directory")
+  guided = cfg != 1.0 or bool(image)
+  # The prompt's length against the context, with the grid the config names, before any weights load.
+  config = run_lib.saved_config(workdir)
+  tokenizer = run_lib.load_tokenizer(config, workdir)
   size = size or int(config.data.image_size)
-  h, w = vae_tokens.token_grid(vae.config, size, size)
+  unit = int(config.image.vae_factor) * int(config.image.patch_size)  # the data path's token side
+  if size % unit == 0:
+    check_context(config, tokenizer, prompt, negative, size // unit, size // unit, image=bool(image),
+                  guided=guided, unconditional=unconditional)
+  loaded = run_lib.load_run(workdir, config=config, step=step, use_ema=use_ema)
+  model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
+  cfg_vae = vae.config
+  h, w = _grid(cfg_vae.pixels_per_token, size, f"VAE factor {cfg_vae.factor} x patch size {cfg_vae.patch_size}")
+  check_context(config, tokenizer, prompt, negative, h, w, image=bool(image), guided=guided,
+                unconditional=unconditional)
   key = jax.random.key(seed)
   if image:
-    src = vae_tokens.make_encode_fn(vae)(load_image(image, size)[None])[0]
+    try:
+      pixels = load_image(image, size)
+    except ValueError as e:  # "--image X: not a readable image (...)"
+      raise UserError(str(e)) from e
+    src = vae_tokens.make_encode_fn(vae)(pixels[None])[0]
     groups = edit_prompts(tokenizer, np.asarray(src), prompt, negative, h, w)
     groups = [Prompt(np.repeat(g.tokens, num, 0), np.repeat(g.mask, num, 0),
                               None if g.image_tokens is None else np.repeat(g.image_tokens, num, 0),
@@ -39,7 +134,9 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     fn = lambda k: edit_images(model, *groups, h, w, k, cfg=cfg, cfg_img=cfg_img, steps=steps,
                                         time_shift=shift, sde=sde, pad_id=tokenizer.pad_id)
   else:
-    cond, neg = image_prompts(tokenizer, [prompt] * num, h, w, negative=negative if cfg != 1.0 else None)
+    text = "" if unconditional else prompt
+    cond, neg = image_prompts(tokenizer, [text] * num, h, w,
+                              negative=negative if guided and not unconditional else None)
     shift = 1.0 if time_shift < 0 else time_shift
     fn = lambda k: sample_images(model, cond, neg, h, w, k, cfg=cfg, steps=steps, time_shift=shift,
                                           sde=sde, pad_id=tokenizer.pad_id)
