@@ -710,6 +710,7 @@ def main(argv: Sequence[str]) -> int:
     return 1
   print(f"reference: {args.steps} steps uninterrupted in {time.monotonic() - t0:.1f} s")
   rng = random.Random(args.seed)
+  print(f"fault plans drawn with --seed={args.seed} (the same --seed replays them)")
   totals = {"kill": 0, "kill_in_save": 0, "term": 0, "corrupt": 0}
   failed = 0
   term_times = []

@@ -20,6 +20,7 @@ from nextstep_jax.interop.params import load_pure_params, pure_params
 from nextstep_jax.models import backbone as bb
 from nextstep_jax.models import fm_head
 from nextstep_jax.models import nextstep as ns
+from tests.tolerance import assert_close_fp32
 
 BB = bb.BackboneConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                        intermediate_size=128, rope_theta=10000.0)
@@ -169,6 +170,7 @@ def _save_hf_qwen2(path, tie=False):
 
 
 @pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parity
 def test_qwen2_import_gives_transformers_logits(tmp_path, tie):
   path = str(tmp_path / "qwen")
   torch, ref = _save_hf_qwen2(path, tie)
@@ -183,7 +185,7 @@ def test_qwen2_import_gives_transformers_logits(tmp_path, tie):
   with torch.no_grad():
     want = ref(torch.tensor(tokens)).logits.numpy()
   got = np.asarray(backbone.forward_logits(jnp.asarray(tokens)))
-  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  assert_close_fp32(got, want, rtol=1e-4)  # parity: 1e-4 of the logits' magnitude (about 0.5; was atol=1e-4)
   # An experiment config whose sizes disagree with config.json is refused, naming the fields.
   import dataclasses
   with pytest.raises(safetensors_io.CheckpointError, match=r"hidden_size: config 32 vs checkpoint 64"):
@@ -307,3 +309,120 @@ def test_command_line_export_and_import(tmp_path, monkeypatch):
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert runs.parse_size("5GB") == 5 * 10**9 and runs.parse_size("64KiB") == 65536
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite tensors: refused as they are read, naming the file and the tensor
+# ---------------------------------------------------------------------------------------------
+
+def _poison(directory, tensor, values=None):
+  """Re-saves the shard of `directory` that holds `tensor` with ``safetensors.numpy.save_file``, the
+  tensor overwritten: all NaN, or `values` ({flat index: value}). Returns the shard's file name."""
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  index = os.path.join(directory, safetensors_io.INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      shard = json.load(f)["weight_map"][tensor]
+  else:
+    shard = safetensors_io.SINGLE_FILE
+  path = os.path.join(directory, shard)
+  tensors = {k: np.array(v) for k, v in safetensors_numpy.load_file(path).items()}
+  x = tensors[tensor].reshape(-1)
+  if values is None:
+    x[:] = np.nan
+  else:
+    for i, v in values.items():
+      x[i] = v
+  tensors[tensor] = x.reshape(tensors[tensor].shape)
+  safetensors_numpy.save_file(tensors, path, metadata={"format": "pt"})
+  return shard
+
+
+def test_nextstep_import_refuses_non_finite_tensors(tmp_path, monkeypatch):
+  out = str(tmp_path / "hf")
+  index = hf.export_nextstep(_model(), CFG, out, META, max_shard_bytes=200_000)
+  hf.load_nextstep(out)  # the clean directory imports
+
+  # An all-NaN tensor: the file, the tensor and the count are named.
+  d = str(tmp_path / "nan")
+  shutil.copytree(out, d)
+  name = "layers.1.mlp.up_proj.weight"
+  shard = _poison(d, name)
+  pattern = rf"{shard}: tensor layers\.1\.mlp\.up_proj\.weight has {128 * 64} non-finite values \(NaN/Inf\)"
+  with pytest.raises(safetensors_io.CheckpointError, match=pattern):
+    hf.load_nextstep(d)
+
+  # Checked as each tensor is read: the import stops at the bad tensor, before the rest is read.
+  reads = []
+  get = safetensors_io.SafetensorsFile.get
+
+  def spy(self, n, **kw):
+    reads.append(n)
+    return get(self, n, **kw)
+
+  monkeypatch.setattr(safetensors_io.SafetensorsFile, "get", spy)
+  cfg, _ = hf.read_nextstep_config(d)
+  with pytest.raises(safetensors_io.CheckpointError, match=pattern):
+    hf.load_nextstep_params(d, cfg)
+  assert reads[-1] == name and len(reads) < len(index["weight_map"]), (len(reads), len(index["weight_map"]))
+  monkeypatch.undo()
+
+  # One +Inf and one -Inf in another shard's tensor are enough.
+  d = str(tmp_path / "inf")
+  shutil.copytree(out, d)
+  shard = _poison(d, "lm_head.weight", {3: np.inf, 17: -np.inf})
+  with pytest.raises(safetensors_io.CheckpointError,
+                     match=rf"{shard}: tensor lm_head\.weight has 2 non-finite values \(NaN/Inf\)"):
+    hf.load_nextstep(d)
+  # The command line's import refuses it too (no checkpoint is written).
+  with pytest.raises(safetensors_io.CheckpointError, match=r"tensor lm_head\.weight has 2 non-finite"):
+    runs.import_to_checkpoint(d, str(tmp_path / "ckpt"))
+  assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_safetensors_reader_checks_every_float_dtype_for_non_finite_values(tmp_path):
+  path = str(tmp_path / "t.safetensors")
+  bad = np.array([1.0, np.nan, np.inf, -np.inf, 2.0])
+  safetensors_io.save_safetensors(path, {
+      "f32": bad.astype(np.float32), "bf16": bad.astype(ml_dtypes.bfloat16), "f16": bad.astype(np.float16),
+      "ok": np.ones((3, 4), ml_dtypes.bfloat16), "ints": np.arange(6, dtype=np.int32)})
+  f = safetensors_io.SafetensorsFile(path)
+  for name in ("f32", "bf16", "f16"):
+    with pytest.raises(safetensors_io.CheckpointError, match=rf"t\.safetensors: tensor {name} has 3 non-finite"):
+      f.get(name)
+  np.testing.assert_array_equal(f.get("ok"), np.ones((3, 4), ml_dtypes.bfloat16))
+  np.testing.assert_array_equal(f.get("ints"), np.arange(6))
+  assert np.isnan(f.get("f32", finite=False)[1])  # an explicit opt-out reads the raw values
+  with pytest.raises(safetensors_io.CheckpointError, match=r"tensor (f32|bf16|f16) has 3 non-finite"):
+    safetensors_io.load_safetensors(path)
+  assert safetensors_io.non_finite_count(np.zeros((0, 4), np.float32)) == 0
+
+
+def _qwen2_dir_from_export(out, directory):
+  """A Qwen2ForCausalLM-style directory (``model.``-prefixed backbone names, model_type qwen2) built
+  from our own NextStep export, without transformers."""
+  os.makedirs(directory)
+  tensors = safetensors_io.TensorDir(out)
+  keep = {("" if n == "lm_head.weight" else "model.") + n: np.array(tensors.get(n)) for n in tensors.names()
+          if n.startswith(("embed_tokens.", "layers.", "norm.")) or n == "lm_head.weight"}
+  safetensors_io.save_safetensors(os.path.join(directory, safetensors_io.SINGLE_FILE), keep)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(dict(model_type="qwen2", vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+                   tie_word_embeddings=False), f)
+
+
+def test_qwen2_import_refuses_non_finite_tensors(tmp_path):
+  out = str(tmp_path / "hf")
+  hf.export_nextstep(_model(), CFG, out, META)
+  q = str(tmp_path / "qwen")
+  _qwen2_dir_from_export(out, q)
+  params = hf.import_qwen2_backbone(q)  # the clean directory imports: the export's backbone, bitwise
+  want = hf.load_nextstep_params(out, CFG)["backbone"]
+  assert jax.tree.structure(params) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, params, want)
+  _poison(q, "model.layers.0.self_attn.k_proj.bias", {0: np.nan})
+  with pytest.raises(safetensors_io.CheckpointError,
+                     match=rf"{safetensors_io.SINGLE_FILE}: tensor model\.layers\.0\.self_attn\.k_proj\.bias has "
+                           r"1 non-finite values \(NaN/Inf\)"):
+    hf.import_qwen2_backbone(q)

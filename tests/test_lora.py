@@ -18,6 +18,7 @@ from nextstep_jax.training import trainer as trainer_lib
 from nextstep_jax.interop import names
 from nextstep_jax.models import nextstep as ns
 from tests.batches import synthetic_batch
+from tests.tolerance import assert_close_fp32
 
 ALL = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"),
                           head_targets=("mlp_in", "mlp_out", "ada", "cond", "final"))
@@ -173,7 +174,7 @@ def test_merged_kernel_equals_activation_form(tiny):
     x = rng.normal(size=w.shape[:len(x_spec)])  # the layer dim (if any) and the in dims
     want = np.einsum(fw, x, w) + ALL.scale * np.einsum(fb, np.einsum(fa, x, a), b)
     got = np.einsum(fw, x, w2)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert_close_fp32(got, want, rtol=1e-5, err_msg=name)
     assert np.abs(got - np.einsum(fw, x, w)).max() > 1e-2, name  # the adapter did something
 
 
@@ -241,7 +242,7 @@ def test_adapter_training_and_merge(tiny):
   from_merged = jax.jit(lambda p, bt, k: _outputs(graphdef, p, bt, k))(plain, batch, key)
   from_base = jax.jit(lambda p, bt, k: _outputs(graphdef, p, bt, k))(params, batch, key)
   for name in adapted:
-    np.testing.assert_allclose(from_merged[name], adapted[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert_close_fp32(from_merged[name], adapted[name], rtol=1e-5, err_msg=name)
   assert np.abs(np.asarray(from_base["logits"]) - np.asarray(adapted["logits"])).max() > 1e-3
   assert abs(float(from_base["loss"]) - float(adapted["loss"])) > 1e-3
 
@@ -289,6 +290,24 @@ def test_save_load_round_trip(tiny, tmp_path):
     lora_lib.load_lora(bad)
   with pytest.raises(ValueError, match="expects"):
     lora_lib.save_lora(tmp_path / "x", lora, lora_lib.LoraConfig(rank=4, targets=("q",)))
+
+
+def test_load_refuses_non_finite_adapters(tiny, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  from nextstep_jax.interop.safetensors_io import CheckpointError
+  _, _, params, axes = tiny
+  lora, _ = lora_lib.init_lora(params, axes, ALL, jax.random.key(5))
+  out = tmp_path / "adapter"
+  lora_lib.save_lora(out, lora, ALL)
+  weights = str(out / lora_lib.WEIGHTS_FILE)
+  tensors = {k: np.array(v) for k, v in load_file(weights).items()}
+  name = "backbone.layers.up_kernel.lora_a"
+  assert name in tensors, sorted(tensors)
+  tensors[name][:] = np.nan
+  save_file(tensors, weights)
+  with pytest.raises(CheckpointError, match=rf"lora\.safetensors: tensor {name} has {tensors[name].size} "
+                                            r"non-finite values \(NaN/Inf\)"):
+    lora_lib.load_lora(out)
 
 
 def test_optimizer_memory_matches_optax(tiny):

@@ -2,6 +2,7 @@
 ratio changes on restore, held-out batches, global arrays."""
 
 import collections
+import importlib
 import json
 import os
 import subprocess
@@ -17,11 +18,12 @@ from nextstep_jax.data import schedule as schedule_lib
 from nextstep_jax.data import settings as settings_lib
 from nextstep_jax.data import tokenizer as T
 from nextstep_jax.batch import validate_batch
+from configs import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# SPEC §7 ratios (text-only, image-text pairs, image-to-image, interleaved), used when the stage
-# config files are not importable.
+# SPEC §7 ratios (text-only, image-text pairs, image-to-image, interleaved), written out here
+# independently of configs/common.py's STAGES table, which the stage configs are built from.
 SPEC_RATIOS = {
     "stage1": dict(text=0.2, pair=0.6, edit=0.0, interleaved=0.2),
     "stage2": dict(text=0.2, pair=0.6, edit=0.0, interleaved=0.2),
@@ -31,11 +33,8 @@ SPEC_RATIOS = {
 
 
 def stage_ratios(stage):
-  try:
-    module = __import__(f"configs.{stage}", fromlist=["get_config"])
-    return dict(module.get_config().data.ratios)
-  except ImportError:
-    return SPEC_RATIOS[stage]
+  """data.ratios of the stage's config file, configs/<stage>.py (no fallback: it must import)."""
+  return dict(importlib.import_module(f"configs.{stage}").get_config().data.ratios)
 
 
 def demo_config(workdir, ratios=None, **data):
@@ -64,8 +63,9 @@ def tok(workdir):
 
 def test_spec_ratios_match_stage_configs():
   for stage, want in SPEC_RATIOS.items():
-    got = stage_ratios(stage)
-    assert {k: pytest.approx(v) for k, v in want.items()} == got, stage
+    want = {k: pytest.approx(v) for k, v in want.items()}
+    assert want == dict(common.STAGES[stage]["ratios"]), stage
+    assert want == stage_ratios(stage), stage
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "anneal", "sft"])

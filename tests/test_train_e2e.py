@@ -19,6 +19,8 @@ from nextstep_jax.training import vae_trainer
 from nextstep_jax.training import metrics
 from nextstep_jax.training.checkpoint import restore_params_from
 
+pytestmark = pytest.mark.slow   # every test reads the run trained once by run_dir (about a minute)
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -86,7 +88,7 @@ def test_sampling_uses_ema_weights_when_asked(run_dir):
 def test_sample_cli_writes_images_and_edits(run_dir, tmp_path):
   root, _, _ = run_dir
   stats = runner.sample_run(root, "a handwritten digit 5", out=str(tmp_path / "t2i"), num=2, steps=4)
-  assert stats["seconds_per_image"] > 0
+  assert stats["images"] == 2 and "seconds_per_image" in stats  # reported; timings are not asserted
   assert sorted(os.listdir(tmp_path / "t2i")) == ["grid.png", "sample_000.png", "sample_001.png"]
   from PIL import Image
   src = tmp_path / "src.png"

@@ -8,6 +8,7 @@ from configs.common import base_config
 from nextstep_jax import parallel
 from nextstep_jax.training import trainer as trainer_lib
 from tests.batches import synthetic_batch
+from tests.tolerance import assert_trees_close_fp32
 
 
 def _config(axes):
@@ -44,6 +45,7 @@ def _run(axes, devices, steps=1):
   return t, state, losses
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
   if jax.device_count() < 8:
     pytest.skip("needs 8 (virtual) devices")
@@ -52,8 +54,9 @@ def test_sharded_step_equals_single_device():
   for axes in (dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)):
     t, state, losses = _run(axes, jax.devices()[:8])
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(axes))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, err_msg=str(axes)),
-                 state["params"], ref_params)
+    # Params after Adam steps: rounding differences are update-sized whatever a leaf's magnitude, so one
+    # scale for the tree (max |param|, about 1: the norm weights).
+    assert_trees_close_fp32(jax.tree.map(np.asarray, state["params"]), ref_params, rtol=1e-5, err_msg=str(axes))
     q_spec = state["params"]["backbone"]["layers"]["q_kernel"].sharding.spec
     embed_spec = state["params"]["backbone"]["embed_tokens"].sharding.spec
     mlp_spec = state["params"]["backbone"]["layers"]["gate_kernel"].sharding.spec
@@ -95,6 +98,7 @@ def _single(config_updates):
   return c, mesh, trainer_lib.Trainer(c, mesh)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch():
   batch = synthetic_batch(8, 32, 64, 16, seed=3)
   results = []
@@ -106,7 +110,7 @@ def test_grad_accumulation_equals_one_big_batch():
   (p1, m1), (p4, m4) = results
   for n in ("loss", "ce", "fm", "grad_norm", "text_tokens", "image_tokens"):
     np.testing.assert_allclose(m4[n], m1[n], rtol=1e-5, err_msg=n)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p4, p1)
+  assert_trees_close_fp32(p4, p1, rtol=1e-5)
 
 
 def test_ema_tracks_params_and_survives_checkpoint(tmp_path):
@@ -117,8 +121,8 @@ def test_ema_tracks_params_and_survives_checkpoint(tmp_path):
   np.testing.assert_array_equal(state["ema"]["head"]["cond_kernel"], init["head"]["cond_kernel"])
   state, _ = t.step_fn(state, parallel.global_batch(synthetic_batch(8, 32, 64, 16), mesh))
   new = jax.tree.map(np.asarray, state["params"])
-  jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, 0.9 * a + 0.1 * b, atol=1e-6),
-               jax.tree.map(np.asarray, state["ema"]), init, new)
+  assert_trees_close_fp32(jax.tree.map(np.asarray, state["ema"]),
+                          jax.tree.map(lambda a, b: 0.9 * a + 0.1 * b, init, new), rtol=1e-6)
   assert not np.allclose(state["ema"]["backbone"]["lm_head_kernel"], new["backbone"]["lm_head_kernel"])
   ck = ckpt_lib.Checkpointer(tmp_path / "ck", every=1, keep=2, async_save=False)
   ck.save(1, state, force=True)
@@ -160,6 +164,7 @@ def _step_temp_bytes(axes, monkeypatch, constrained: bool) -> int:
     return t.step_fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_activation_constraints_keep_rows_sharded(monkeypatch):
   """Without the activation constraints GSPMD replicates the flow-matching head's rows after the slot
   gather, so per-device temporaries grow with the global batch; with them every device keeps its rows."""

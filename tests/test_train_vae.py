@@ -21,6 +21,7 @@ from nextstep_jax.data import images as images_lib
 from nextstep_jax import vae_tokens
 from nextstep_jax.training import vae_trainer
 from nextstep_jax.models import vae as vae_lib
+from tests.tolerance import assert_close_fp32
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +77,7 @@ def trained(tmp_path_factory):
   return workdir, config, out
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_everything(trained):
   workdir, _, out = trained
   assert "held-out PSNR" in out and "step 20 |" in out
@@ -97,6 +99,7 @@ def test_cli_trains_and_writes_everything(trained):
   assert os.path.isfile(os.path.join(workdir, "export", "checkpoint.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_and_load_vae(trained, tmp_path):
   workdir, config, _ = trained
   vae = run_lib.load_vae(workdir)
@@ -112,9 +115,7 @@ def test_resume_and_load_vae(trained, tmp_path):
   # the same through the exported safetensors
   from nextstep_jax.interop.vae import load_vae_dir
   exported = load_vae_dir(os.path.join(workdir, "export"))
-  np.testing.assert_allclose(
-      np.asarray(jax.jit(lambda v, x: v.decode(v.encode(x, sample=False)))(exported, x)),
-      np.asarray(recon), atol=1e-5)
+  assert_close_fp32(jax.jit(lambda v, x: v.decode(v.encode(x, sample=False)))(exported, x), recon, rtol=1e-5)
   # resume from step 20 to 24, in-process (8 devices under the test conftest)
   with config.unlocked():
     config.steps = 24
@@ -130,6 +131,7 @@ def test_resume_and_load_vae(trained, tmp_path):
     run_lib.load_vae(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_latents_cli(trained, tmp_path):
   workdir, _, _ = trained
   out_dir = str(tmp_path / "tokens")
@@ -207,7 +209,7 @@ def test_noise_aug_switch():
     return clean, vae.decode(mean)
 
   clean, direct = run(vae, x)
-  np.testing.assert_allclose(np.asarray(clean), np.asarray(direct), atol=1e-6)
+  assert_close_fp32(clean, direct, rtol=1e-6)
   c.noise_aug = True  # a Python switch: read at trace time
   noisy, _, _ = jax.jit(lambda v, x: vae_trainer.reconstruct(v, x, jax.random.key(0), c))(vae, x)
   assert not np.allclose(np.asarray(noisy), np.asarray(clean), atol=1e-4)

@@ -10,7 +10,8 @@ A NextStep-1 directory (SPEC §9) holds
 Names and layouts come from ``interop/names.py`` (``nextstep_to_tensors`` / ``nextstep_from_tensors``).
 
 The safetensors files and the sharded directory are read and written by ``interop/safetensors_io.py``
-(no torch, nothing ever unpickled: a directory with only ``pytorch_model.bin`` is refused).
+(no torch, nothing ever unpickled: a directory with only ``pytorch_model.bin`` is refused; a tensor with
+NaN/Inf values is refused as it is read, naming the file and the tensor).
 
 Qwen2.5 (``Qwen2ForCausalLM``) directories name the backbone under ``model.``; every size is read from
 their config.json (``qwen2_config``); ``import_qwen2_backbone`` returns the backbone's params.
@@ -349,7 +350,7 @@ def read_nextstep_config(directory: str, runtime: Any = None) -> tuple[ns.NextSt
 
 def load_nextstep_params(directory: str, cfg: ns.NextStepConfig) -> dict:
   """The model's pure params dict (numpy) from a NextStep-1 directory, every tensor checked against the
-  shapes `cfg` implies (errors name the file and tensor)."""
+  shapes `cfg` implies and, as it is read, for NaN/Inf (errors name the file and tensor)."""
   tensors = TensorDir(directory)
   shapes = checkpoint_shapes(cfg)
   extra = sorted(set(tensors.names()) - set(shapes))

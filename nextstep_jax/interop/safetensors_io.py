@@ -3,7 +3,10 @@
 The format: an 8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}},
 then the raw little-endian data. So bfloat16 works without torch (via ml_dtypes), writing streams one
 tensor at a time, reading memory-maps, and a damaged file gets an error that names the file and the
-tensor. Nothing is ever unpickled: a directory with only ``pytorch_model.bin`` is refused.
+tensor. Nothing is ever unpickled: a directory with only ``pytorch_model.bin`` is refused. Every
+floating-point tensor is checked for NaN/Inf as it is read (``check_finite``, chunked ``np.isfinite``
+on the memory-mapped array): a checkpoint that would poison a model is refused naming the file and the
+tensor, before the rest of the model is assembled.
 
 A sharded directory holds ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``
 ({"metadata": {"total_size": bytes}, "weight_map": {name: file}}); a single ``model.safetensors`` is
@@ -36,10 +39,35 @@ _DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
+_FLOATS = frozenset(_DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
+_FINITE_CHUNK = 1 << 24  # elements per np.isfinite call: bounds the temporary bool array to 16 MiB
 
 
 class CheckpointError(ValueError):
   """A checkpoint directory or file that cannot be read; the message names the file and key."""
+
+
+def non_finite_count(x: np.ndarray) -> int:
+  """How many NaN/Inf values `x` holds (0 for integer and bool arrays). Reads the array once, in chunks,
+  so a memory-mapped tensor is not copied whole."""
+  x = np.asarray(x)
+  if x.dtype not in _FLOATS and not np.issubdtype(x.dtype, np.floating):
+    return 0
+  flat = x.reshape(-1)
+  bad = 0
+  for i in range(0, flat.size, _FINITE_CHUNK):
+    ok = np.isfinite(flat[i:i + _FINITE_CHUNK])
+    if not ok.all():
+      bad += int(ok.size - np.count_nonzero(ok))
+  return bad
+
+
+def check_finite(path: str, name: str, x: np.ndarray) -> np.ndarray:
+  """`x`, or CheckpointError naming the file and the tensor when it holds any NaN/Inf."""
+  bad = non_finite_count(x)
+  if bad:
+    raise CheckpointError(f"{path}: tensor {name} has {bad} non-finite values (NaN/Inf) of {np.size(x)}")
+  return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +131,8 @@ class SafetensorsFile:
   """A memory-mapped safetensors file: ``names()``, ``shape(name)``, ``get(name)`` (read-only numpy).
 
   Every structural problem (short file, bad header, unknown dtype, offsets outside the file) raises
-  CheckpointError naming the file and, where it applies, the tensor.
+  CheckpointError naming the file and, where it applies, the tensor; so does a tensor with NaN/Inf
+  values, when ``get`` reads it.
   """
 
   def __init__(self, path: str):
@@ -154,16 +183,19 @@ class SafetensorsFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._entries[name][1]
 
-  def get(self, name: str) -> np.ndarray:
+  def get(self, name: str, *, finite: bool = True) -> np.ndarray:
+    """The tensor (read-only, memory-mapped). finite=True (the default): CheckpointError naming the file
+    and the tensor when it holds any NaN/Inf."""
     if name not in self._entries:
       raise CheckpointError(f"{self.path}: no tensor {name}")
     dtype, shape, begin, end = self._entries[name]
     buf = self._mm[self._data_start + begin:self._data_start + end]
-    return buf.view(dtype).reshape(shape)
+    x = buf.view(dtype).reshape(shape)
+    return check_finite(self.path, name, x) if finite else x
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one file (memory-mapped, read-only)."""
+  """All tensors of one file (memory-mapped, read-only; each checked for NaN/Inf)."""
   f = SafetensorsFile(path)
   return {k: f.get(k) for k in f.names()}
 
@@ -216,7 +248,8 @@ class TensorDir:
     return self._files[self._where[name]].shape(name)
 
   def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """The tensor; CheckpointError naming the file when missing or (given `shape`) misshapen."""
+    """The tensor; CheckpointError naming the file when missing, (given `shape`) misshapen, or holding
+    any NaN/Inf."""
     if name not in self._where:
       raise CheckpointError(f"{self.directory}: tensor {name} is missing (not in any safetensors file)")
     f = self._files[self._where[name]]

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextstep_jax.interop.safetensors_io import CheckpointError, check_finite
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -51,7 +52,8 @@ class StateDictError(ValueError):
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a checkpoint file into {name: float32 numpy array} without running any pickled code."""
+  """Reads a checkpoint file into {name: float32 numpy array} without running any pickled code.
+  Each tensor is checked for NaN/Inf as it is read (CheckpointError naming the file and the tensor)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"VAE checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
@@ -60,7 +62,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
       with safe_open(path, framework="numpy") as f:
         for k in f.keys():
-          out[k] = np.asarray(f.get_tensor(k))
+          out[k] = check_finite(path, k, np.asarray(f.get_tensor(k)))
+    except CheckpointError:
+      raise
     except TypeError:  # bfloat16 has no numpy dtype: read through torch when it is there
       out = _load_safetensors_via_torch(path)
     except Exception as e:  # safetensors' own error type: a header or data that does not parse
@@ -87,7 +91,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     for k, v in obj.items():
       if not hasattr(v, "detach"):
         raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-      out[str(k)] = v.detach().float().cpu().numpy()
+      out[str(k)] = check_finite(path, str(k), v.detach().float().cpu().numpy())
     return _to_float32(out, path)
   raise ValueError(f"{path}: unsupported checkpoint type; use .safetensors "
                    f"(or a PyTorch state dict {PICKLE_SUFFIXES}, read with weights_only=True)")
@@ -98,7 +102,7 @@ def _load_safetensors_via_torch(path: str) -> dict[str, np.ndarray]:
     from safetensors.torch import load_file
   except ImportError as e:
     raise ValueError(f"{path} holds bfloat16 tensors; reading them needs torch") from e
-  return {k: v.float().numpy() for k, v in load_file(path).items()}
+  return {k: check_finite(path, k, v.float().numpy()) for k, v in load_file(path).items()}
 
 
 def _to_float32(sd: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
