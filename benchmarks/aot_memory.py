@@ -1,7 +1,7 @@
 """Per-device memory of the stage configs compiled for TPU topologies from this host: the docs' table.
 
   pip install "jax[tpu]"     # libtpu, matching the installed jax (describes TPU chips on a CPU host)
-  python benchmarks/aot_memory.py                                   # stage1 and stage2 on v5p-64, v5p-256
+  python benchmarks/aot_memory.py        # stage1, stage2 and sft as shipped on v5p-64, v5p-256, v6e-64
   python benchmarks/aot_memory.py --topologies=v6e-64 --configs=configs/stage2.py \
       --extra=--config.model.remat=dots
   python benchmarks/aot_memory.py --from_json=aot.jsonl              # only print the table
@@ -9,8 +9,10 @@
 Each row is one `python -m nextstep_jax.aot` in its own process (the compiler's memory is returned
 between rows), appending a JSON line to --json; the table lists bytes per device (the memory-usage
 report's "Total bytes"; XLA's temp estimate beside it) against the chip's HBM, compile time, the mesh and
-the remat policy, and the verdict. One row of data.seq_len tokens per data-parallel shard
-(--rows_per_device=1: 16K tokens per device for the stage configs). Never asserts.
+the remat policy, and the verdict. Each config is compiled as shipped: its global batch (384 rows of 16K
+tokens for stage1/2, 64 of 8K for SFT) split into micro-batches of data.micro_batch_per_device rows per
+data-parallel device, with the accumulation steps that follow from the mesh (the table's "micro x accum"
+column); ``--extra=--rows_per_device=1`` compiles one row per device instead. Never asserts.
 """
 
 from __future__ import annotations
@@ -40,21 +42,22 @@ def run_row(config: str, topology: str, extra: list[str], json_path: str, num_sl
 
 def table(rows: list[dict]) -> str:
   g = lambda b: "-" if b is None else f"{b / GiB:.1f}"
-  out = ["| config | topology | mesh | remat | attention | tokens/device | params | Total GiB/device | "
+  out = ["| config | topology | mesh | global batch | micro x accum | remat | params | Total GiB/device | "
          "temp GiB (analysis) | HBM GiB | compile s | verdict |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    tokens = r["batch_size"] * r["seq_len"] // max(r["devices"], 1)
-    out.append(f"| {os.path.basename(r.get('config') or '?')} | {r['topology']} | {r['mesh']} | {r['remat']} | "
-               f"{r['attention']} | {tokens} | {r['params'] / 1e9:.2f}B | {g(r.get('total_bytes'))} | "
-               f"{g(r.get('temp_bytes'))} | {g(r.get('hbm_bytes'))} | {r['compile_s']:.0f} | {r['verdict']} |")
+    plan = f"{r.get('micro_batch_per_device', '?')} x {r.get('grad_accum', '?')}"
+    out.append(f"| {os.path.basename(r.get('config') or '?')} | {r['topology']} | {r['mesh']} | "
+               f"{r['batch_size']} x {r['seq_len']} | {plan} | {r['remat']} | {r['params'] / 1e9:.2f}B | "
+               f"{g(r.get('total_bytes'))} | {g(r.get('temp_bytes'))} | {g(r.get('hbm_bytes'))} | "
+               f"{r['compile_s']:.0f} | {r['verdict']} |")
   return "\n".join(out)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--configs", default="configs/stage1.py,configs/stage2.py")
-  p.add_argument("--topologies", default="v5p-64,v5p-256")
+  p.add_argument("--configs", default="configs/stage1.py,configs/stage2.py,configs/sft.py")
+  p.add_argument("--topologies", default="v5p-64,v5p-256,v6e-64")
   p.add_argument("--num_slices", type=int, default=1)
   p.add_argument("--extra", action="append", default=[], help="extra flag for nextstep_jax.aot (repeatable)")
   p.add_argument("--json", default="", help="JSON lines file (default: a temporary file)")

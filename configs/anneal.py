@@ -11,5 +11,6 @@ import ml_collections
 from configs.common import stage_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-  return stage_config("anneal")
+def get_config(size: str | None = None) -> ml_collections.ConfigDict:
+  """``--config=configs/anneal.py`` (14B) or ``--config=configs/anneal.py:tiny`` (the same path on a CPU)."""
+  return stage_config("anneal", size)

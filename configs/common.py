@@ -54,16 +54,30 @@ STAGES: dict[str, dict] = {
 STAGE_BATCH_ROWS: dict[str, int] = {"stage1": 384, "stage2": 384, "anneal": 128, "sft": 64}
 
 
-def stage_config(name: str) -> ml_collections.ConfigDict:
-  """A SPEC §7 training stage on the Qwen2.5-14B backbone with the base FM head (locked).
+SIZES = ("14b", "tiny")
 
-  bf16 compute with fp32 master weights, full rematerialisation, pure FSDP over every device.
-  Data, tokenizer and VAE paths are left empty: set them on the command line
+
+def stage_config(name: str, size: str | None = None) -> ml_collections.ConfigDict:
+  """A SPEC §7 training stage (locked): by default (`size` "14b") on the Qwen2.5-14B backbone with the
+  base FM head; ``size="tiny"`` runs the same code path (the stage's mixture, schedule kind, loss,
+  pure FSDP, derived accumulation) at the demo's size on a CPU with the embedded digits
+  (``--config=configs/stage2.py:tiny``).
+
+  14b: bf16 compute with fp32 master weights, full rematerialisation, pure FSDP over every device,
+  the global batch of ``STAGE_BATCH_ROWS`` rows split into micro-batches of one row per device
+  (``data.micro_batch_per_device=1``, ``optim.grad_accum=0``: the accumulation steps follow the mesh).
+  Data, tokenizer and VAE paths are left empty and are checked first: set them on the command line
   (``--config.data.source=... --config.tokenizer.path=... --config.vae.checkpoint=...``), and
   ``--config.checkpoint.init_from=<previous stage's checkpoint dir>`` for stages after stage1.
   """
   if name not in STAGE_BATCH_ROWS:
     raise KeyError(f"no config for stage {name!r}; stages with configs: {sorted(STAGE_BATCH_ROWS)}")
+  size = size or "14b"
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r} for configs/{name}.py; sizes: {list(SIZES)} "
+                     f"(e.g. --config=configs/{name}.py:tiny)")
+  if size == "tiny":
+    return _tiny_stage(name)
   row = STAGES[name]
   c = base_config("qwen2.5-14b", "base")
   c.workdir = f"runs/{name}"
@@ -88,12 +102,14 @@ def stage_config(name: str) -> ml_collections.ConfigDict:
   c.optim.weight_decay = row["weight_decay"]
 
   c.mesh.axes = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.optim.grad_accum = 0              # derived: batch / (micro_batch_per_device * data-parallel devices)
   c.checkpoint.every = 1000
   c.checkpoint.keep = 3
 
   min_tokens, max_tokens = row["image_tokens"]
   c.data.source = ""
-  c.data.batch_size = STAGE_BATCH_ROWS[name]
+  c.data.batch_size = STAGE_BATCH_ROWS[name]   # the global batch: the paper's token budget
+  c.data.micro_batch_per_device = 1
   c.data.seq_len = row["seq_len"]
   c.data.ratios = ml_collections.ConfigDict(dict(row["ratios"]))
   c.data.image_size = int(round(row["image_area"][1] ** 0.5))   # largest side of the stage
@@ -108,6 +124,50 @@ def stage_config(name: str) -> ml_collections.ConfigDict:
   c.tokenizer.path = ""
   c.tokenizer.vocab_size = c.model.vocab_size
   c.vae.preset = "f8d16"
+  c.lock()
+  return c
+
+
+def _tiny_stage(name: str) -> ml_collections.ConfigDict:
+  """The stage's code path at the demo's size: tiny backbone and head, 128-token rows of 32x32 digits
+  encoded by the demo VAE inside the step (set vae.checkpoint to a train_vae work directory), the
+  stage's ratios, loss weights and schedule kind, pure FSDP with derived accumulation, fp32."""
+  row = STAGES[name]
+  c = base_config("tiny", "tiny")
+  c.workdir = f"runs/{name}_tiny"
+  c.steps = 20
+  c.log_every = 1
+  c.eval_every = 10
+  c.model.attention = "auto"
+  c.loss.ce_weight = row["ce_weight"]
+  c.loss.fm_weight = row["fm_weight"]
+  c.optim.lr = row["lr"]
+  c.optim.min_lr = row["min_lr"]
+  c.optim.schedule = row["schedule"]
+  c.optim.warmup_steps = min(row["warmup_steps"], 2)
+  c.optim.weight_decay = row["weight_decay"]
+  c.optim.grad_accum = 0
+  c.mesh.axes = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.checkpoint.every = 10
+  c.checkpoint.keep = 2
+  c.image.latent_channels = 4
+  c.image.vae_factor = 4
+  c.data.source = "digits"
+  c.data.batch_size = 8
+  c.data.micro_batch_per_device = 1
+  c.data.seq_len = 128
+  c.data.ratios = ml_collections.ConfigDict(dict(row["ratios"]))
+  c.data.image_size = 32
+  per_image = tokens_per_image(32, c.image.vae_factor, c.image.patch_size)
+  c.data.min_image_tokens = c.data.max_image_tokens = per_image
+  c.data.max_images = 5
+  c.data.max_row_image_tokens = 5 * per_image
+  c.data.payload = "images"
+  c.tokenizer.kind = "sentencepiece"
+  c.tokenizer.vocab_size = c.model.vocab_size
+  c.vae.preset = "demo"
+  if name == "sft":
+    c.data.loss_on_prompt = False
   c.lock()
   return c
 

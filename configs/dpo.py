@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.init_from = "runs/sft/checkpoints"
     c.checkpoint.every = 100
     c.loss.ce_chunk = 0            # DPO computes no CE
+    c.optim.grad_accum = 1         # the DPO step does not accumulate
     c.data.payload = "images"
     c.data.batch_size = 64         # preference pairs per step (2 sequences each)
     c.data.seq_len = 1280

@@ -14,8 +14,11 @@ import ml_collections
 from configs.common import stage_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = stage_config("sft")
+def get_config(size: str | None = None) -> ml_collections.ConfigDict:
+  """``--config=configs/sft.py`` (14B) or ``--config=configs/sft.py:tiny`` (the same path on a CPU)."""
+  c = stage_config("sft", size)
+  if size == "tiny":
+    return c
   with c.unlocked():
     c.data.loss_on_prompt = False
     c.checkpoint.init_from = "runs/anneal/checkpoints"

@@ -373,6 +373,7 @@ def test_lora_dpo_uses_the_frozen_base_as_reference():
 # The demo config end to end: preference data, from the SFT checkpoint, checkpoint, exact resume
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dpo_demo_runs_checkpoints_and_resumes_exactly(tmp_path, capsys):
   from configs import dpo_demo
   from nextstep_jax.training import metrics

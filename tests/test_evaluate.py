@@ -101,6 +101,7 @@ def test_frechet_distance_rejects_bad_features():
 # The classifier and the judging functions
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_classifier_heldout_accuracy_and_files(judge, heldout):
   directory, model, metrics = judge
   assert metrics["heldout_accuracy"] >= 0.97, metrics
@@ -123,6 +124,7 @@ def test_classifier_heldout_accuracy_and_files(judge, heldout):
   assert os.stat(weights).st_mtime_ns == mtime and meta2["recipe"] == metrics["recipe"]
 
 
+@pytest.mark.slow
 def test_classifier_rejects_bad_images(judge):
   _, model, _ = judge
   with pytest.raises(ValueError, match=r"images must be \(N, 32, 32, 3\)"):
@@ -133,6 +135,7 @@ def test_classifier_rejects_bad_images(judge):
     digits_eval.prompt_following(model, np.zeros((4, 32, 32, 3), np.uint8), [1, 2, 3])
 
 
+@pytest.mark.slow
 def test_prompt_following_on_real_digits(judge, heldout):
   _, model, _ = judge
   images, labels = heldout
@@ -141,6 +144,7 @@ def test_prompt_following_on_real_digits(judge, heldout):
   assert 0.03 <= digits_eval.prompt_following(model, images, shuffled) <= 0.2
 
 
+@pytest.mark.slow
 def test_evaluate_generated_real_vs_real_and_noise(judge, heldout):
   _, model, _ = judge
   images, labels = heldout
@@ -192,6 +196,7 @@ def test_load_trained_and_generate_digits(run_dir):
     digits_eval.generate_digits(model, config, tokenizer, vae, [10], 1, key)
 
 
+@pytest.mark.slow
 def test_evaluate_run_writes_eval_json_and_grid(run_dir, judge):
   workdir, _ = run_dir
   result = digits_eval.evaluate_run(workdir, per_digit=1, cfg=3.0, steps=2, classifier_dir=judge[0],

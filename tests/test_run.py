@@ -220,6 +220,7 @@ def test_latents_falls_back(tmp_path, caplog, monkeypatch):
   _assert_untouched(directory, before, VAE_NEWEST)
 
 
+@pytest.mark.slow
 def test_dpo_policy_and_reference_fall_back(corrupt_run, ckpt_dir, caplog, capsys, monkeypatch, tmp_path):
   from configs import dpo_demo
   from nextstep_jax.evaluation import preferences as digit_prefs

@@ -40,6 +40,8 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from nextstep_jax import config as config_lib  # pylint: disable=wrong-import-position
+
+from nextstep_jax import overrides as overrides_lib  # pylint: disable=wrong-import-position
 from nextstep_jax import parallel  # pylint: disable=wrong-import-position
 from nextstep_jax.training import flops as flops_lib  # pylint: disable=wrong-import-position
 from nextstep_jax.training.trainer import Trainer, count_params  # pylint: disable=wrong-import-position
@@ -153,9 +155,12 @@ def libtpu_available() -> bool:
 # ------------------------------------------------------------------------------------------------
 # The compile
 # ------------------------------------------------------------------------------------------------
-def prepare_config(config, topo: Topology | None = None, rows_per_device: int = 1,
+def prepare_config(config, topo: Topology | None = None, rows_per_device: int = 0,
                    devices: list[Any] | None = None):
-  """A copy of `config` set up for an AOT compile: TPU attention, the AOT batch, validated."""
+  """A copy of `config` set up for an AOT compile: TPU attention, validated (not its data paths). The
+  global batch stays as shipped (`rows_per_device` 0), with the micro-batch and accumulation the config
+  derives for this mesh (``config.batch_plan``); `rows_per_device` > 0 replaces the global batch by that
+  many rows per data-parallel device instead."""
   config = config.copy_and_resolve_references()
   num_devices = topo.num_devices if topo is not None else len(devices or jax.devices())
   overrides: dict[str, Any] = {}
@@ -167,11 +172,11 @@ def prepare_config(config, topo: Topology | None = None, rows_per_device: int = 
     _, _, sizes = parallel.resolve_hybrid_axes(dict(config.mesh.axes), dcn, num_devices, granules)
     overrides["data.batch_size"] = rows_per_device * sizes["data"] * sizes["fsdp"]
   if config.data.payload != "image_tokens":
-    raise ValueError("nextstep_jax.aot compiles the latent path: set --config.data.payload=image_tokens "
+    raise config_lib.UserError("nextstep_jax.aot compiles the latent path: set --config.data.payload=image_tokens "
                      f"(got {config.data.payload!r}; the pixel path needs a trained VAE checkpoint)")
-  config_lib.apply_overrides(config, overrides)
+  overrides_lib.apply_overrides(config, overrides)
   config_lib.validate(config, num_devices=num_devices,
-                      num_granules=topo.num_slices if topo is not None else None)
+                      num_granules=topo.num_slices if topo is not None else None, paths=False)
   return config
 
 
@@ -212,6 +217,8 @@ class AotResult:
   temp_bytes: int | None = None
   analysis_peak_bytes: int | None = None  # argument + output - alias + temp
   step_tflops: float = 0.0
+  micro_batch_per_device: int = 0        # rows per data-parallel device in each micro-batch
+  grad_accum: int = 1                    # micro-batches per update (config.batch_plan)
   error: str = ""
   hints: list[str] = dataclasses.field(default_factory=list)
 
@@ -292,7 +299,9 @@ def compile_train_step(config, devices: list[Any], *, topology_name: str = "", h
       attention=str(config.model.attention), batch_size=int(config.data.batch_size),
       seq_len=int(config.data.seq_len), num_layers=int(config.model.num_layers),
       params=count_params(trainer.abstract_params), lower_s=lower_s, compile_s=0.0, fits=True,
-      hbm_bytes=hbm_bytes, step_tflops=flops_lib.step_flops(config) / 1e12)
+      hbm_bytes=hbm_bytes, step_tflops=flops_lib.step_flops(config) / 1e12,
+      micro_batch_per_device=config_lib.batch_plan(config, mesh.shape["data"] * mesh.shape["fsdp"])[0],
+      grad_accum=trainer.grad_accum)
   own_dump = dump_dir is None
   dump_dir = dump_dir or tempfile.mkdtemp(prefix="nextstep_aot_")
   t1 = time.perf_counter()
@@ -336,8 +345,9 @@ def format_result(r: AotResult) -> str:
       f"topology      {r.topology} ({r.devices} x {r.device_kind}), mesh {r.mesh}",
       f"model         {r.params / 1e9:.2f}B parameters, {r.num_layers} layers, remat={r.remat}, "
       f"attention={r.attention}",
-      f"batch         {r.batch_size} rows x {r.seq_len} tokens "
-      f"({r.batch_size * r.seq_len // max(r.devices, 1)} tokens per device); "
+      f"batch         {r.batch_size} rows x {r.seq_len} tokens (global) = {r.grad_accum} micro-batch(es) of "
+      f"{r.micro_batch_per_device} row(s) per data-parallel device "
+      f"({r.batch_size * r.seq_len // max(r.devices, 1)} tokens per device per update); "
       f"{r.step_tflops:.1f} TFLOP per step",
       f"lower         {r.lower_s:.1f} s; compile {r.compile_s:.1f} s",
   ]

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nextstep_jax import config as config_lib
 from nextstep_jax import parallel
 from nextstep_jax.batch import IGNORE
 from nextstep_jax.models import layers as layers_lib
@@ -71,7 +72,8 @@ class Trainer:
     opt_abstract = jax.eval_shape(self.tx.init, self.abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.ema_decay = float(config.ema_decay)
-    self.grad_accum = int(config.optim.grad_accum)
+    # Accumulation steps per update: optim.grad_accum, or derived from the micro-batch and the mesh.
+    self.grad_accum = config_lib.batch_plan(config, mesh.shape["data"] * mesh.shape["fsdp"])[1]
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     self.state_shardings = {
         "step": replicated,
@@ -152,7 +154,7 @@ class Trainer:
     return jax.lax.stop_gradient(toks.reshape(b, n * toks.shape[1], toks.shape[2]))
 
   def grads(self, params: dict, batch: dict, key: jax.Array, base: dict | None = None) -> tuple[dict, dict]:
-    """Gradients and metrics of the whole batch; with ``optim.grad_accum`` = K, accumulated over K
+    """Gradients and metrics of the whole batch; with K accumulation steps (``config.batch_plan``), accumulated over K
     micro-batches under a scan (each micro-batch is every K-th row, so it stays on its devices).
     Losses are normalised by the whole batch's token counts, so K micro-batches give the update
     of one big batch."""
