@@ -128,7 +128,9 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
   # edit instruction); no CE predicts the caption or instruction (data/sequences.py).
   c.data.loss_on_prompt = True
   c.data.payload = "image_tokens"
-  c.data.num_workers = 0
+  c.data.num_workers = 0              # grain worker processes (0: in the training process)
+  c.data.num_threads = 0              # grain read threads (0: grain's default, no prefetch)
+  c.data.pack_open_rows = 8           # rows the packer keeps open to fill gaps
   c.data.seed = 0
 
   c.tokenizer = ml_collections.ConfigDict(dict(kind="sentencepiece", path="",

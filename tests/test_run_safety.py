@@ -311,3 +311,21 @@ def test_sigint_during_compilation_ends_the_cli_run_cleanly(assets, tmp_path):
   metrics = work / "metrics.jsonl"
   assert not metrics.exists() or len(metrics.read_text().splitlines()) < 5
   assert not (work / workdir_lock.LOCK_FILE).exists()
+
+
+def test_data_cache_goes_under_the_run_workdir_not_the_current_directory(tmp_path, monkeypatch):
+  """The stdlib-docstring cache of the text source lands in <workdir>/cache of the run being trained,
+  even when config.workdir (a relative default such as runs/demo) names another place."""
+  from nextstep_jax.data import mixture
+  from nextstep_jax.data import tokenizer as tok_lib
+  from tests.test_mixture import demo_config
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  config = demo_config("runs/demo")            # the relative default the configs ship with
+  run_dir = tmp_path / "run"
+  tok = tok_lib.build_demo_tokenizer(str(run_dir), vocab_size=512)
+  it = mixture.build_train_iterator(config, tok, workdir=str(run_dir))
+  next(it)
+  assert any((run_dir / "cache").glob("stdlib_docstrings_*.json"))
+  assert not any(cwd.iterdir()), sorted(p.name for p in cwd.rglob("*"))

@@ -508,12 +508,13 @@ def _mixture(settings: DataSettings, sources: dict[str, tuple[Any, Callable]],
 
 
 def build_sample_dataset(config, tokenizer, *, split: str = "train", image_encoder=None,
-                         drop_text_prob: float | None = None,
-                         process_count: int = 1) -> tuple[grain.MapDataset, NamedMixMapDataset,
-                                                          ElementBuilder, DataSettings]:
+                         drop_text_prob: float | None = None, process_count: int = 1,
+                         workdir: str | None = None) -> tuple[grain.MapDataset, NamedMixMapDataset,
+                                                              ElementBuilder, DataSettings]:
   """The global element stream (position k -> Element) before sharding and packing, plus the
-  pieces the packer needs. Used by build_train_iterator and by tests of shares and sharding."""
-  settings = data_settings(config, process_count)
+  pieces the packer needs. Used by build_train_iterator and by tests of shares and sharding.
+  `workdir`: the run's work directory, holding the data cache (default config.workdir)."""
+  settings = data_settings(config, process_count, workdir)
   sources = build_record_sources(settings, split, image_encoder=image_encoder)
   mixture = _mixture(settings, sources, settings.ratios, settings.seed)
   builder = ElementBuilder(
@@ -524,14 +525,14 @@ def build_sample_dataset(config, tokenizer, *, split: str = "train", image_encod
 
 
 def build_train_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1, *,
-                         image_encoder=None) -> TrainIterator:
+                         image_encoder=None, workdir: str | None = None) -> TrainIterator:
   """The training iterator of one process: local batches of data.batch_size // process_count
   rows. With data.num_workers > 0 the per-sample work and packing run in grain worker processes
   (the launching script needs a ``__main__`` guard; absl flags parsed as grain requires)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
   elements, mixture, builder, settings = build_sample_dataset(
-      config, tokenizer, image_encoder=image_encoder, process_count=process_count)
+      config, tokenizer, image_encoder=image_encoder, process_count=process_count, workdir=workdir)
   spec = settings.row_spec(tokenizer.pad_id)
   shard = elements[process_index::process_count]
   read = grain.ReadOptions(num_threads=settings.num_threads,
@@ -547,14 +548,14 @@ def build_train_iterator(config, tokenizer, process_index: int = 0, process_coun
   return TrainIterator(iter(ds), settings, process_index, process_count)
 
 
-def build_eval_batches(config, tokenizer, num_batches: int, *,
-                       image_encoder=None) -> dict[str, list[dict[str, np.ndarray]]]:
+def build_eval_batches(config, tokenizer, num_batches: int, *, image_encoder=None,
+                       workdir: str | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
   """Fixed held-out batches per component: source name -> `num_batches` batches of
   data.batch_size rows (global; evaluation runs them as given). Digits: the held-out split
   (500 digits, every 20th stdlib docstring); a data directory: its 'heldout' split where one
   exists. Captions are never flipped (drop_text_prob 0), so pair loss measures text-to-image;
   data.loss_on_prompt applies as in training. Components with a positive ratio are evaluated."""
-  settings = data_settings(config)
+  settings = data_settings(config, workdir=workdir)
   sources = build_record_sources(settings, "heldout", image_encoder=image_encoder)
   spec = settings.row_spec(tokenizer.pad_id)
   seq = SequenceBuilder(tokenizer, 0.0, settings.loss_on_prompt)

@@ -63,12 +63,13 @@ def normalise_ratios(ratios) -> dict[str, float]:
   return {n: float(ratios[n]) / total for n in COMPONENTS if ratios.get(n, 0) > 0}
 
 
-def data_settings(config, process_count: int = 1) -> DataSettings:
-  """Reads and validates config.data / config.image (errors name the field)."""
+def data_settings(config, process_count: int = 1, workdir: str | None = None) -> DataSettings:
+  """Reads and validates config.data / config.image (errors name the field; the fields and their
+  defaults: ``nextstep_jax/config.py:base_config``). `workdir`: the run's work directory, which holds
+  the data cache (default ``config.workdir``)."""
   d, im = config.data, config.image
-  get = lambda cfg, k, default: cfg[k] if k in cfg else default  # noqa: E731
   unit = int(im.vae_factor) * int(im.patch_size)
-  token_dim = int(get(im, "token_dim", int(im.latent_channels) * int(im.patch_size) ** 2))
+  token_dim = int(im.token_dim)
   if process_count < 1:
     raise ValueError(f"process_count must be >= 1, got {process_count}")
   if d.batch_size % process_count:
@@ -98,7 +99,6 @@ def data_settings(config, process_count: int = 1) -> DataSettings:
       token_dim=token_dim, min_image_tokens=int(d.min_image_tokens),
       max_image_tokens=int(d.max_image_tokens), sides=sides, payload=str(d.payload),
       max_images=int(d.max_images), max_row_image_tokens=int(d.max_row_image_tokens),
-      drop_text_prob=float(d.drop_text_prob), num_workers=int(get(d, "num_workers", 0)),
-      num_threads=int(get(d, "num_threads", 0)), seed=int(get(d, "seed", 0)),
-      open_rows=int(get(d, "pack_open_rows", 8)), workdir=str(get(config, "workdir", "") or ""),
-      loss_on_prompt=bool(get(d, "loss_on_prompt", True)))
+      drop_text_prob=float(d.drop_text_prob), num_workers=int(d.num_workers),
+      num_threads=int(d.num_threads), seed=int(d.seed), open_rows=int(d.pack_open_rows),
+      workdir=str(workdir or config.workdir or ""), loss_on_prompt=bool(d.loss_on_prompt))

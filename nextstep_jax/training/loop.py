@@ -174,7 +174,7 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
 
     # 2. data
     tokenizer = run_lib.load_tokenizer(config, workdir, build=True)
-    data_iter = mixture.build_train_iterator(config, tokenizer, pidx, pcount)
+    data_iter = mixture.build_train_iterator(config, tokenizer, pidx, pcount, workdir=workdir)
     run.check_stop()
 
     # 3. model, state, checkpoints
@@ -233,7 +233,8 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
           writer.write_scalars(step, last)
         if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
           if eval_batches is None:
-            eval_batches = mixture.build_eval_batches(config, tokenizer, int(config.eval_batches))
+            eval_batches = mixture.build_eval_batches(config, tokenizer, int(config.eval_batches),
+                                                    workdir=workdir)
           evals = evaluate_heldout(trainer, state, eval_batches, mesh)
           writer.write_scalars(step, evals)
           if config.sample_prompts and trainer.vae is not None:
