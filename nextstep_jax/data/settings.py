@@ -1,5 +1,6 @@
 """The data pipeline's settings: config.data / config.image read and validated into ``DataSettings``
-(see notes/config.md); the pipeline itself is ``data/mixture.py``."""
+(the fields and their defaults: ``nextstep_jax/config.py:base_config``); the pipeline itself is
+``data/mixture.py``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ COMPONENTS = ("text", "pair", "edit", "interleaved")
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-  """Everything the pipeline reads from a config, validated (see notes/config.md)."""
+  """Everything the pipeline reads from a config, validated."""
   source: str
   batch_size: int          # global rows
   local_batch: int         # rows per process

@@ -14,8 +14,9 @@ that succeeds fits. Memory per device comes from the memory-usage report XLA wri
 (its temp figure runs a few GiB above the real allocation). When it does not fit, hints name the config
 changes that cut memory (more FSDP, another remat policy, a smaller per-device batch, a CE chunk).
 
-Batch: ``--rows_per_device`` (default 1) sets ``data.batch_size`` to that many rows per data-parallel
-shard (``data * fsdp`` devices), i.e. ``data.seq_len`` tokens per device at 1 with no tensor parallelism.
+Batch: the config's global batch as shipped, split into the micro-batches and accumulation steps the
+config derives for the mesh (``config.batch_plan``; printed). ``--rows_per_device=N`` sets
+``data.batch_size`` to N rows per data-parallel shard (``data * fsdp`` devices) instead.
 The latent path (``data.payload="image_tokens"``) is compiled; the pixel path needs a trained VAE.
 On CPU the attention implementation is taken from the config; ``cudnn`` (the stage configs' default,
 GPU only) is replaced by ``splash`` for TPU targets, ``auto`` resolves to ``splash``.
