@@ -15,6 +15,14 @@ Flags: --vae_steps, --steps (transformer), --per_digit (samples per digit for th
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+  # Until the run installs its own handler (training/loop.start), a Ctrl-C during start-up (importing
+  # jax, parsing flags) ends the process at once with status 130, not with a KeyboardInterrupt traceback.
+  signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import json
 import os
 import time

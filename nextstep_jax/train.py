@@ -6,8 +6,15 @@ The loop reads top to bottom in ``nextstep_jax/training/loop.py``; the step in
 
 from __future__ import annotations
 
-import os
+import signal
 import sys
+
+if __name__ == "__main__":
+  # Until the run installs its own handler (training/loop.start), a Ctrl-C during start-up (importing
+  # jax, parsing flags) ends the process at once with status 130, not with a KeyboardInterrupt traceback.
+  signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+import os
 import traceback
 
 import jax
