@@ -6,15 +6,16 @@ The loop reads top to bottom in ``nextstep_jax/training/loop.py``; the step in
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 
 if __name__ == "__main__":
   # Until the run installs its own handler (training/loop.start), a Ctrl-C during start-up (importing
-  # jax, parsing flags) ends the process at once with status 130, not with a KeyboardInterrupt traceback.
-  signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+  # jax, parsing flags: nothing is written yet) ends the process at once with status 130. os._exit, not
+  # an exception: one raised inside a garbage-collector callback of jax would be swallowed.
+  signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted during start-up\n"), os._exit(130)))
 
-import os
+import sys
 import traceback
 
 import jax
