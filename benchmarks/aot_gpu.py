@@ -29,8 +29,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GiB = 1024 ** 3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from aot_memory import REPO, table  # noqa: E402  (benchmarks/aot_memory.py: the same table)
 
 
 def load_config(spec: str):
@@ -75,20 +76,6 @@ def run_row(config: str, node: str, count: int, a, json_path: str) -> int:
   return r.returncode
 
 
-def table(rows: list[dict]) -> str:
-  g = lambda b: "-" if b is None else f"{b / GiB:.1f}"
-  out = ["| config | node | mesh | global batch | micro x accum | remat | params | Total GiB/device | "
-         "temp GiB (analysis) | HBM GiB | compile s | verdict |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    plan = f"{r.get('micro_batch_per_device', '?')} x {r.get('grad_accum', '?')}"
-    name = os.path.basename(r.get("config") or "?") + "".join(f" {e}" for e in r.get("extra") or [])
-    out.append(f"| {name} | {r['topology']} | {r['mesh']} | {r['batch_size']} x {r['seq_len']} | {plan} | "
-               f"{r['remat']} | {r['params'] / 1e9:.2f}B | {g(r.get('total_bytes'))} | {g(r.get('temp_bytes'))} | "
-               f"{g(r.get('hbm_bytes'))} | {r['compile_s']:.0f} | {r['verdict']} |")
-  return "\n".join(out)
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--configs", default="configs/stage1.py,configs/stage2.py,configs/sft.py")
@@ -118,7 +105,7 @@ def main() -> None:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       rows = [json.loads(line) for line in f if line.strip()]
-  print("\n" + table(rows))
+  print("\n" + table(rows, place="node", with_extra=True))
   print("\nTotal: the memory-usage report's bytes per device (the buffers XLA allocates). jax's GPU client "
         "preallocates 75% of the memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION), and the CUDA context, "
         "cuBLAS/cuDNN/NCCL take ~1-2 GiB outside it.")

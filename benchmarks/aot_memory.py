@@ -40,14 +40,20 @@ def run_row(config: str, topology: str, extra: list[str], json_path: str, num_sl
   return r.returncode
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], place: str = "topology", with_extra: bool = False) -> str:
+  """The docs' markdown table of the JSON rows (also benchmarks/aot_gpu.py's): `place` heads the column of
+  the row's topology (a TPU topology here, a GPU node there); `with_extra` appends a row's "extra"
+  overrides to its config's name."""
   g = lambda b: "-" if b is None else f"{b / GiB:.1f}"
-  out = ["| config | topology | mesh | global batch | micro x accum | remat | params | Total GiB/device | "
+  out = [f"| config | {place} | mesh | global batch | micro x accum | remat | params | Total GiB/device | "
          "temp GiB (analysis) | HBM GiB | compile s | verdict |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     plan = f"{r.get('micro_batch_per_device', '?')} x {r.get('grad_accum', '?')}"
-    out.append(f"| {os.path.basename(r.get('config') or '?')} | {r['topology']} | {r['mesh']} | "
+    name = os.path.basename(r.get("config") or "?")
+    if with_extra:
+      name += "".join(f" {e}" for e in r.get("extra") or [])
+    out.append(f"| {name} | {r['topology']} | {r['mesh']} | "
                f"{r['batch_size']} x {r['seq_len']} | {plan} | {r['remat']} | {r['params'] / 1e9:.2f}B | "
                f"{g(r.get('total_bytes'))} | {g(r.get('temp_bytes'))} | {g(r.get('hbm_bytes'))} | "
                f"{r['compile_s']:.0f} | {r['verdict']} |")

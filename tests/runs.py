@@ -46,6 +46,20 @@ def make_base_run(root: str, config, *, step: int = 7, seed: int = 3) -> tuple[s
   return root, params
 
 
+def make_tiny_run(workdir: str, *, step: int, seed: int = 0) -> tuple:
+  """A finished tiny run in `workdir` (the demo config, `shrink`-ed, its workdir and VAE pointed there;
+  `make_base_run` at `step` with `seed`), as tests/test_run.py and tests/test_cli_errors.py read it.
+  Returns (the config, the saved params)."""
+  from configs import demo
+  config = demo.get_config()
+  with config.unlocked():
+    shrink(config)
+    config.workdir = workdir
+    config.vae.checkpoint = os.path.join(workdir, "vae")
+  _, params = make_base_run(workdir, config, step=step, seed=seed)
+  return config, params
+
+
 def point_at(c, base: str) -> None:
   """Points a config at a base run: its checkpoints (init_from), VAE and tokenizer."""
   c.checkpoint.init_from = os.path.join(base, "checkpoints")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import make_base_run, shrink
+from tests.runs import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,14 +41,8 @@ def user_error(proc: subprocess.CompletedProcess, *names: str, max_lines: int = 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  from configs import demo  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = demo.get_config()
-  with config.unlocked():
-    shrink(config)
-    config.workdir = workdir
-    config.vae.checkpoint = os.path.join(workdir, "vae")
-  make_base_run(workdir, config, step=3, seed=0)
+  make_tiny_run(workdir, step=3, seed=0)
   return workdir
 
 

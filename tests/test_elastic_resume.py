@@ -25,22 +25,14 @@ import pytest
 from nextstep_jax.batch import validate_batch
 from nextstep_jax.data import mixture as M
 from nextstep_jax.data import schedule as S
-from nextstep_jax.data import tokenizer as T
 from nextstep_jax.training import checkpoint as ckpt_lib
 from nextstep_jax.training import data_state as data_state_lib
-from tests.test_mixture import demo_config
+from tests.test_mixture import demo_config, mixture_fixtures
 
 TOTAL = 12   # global batches of every run
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return tmp_path_factory.mktemp("elastic")
-
-
-@pytest.fixture(scope="module")
-def tok(workdir):
-  return T.tokenizer_from_config(demo_config(workdir))
+workdir, tok = mixture_fixtures("elastic")
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,23 @@ def demo_config(workdir, ratios=None, **data):
       tokenizer=dict(kind="sentencepiece", path="", vocab_size=512)))
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return tmp_path_factory.mktemp("mix")
+def mixture_fixtures(name: str):
+  """The module-scoped fixtures of a test module of the mixture (this one, tests/test_elastic_resume.py):
+  `workdir`, a fresh temporary directory `name`N, and `tok`, the tokenizer of `demo_config(workdir)`.
+  Assign them under those names: ``workdir, tok = mixture_fixtures("mix")``."""
+
+  @pytest.fixture(scope="module")
+  def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp(name)
+
+  @pytest.fixture(scope="module")
+  def tok(workdir):
+    return T.tokenizer_from_config(demo_config(workdir))
+
+  return workdir, tok
 
 
-@pytest.fixture(scope="module")
-def tok(workdir):
-  return T.tokenizer_from_config(demo_config(workdir))
+workdir, tok = mixture_fixtures("mix")
 
 
 def test_spec_ratios_match_stage_configs():

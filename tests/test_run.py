@@ -16,7 +16,7 @@ from flax import nnx
 
 from nextstep_jax import run as run_lib
 from nextstep_jax.training.checkpoint import Checkpointer
-from tests.runs import jit_build, make_base_run, point_at, shrink
+from tests.runs import jit_build, make_tiny_run, point_at, shrink
 
 OLDER, NEWEST = 5, 9            # the run's steps; NEWEST is corrupted
 VAE_OLDER, VAE_NEWEST = 3, 6    # the train_vae work directory's steps; VAE_NEWEST is corrupted
@@ -75,14 +75,8 @@ def _params(module) -> dict:
 def corrupt_run(tmp_path_factory):
   """A finished tiny run: steps OLDER and NEWEST (different params), NEWEST's largest array file
   truncated. Returns (workdir, config, the params of step OLDER)."""
-  from configs import demo
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = demo.get_config()
-  with config.unlocked():
-    shrink(config)
-    config.workdir = workdir
-    config.vae.checkpoint = os.path.join(workdir, "vae")
-  _, older = make_base_run(workdir, config, step=OLDER, seed=0)
+  config, older = make_tiny_run(workdir, step=OLDER, seed=0)
   from nextstep_jax.models import nextstep as ns
   newer = _params(jit_build(lambda: ns.build_model(config, seed=1)))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(older), jax.tree.leaves(newer)))

@@ -284,9 +284,7 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
                                    "dpo.reference")
     run.check_stop()
     ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
-    control = LoopControl(config, ckpt, run.stop)
-    writer = None
-    try:
+    with LoopControl(config, ckpt, run.stop) as control:
       # As in train: resume, else the policy from init_from (with LoRA the frozen base; fresh adapters).
       state = restore_or_init(trainer, ckpt, data_iter, init_from=init_from,
                               required="DPO starts from a trained model: set checkpoint.init_from (the SFT "
@@ -297,7 +295,7 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
       step = int(state["step"])
       run.check_stop()  # before the first step
 
-      writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
+      writer = control.open_writer(workdir, pidx, config.log_every)
       timer = metrics_lib.StepTimer()
       last: dict[str, float] = {}
       while step < config.steps:
@@ -316,8 +314,6 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
           writer.write_scalars(step, evaluate_heldout(trainer, state, ref, heldout, mesh))
         if control.save_or_stop(step, state, streak, data_iter.get_state):
           break
-    finally:
-      control.close(writer)
     return last
   return {}  # a stop before the first step (the session logged it)
 

@@ -182,16 +182,14 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
     log(f"parameters: {count_params(trainer.abstract_params):,}")
     run.check_stop()
     ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
-    control = LoopControl(config, ckpt, run.stop)
-    writer = None
-    try:
+    with LoopControl(config, ckpt, run.stop) as control:
       state = restore_or_init(trainer, ckpt, data_iter, init_from=config.checkpoint.init_from,
                               stop=run.stop)
       step = int(state["step"])
       run.check_stop()  # before the first step
 
       # 4-6. the loop
-      writer = metrics_lib.MetricsWriter(workdir, pidx, console_every=config.log_every)
+      writer = control.open_writer(workdir, pidx, config.log_every)
       timer = metrics_lib.StepTimer()
       tokens_per_step = config.data.batch_size * config.data.seq_len
       flops_per_step = flops_lib.step_flops(config)
@@ -242,8 +240,6 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
             writer.write_images(step, "samples", grid)
         if control.save_or_stop(step, state, streak, data_iter.get_state):
           break
-    finally:
-      control.close(writer)
     return last
   return {}  # a stop before the first step (the session logged it)
 
@@ -252,7 +248,8 @@ class LoopControl:
   """The end of every step of a training loop (train.train, dpo.train_dpo): the check on runs of
   non-finite steps, the periodic, final and on-signal saves, and the stop on SIGTERM or preemption.
   `stop`: the run's StopSignal (``Session.stop``); without one, LoopControl installs its own and
-  restores the old handlers on close."""
+  restores the old handlers on close. Used as a context manager (``with LoopControl(...) as control:``
+  around the restore and the loop), it closes on the way out, however the loop ends."""
 
   def __init__(self, config, ckpt: ckpt_lib.Checkpointer, stop: "StopSignal | None" = None):
     self.ckpt = ckpt
@@ -260,6 +257,19 @@ class LoopControl:
     self.max_bad = int(config.max_skipped_steps)
     self._own_stop = stop is None
     self.stop = StopSignal() if stop is None else stop
+    self.writer: metrics_lib.MetricsWriter | None = None
+
+  def __enter__(self) -> "LoopControl":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def open_writer(self, workdir: str, process_index: int, log_every: int) -> metrics_lib.MetricsWriter:
+    """The loop's MetricsWriter (metrics to TensorBoard, metrics.jsonl and the console every
+    `log_every` steps), closed with the checkpointer (``close``)."""
+    self.writer = metrics_lib.MetricsWriter(workdir, process_index, console_every=log_every)
+    return self.writer
 
   def check_streak(self, step: int, state: State) -> int:
     """The current run of skipped (non-finite) updates; raises once it reaches max_skipped_steps."""
@@ -285,8 +295,8 @@ class LoopControl:
       return True
     return False
 
-  def close(self, writer: metrics_lib.MetricsWriter | None = None) -> None:
-    """Waits for pending saves and closes the checkpointer (and `writer`, the loop's metrics)."""
+  def close(self) -> None:
+    """Waits for pending saves and closes the checkpointer (and the loop's metrics writer, if open)."""
     try:
       if self._own_stop:
         self.stop.restore()
@@ -295,8 +305,8 @@ class LoopControl:
         self.ckpt.wait()
         self.ckpt.close()
       finally:
-        if writer is not None:
-          writer.close()
+        if self.writer is not None:
+          self.writer.close()
 
 
 # KeyboardInterrupts that Python could only report ("Exception ignored in: <function
