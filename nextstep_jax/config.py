@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from nextstep_jax import parallel
+from nextstep_jax.errors import UserError  # re-exported: the one user-error type
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.attention import IMPLEMENTATIONS
 from nextstep_jax.models.presets import BACKBONES, HEADS
@@ -35,9 +36,6 @@ RATIO_KEYS = ("text", "pair", "edit", "interleaved")
 INTEGRITY_MODES = ("auto", "crc32", "size", "off")
 
 
-class UserError(ValueError):
-  """A mistake of the user's (a flag, a config field, a file): the command lines print its message on
-  one or two lines and exit with status 2, without a traceback (``nextstep_jax/cli.py``)."""
 
 
 class ConfigError(UserError):

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from nextstep_jax.errors import UserError
+
 if sys.byteorder != "little":
   raise ImportError("nextstep_jax.interop.safetensors_io reads and writes safetensors on little-endian hosts only")
 
@@ -43,8 +45,9 @@ _FLOATS = frozenset(_DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3",
 _FINITE_CHUNK = 1 << 24  # elements per np.isfinite call: bounds the temporary bool array to 16 MiB
 
 
-class CheckpointError(ValueError):
-  """A checkpoint directory or file that cannot be read; the message names the file and key."""
+class CheckpointError(UserError):
+  """A checkpoint directory or file that cannot be read; the message names the file and key (a user's
+  input: the command lines print it on one line and exit with status 2)."""
 
 
 def non_finite_count(x: np.ndarray) -> int:
