@@ -14,18 +14,26 @@ special tokens (``extend_hf_tokenizer``).
 A saved tokenizer directory holds the model file (``tokenizer.model`` or ``tokenizer.json``) and
 ``nextstep_tokenizer.json`` (kind, file, eos token, vocabulary size, and for the demo model the
 training recipe it was built with).
+
+A Hugging Face directory as the NextStep-1 release lays it out (``tokenizer/`` beside the model:
+``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``) loads as it is:
+``find_tokenizer(model_dir)`` says which directory to load, and the EOS comes from
+``tokenizer_config.json``, else ``special_tokens_map.json`` (``eos_token`` as a string or as
+``{"content": ...}``), else a known end-of-text string. ``tokenizer_config.json``'s
+``added_tokens_decoder`` ({id: {"content": ...}}) must agree with ``tokenizer.json``'s ids.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import sys
 import tempfile
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from nextstep_jax.data import digits
 
@@ -48,6 +56,13 @@ DEMO_UNK = "<unk>"
 META_FILE = "nextstep_tokenizer.json"
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
+# Hugging Face's side files of a tokenizer.json directory.
+HF_CONFIG_FILE = "tokenizer_config.json"
+HF_SPECIAL_MAP_FILE = "special_tokens_map.json"
+# A model directory's tokenizer lives here (the release's layout), else in the directory itself.
+TOKENIZER_SUBDIR = "tokenizer"
+# End-of-text guesses for a tokenizer.json whose side files name none, in this order.
+FALLBACK_EOS: tuple[str, ...] = (DEMO_EOS, "</s>", "<eos>")
 # Bump when the demo corpus or training options change, so stale demo models are retrained.
 DEMO_RECIPE_VERSION = 1
 
@@ -161,11 +176,23 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-  """A Hugging Face ``tokenizers`` model (``tokenizer.json``), e.g. Qwen2.5's vocabulary."""
+  """A Hugging Face ``tokenizers`` model (``tokenizer.json``), e.g. Qwen2.5's vocabulary.
+
+  ``config_dir``: the directory whose ``tokenizer_config.json`` / ``special_tokens_map.json`` are
+  read (``HFSpecialTokens``): the EOS when ``eos_token`` is not given, the declared pad token,
+  and the ``added_tokens_decoder`` ids, which must match this vocabulary.
+
+  PAD: ``pad_id`` is always the id of ``[PAD]``, the release's first special token (SPEC §1), with
+  which packed rows are filled. A ``pad_token`` that the side files name is recorded as
+  ``declared_pad_token`` / ``declared_pad_id`` (it must be in the vocabulary) but does not replace
+  ``[PAD]``: Qwen2.5's files name ``<|endoftext|>``, the EOS, and padding with the EOS would make
+  padding and real ends of text the same id.
+  """
 
   kind = "hf"
 
-  def __init__(self, json_text: str, source: str = "<memory>", eos_token: str | None = None):
+  def __init__(self, json_text: str, source: str = "<memory>", eos_token: str | None = None,
+               config_dir: str | None = None, declared_pad_token: str | None = None):
     from tokenizers import Tokenizer as _HF  # pylint: disable=import-outside-toplevel
     try:
       tok = _HF.from_str(json_text)
@@ -173,8 +200,16 @@ class HFTokenizer(Tokenizer):
       raise ValueError(f"{source}: not a valid Hugging Face tokenizer.json ({e})") from e
     self._tok = tok
     self._json = json_text
+    side = read_hf_special_tokens(config_dir) if config_dir else HFSpecialTokens()
+    _check_added_tokens(tok, side, source)
     if eos_token is None:
-      eos_token = _default_hf_eos(tok, source)
+      eos_token = _default_hf_eos(tok, source, side)
+    if declared_pad_token is None and side.pad_token is not None:
+      if tok.token_to_id(side.pad_token) is None:
+        raise ValueError(f"{side.pad_from}: pad_token {side.pad_token!r} is not in the vocabulary "
+                         f"of {source}")
+      declared_pad_token = side.pad_token
+    self.declared_pad_token = declared_pad_token
     special = {}
     for token in SPECIAL_TOKENS + (eos_token,):
       i = tok.token_to_id(token)
@@ -194,47 +229,150 @@ class HFTokenizer(Tokenizer):
   def vocab_size(self) -> int:
     return int(self._tok.get_vocab_size(with_added_tokens=True))
 
+  @property
+  def declared_pad_id(self) -> int | None:
+    """Id of the pad token the side files named (None if they named none); see the class doc."""
+    if self.declared_pad_token is None:
+      return None
+    return self._tok.token_to_id(self.declared_pad_token)
+
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     _atomic_write(os.path.join(directory, HF_FILE), self._json.encode("utf-8"))
-    self._write_meta(directory, HF_FILE)
+    extra = {} if self.declared_pad_token is None else {"declared_pad_token": self.declared_pad_token}
+    self._write_meta(directory, HF_FILE, extra)
 
   def __getstate__(self):
-    return dict(json=self._json, source=self.source, eos_token=self.eos_token)
+    return dict(json=self._json, source=self.source, eos_token=self.eos_token,
+                declared_pad_token=self.declared_pad_token)
 
   def __setstate__(self, state):
-    self.__init__(state["json"], state["source"], state["eos_token"])
+    self.__init__(state["json"], state["source"], state["eos_token"],
+                  declared_pad_token=state.get("declared_pad_token"))
 
 
-def _default_hf_eos(tok, source: str) -> str:
-  """EOS of a bare tokenizer.json: tokenizer_config.json beside it, else a known end-of-text."""
-  if os.path.isfile(source):
-    cfg_path = os.path.join(os.path.dirname(source), "tokenizer_config.json")
-    if os.path.exists(cfg_path):
-      try:
-        with open(cfg_path, encoding="utf-8") as f:
-          eos = json.load(f).get("eos_token")
-      except (OSError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: unreadable tokenizer_config.json ({e})") from e
-      if isinstance(eos, dict):
-        eos = eos.get("content")
-      if isinstance(eos, str) and tok.token_to_id(eos) is not None:
-        return eos
-  for candidate in (DEMO_EOS, "</s>", "<eos>"):
+@dataclasses.dataclass(frozen=True)
+class HFSpecialTokens:
+  """What a tokenizer.json directory's side files say: each token with the file it came from
+  (``tokenizer_config.json`` first, then ``special_tokens_map.json``), and ``added_tokens``
+  ({id: content}) from tokenizer_config.json's ``added_tokens_decoder``."""
+
+  eos_token: str | None = None
+  eos_from: str = ""
+  pad_token: str | None = None
+  pad_from: str = ""
+  bos_token: str | None = None
+  bos_from: str = ""
+  added_tokens: Mapping[int, str] = dataclasses.field(default_factory=dict)
+  added_from: str = ""
+
+
+def _read_json_object(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise ValueError(f"{path}: unreadable {os.path.basename(path)} ({e})") from e
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def _token_content(value: Any, path: str, field: str) -> str | None:
+  """A special-token field: a string, ``{"content": "..."}`` (an AddedToken), or null."""
+  if value is None:
+    return None
+  if isinstance(value, str):
+    return value
+  if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+    return value["content"]
+  raise ValueError(f"{path}: {field} must be a string or {{\"content\": \"...\"}}, got {value!r}")
+
+
+def read_hf_special_tokens(directory: str) -> HFSpecialTokens:
+  """Reads ``tokenizer_config.json`` and ``special_tokens_map.json`` in `directory` (either may be
+  absent). A field in tokenizer_config.json wins over the same field in special_tokens_map.json.
+  A corrupt file or field raises ValueError naming the file."""
+  found: dict[str, Any] = {}
+  added: dict[int, str] = {}
+  added_from = ""
+  for name in (HF_SPECIAL_MAP_FILE, HF_CONFIG_FILE):  # later files override earlier ones
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      continue
+    obj = _read_json_object(path)
+    for field in ("eos_token", "pad_token", "bos_token"):
+      content = _token_content(obj.get(field), path, field)
+      if content is not None:
+        found[field] = content
+        found[field[:3] + "_from"] = path
+    if name == HF_CONFIG_FILE and obj.get("added_tokens_decoder") is not None:
+      decoder = obj["added_tokens_decoder"]
+      if not isinstance(decoder, Mapping):
+        raise ValueError(f"{path}: added_tokens_decoder must be an object {{id: {{\"content\": ...}}}}, "
+                         f"got {type(decoder).__name__}")
+      for key, entry in decoder.items():
+        try:
+          i = int(key)
+        except (TypeError, ValueError):
+          raise ValueError(f"{path}: added_tokens_decoder key {key!r} is not an integer id") from None
+        content = _token_content(entry, path, f"added_tokens_decoder[{key!r}]")
+        if content is None:
+          raise ValueError(f"{path}: added_tokens_decoder[{key!r}] has no content")
+        added[i] = content
+      added_from = path
+  return HFSpecialTokens(added_tokens=added, added_from=added_from, **found)
+
+
+def _check_added_tokens(tok, side: HFSpecialTokens, source: str) -> None:
+  """Each added_tokens_decoder entry whose token is in the vocabulary must have the same id."""
+  for i, content in sorted(side.added_tokens.items()):
+    have = tok.token_to_id(content)
+    if have is not None and have != i:
+      raise ValueError(f"{side.added_from}: added_tokens_decoder gives {content!r} id {i}, but "
+                       f"{source} has it at id {have}; the two files are not from one tokenizer")
+
+
+def _default_hf_eos(tok, source: str, side: HFSpecialTokens) -> str:
+  """EOS of a tokenizer.json without project metadata: the side files' eos_token (it must be in
+  the vocabulary), else the first of FALLBACK_EOS in the vocabulary."""
+  if side.eos_token is not None:
+    if tok.token_to_id(side.eos_token) is None:
+      raise ValueError(f"{side.eos_from}: eos_token {side.eos_token!r} is not in the vocabulary "
+                       f"of {source}")
+    return side.eos_token
+  for candidate in FALLBACK_EOS:
     if tok.token_to_id(candidate) is not None:
       return candidate
-  raise ValueError(f"{source}: cannot tell the end-of-text token; none of {DEMO_EOS!r}, '</s>', "
-                   "'<eos>' is in the vocabulary and no tokenizer_config.json names one")
+  raise ValueError(f"{source}: cannot tell the end-of-text token; none of "
+                   f"{', '.join(map(repr, FALLBACK_EOS))} is in the vocabulary and no "
+                   f"{HF_CONFIG_FILE} or {HF_SPECIAL_MAP_FILE} beside it names one")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading.
 # ---------------------------------------------------------------------------------------------
 
+def find_tokenizer(directory: str) -> str:
+  """The tokenizer to load for a model directory: ``directory/tokenizer/`` (the release's layout)
+  when it holds a ``tokenizer.json`` (or this project's ``nextstep_tokenizer.json`` /
+  ``tokenizer.model``), else `directory` itself when it holds one; else FileNotFoundError naming
+  both places."""
+  places = (os.path.join(directory, TOKENIZER_SUBDIR), directory)
+  for place in places:
+    if any(os.path.isfile(os.path.join(place, f)) for f in (HF_FILE, META_FILE, SP_FILE)):
+      return place
+  raise FileNotFoundError(f"no tokenizer for {directory}: looked for {HF_FILE} (or {META_FILE}, "
+                          f"{SP_FILE}) in {places[0]} and in {places[1]}")
+
+
 def load_tokenizer(path: str, kind: str | None = None) -> Tokenizer:
   """Loads a tokenizer from a saved directory, a ``tokenizer.model`` or a ``tokenizer.json``.
 
-  `kind` ("sentencepiece" | "hf") is checked against the files when given.
+  `kind` ("sentencepiece" | "hf") is checked against the files when given. For a tokenizer.json,
+  the EOS is the project metadata's when the directory has ``nextstep_tokenizer.json``, else the
+  one ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it name (see ``HFTokenizer``
+  for the pad token), else a known end-of-text string.
   """
   if not path:
     raise ValueError("tokenizer path is empty")
@@ -274,7 +412,9 @@ def load_tokenizer(path: str, kind: str | None = None) -> Tokenizer:
       text = data.decode("utf-8")
     except UnicodeDecodeError as e:
       raise ValueError(f"{file}: tokenizer.json is not UTF-8 text ({e})") from e
-    tok = HFTokenizer(text, file, meta.get("eos_token"))
+    tok = HFTokenizer(text, file, meta.get("eos_token"),
+                      config_dir=os.path.dirname(os.path.abspath(file)),
+                      declared_pad_token=meta.get("declared_pad_token"))
   else:
     raise ValueError(f"{file}: unknown tokenizer kind {found!r} (sentencepiece | hf)")
   if "vocab_size" in meta and meta["vocab_size"] != tok.vocab_size:
@@ -405,8 +545,9 @@ def extend_hf_tokenizer(tokenizer_json: str, out_dir: str,
     tok = _HF.from_file(tokenizer_json)
   except Exception as e:
     raise ValueError(f"{tokenizer_json}: not a valid Hugging Face tokenizer.json ({e})") from e
+  side = read_hf_special_tokens(os.path.dirname(os.path.abspath(tokenizer_json)))
   if eos_token is None:
-    eos_token = _default_hf_eos(tok, tokenizer_json)
+    eos_token = _default_hf_eos(tok, tokenizer_json, side)
   missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
   tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
   hf = HFTokenizer(tok.to_str(), os.path.join(out_dir, HF_FILE), eos_token)

@@ -15,7 +15,17 @@ Written: ``export_vae(vae, out_dir)`` -> ``checkpoint.safetensors`` (FLUX names,
 float32) + ``config.json`` (NextStep's fields ``psz``, ``encoder_norm``, ``scaling_factor``,
 ``shift_factor``, ``deterministic`` plus the FLUX architecture fields ``ch``, ``ch_mult``,
 ``num_res_blocks``, ``z_channels``, ``in_channels``, ``out_ch`` and ours ``norm_groups``,
-``mid_attention``, ``norm_eps``).
+``mid_attention``, ``norm_eps``, ``latent_patch_size``). ``convert_checkpoint(src, out_dir)`` turns
+the release's ``checkpoint.pt`` into ``checkpoint.safetensors`` once, so later loads need no torch.
+
+``psz`` and the token patch: in NextStep's VAE config ``psz`` is only the region of the encoder
+norm (the mean is patchified by ``psz`` before the layer norm; ``null``: no patching, each latent
+pixel normalised over its channels). The 2x2 patch that makes a 64-d token is the NextStep model
+config's ``latent_patch_size``. So ``psz`` maps to ``VAEConfig.norm_patch_size`` (null -> 1) and
+``patch_size`` comes from a ``latent_patch_size`` in the VAE config.json when present (our export
+writes it), else from the caller (``load_vae_dir(d, patch_size=2)``), else the default 2. An older
+export of this project (it carries ``norm_groups``, which the release's config lacks, but no
+``latent_patch_size``) used ``psz`` for both and is read that way.
 
 Layouts: conv weight [out, in, kh, kw] <-> our kernel [kh, kw, in, out]; attention q/k/v/proj_out
 are 1x1 convs in FLUX ([C, C, 1, 1]) and Linears in diffusers ([C, C]); GroupNorm weight <-> scale.
@@ -23,6 +33,7 @@ are 1x1 convs in FLUX ([C, C, 1, 1]) and Linears in diffusers ([C, C]); GroupNor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,14 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nextstep_jax.interop.safetensors_io import CheckpointError, check_finite
+from nextstep_jax.interop.safetensors_io import CheckpointError, check_finite, save_safetensors
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.vae import AutoencoderKL, VAEConfig
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 STRIP_PREFIXES = ("first_stage_model.", "vae.", "ae.")
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CONFIG_FILE = "config.json"
+# The token patch when a VAE config.json does not name one (the release's does not): VAEConfig's.
+_DEFAULT_PATCH = next(fl.default for fl in dataclasses.fields(VAEConfig) if fl.name == "patch_size")
 
 
 class StateDictError(ValueError):
@@ -71,30 +85,45 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
     return _to_float32(out, path)
   if path.endswith(PICKLE_SUFFIXES):
-    try:
-      import torch
-    except ImportError as e:
-      raise ValueError(f"{path} is a PyTorch pickle; reading it safely needs torch "
-                       f"(torch.load(weights_only=True)). Convert it to safetensors instead.") from e
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects
-      raise ValueError(f"{path}: refused by torch.load(weights_only=True) (it holds more than "
-                       f"tensors, or is corrupt): {e}") from e
-    if isinstance(obj, Mapping) and len(obj) == 1:
-      (key, inner), = obj.items()
-      if key in ("state_dict", "model", "module") and isinstance(inner, Mapping):
-        obj = inner  # a trainer's wrapper around the state dict
-    if not isinstance(obj, Mapping):
-      raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    out = {}
-    for k, v in obj.items():
-      if not hasattr(v, "detach"):
-        raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-      out[str(k)] = check_finite(path, str(k), v.detach().float().cpu().numpy())
-    return _to_float32(out, path)
+    return _to_float32({k: v.detach().float().cpu().numpy() for k, v in _torch_tensors(path).items()},
+                       path)
   raise ValueError(f"{path}: unsupported checkpoint type; use .safetensors "
                    f"(or a PyTorch state dict {PICKLE_SUFFIXES}, read with weights_only=True)")
+
+
+def _torch_tensors(path: str) -> dict[str, Any]:
+  """{name: torch tensor} of a PyTorch state-dict pickle, read only by
+  ``torch.load(path, map_location="cpu", weights_only=True)`` (which refuses to build arbitrary
+  objects); one ``state_dict`` / ``model`` / ``module`` wrapper is unwrapped. Every floating tensor
+  is checked for NaN/Inf (CheckpointError naming the file and the tensor). Without torch:
+  CheckpointError saying what to install; nothing is unpickled any other way."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(f"{path} is a PyTorch pickle; reading it safely needs torch "
+                          f"(torch.load(weights_only=True)), which is not installed: run "
+                          f"`{TORCH_INSTALL}` (nothing is unpickled without it), or convert the "
+                          f"file to safetensors on a machine with torch (interop.vae."
+                          f"convert_checkpoint)") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # weights_only refuses arbitrary objects
+    raise ValueError(f"{path}: refused by torch.load(weights_only=True) (it holds more than "
+                     f"tensors, or is corrupt): {e}") from e
+  if isinstance(obj, Mapping) and len(obj) == 1:
+    (key, inner), = obj.items()
+    if key in ("state_dict", "model", "module") and isinstance(inner, Mapping):
+      obj = inner  # a trainer's wrapper around the state dict
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    if v.is_floating_point():
+      check_finite(path, str(k), v.detach().float().cpu().numpy())
+    out[str(k)] = v
+  return out
 
 
 def _load_safetensors_via_torch(path: str) -> dict[str, np.ndarray]:
@@ -300,7 +329,14 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], **fields) -> VAEConfig:
 
 
 def config_fields_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
-  """VAEConfig fields from a NextStep/FLUX ``config.json`` or a diffusers one (known keys only)."""
+  """VAEConfig fields from a NextStep/FLUX ``config.json`` or a diffusers one (known keys only).
+
+  ``psz`` is the encoder norm's patch (``norm_patch_size``; null -> 1, per latent pixel);
+  ``patch_size`` (the token patch) is ``latent_patch_size`` when the file has it, ``psz`` for an
+  older export of this project (``norm_groups`` but no ``latent_patch_size``), else the default
+  (2): the release's VAE config does not know the token patch (see the module docstring)."""
+  if not isinstance(d, Mapping):
+    raise ValueError(f"expected a JSON object, got {type(d).__name__}")
   f: dict[str, Any] = {}
   if "block_out_channels" in d:  # diffusers
     boc = list(d["block_out_channels"])
@@ -321,25 +357,52 @@ def config_fields_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
                    ("num_res_blocks", "num_res_blocks"), ("z_channels", "latent_channels"),
                    ("latent_channels", "latent_channels"), ("in_channels", "in_channels"),
                    ("out_ch", "out_channels"), ("out_channels", "out_channels"),
-                   ("psz", "patch_size"), ("encoder_norm", "token_norm"),
+                   ("encoder_norm", "token_norm"),
                    ("scaling_factor", "scaling_factor"), ("shift_factor", "shift_factor"),
                    ("deterministic", "deterministic"), ("norm_groups", "norm_groups"),
                    ("norm_eps", "norm_eps"), ("mid_attention", "mid_attention")):
     if d.get(src) is not None:
       f[dst] = tuple(d[src]) if dst == "channel_mults" else d[src]
-  if "psz" in d and d["psz"] is None:  # NextStep: no patching -> 1x1 tokens
-    f["patch_size"] = 1
+  if "psz" in d:
+    psz = d["psz"]
+    if psz is None:  # the release: no patching before the norm -> per-pixel norm over channels
+      psz = 1
+    if not isinstance(psz, int) or isinstance(psz, bool) or psz < 1:
+      raise ValueError(f"psz must be null or a positive integer, got {d['psz']!r}")
+    f["norm_patch_size"] = psz
+  if d.get("latent_patch_size") is not None:
+    lps = d["latent_patch_size"]
+    if not isinstance(lps, int) or isinstance(lps, bool) or lps < 1:
+      raise ValueError(f"latent_patch_size must be a positive integer, got {lps!r}")
+    f["patch_size"] = lps
+  elif "norm_groups" in d and isinstance(d.get("psz"), int):  # an older export of ours
+    f["patch_size"] = d["psz"]
+  else:
+    f["patch_size"] = _DEFAULT_PATCH
   return f
 
 
+
+def canonical_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+  """``fields`` with ``norm_patch_size`` set to 0 when it equals the token patch (``patch_size``,
+  or its default): the same norm, spelled as the default so that configs compare equal."""
+  out = dict(fields)
+  if out.get("norm_patch_size") and out["norm_patch_size"] == out.get("patch_size", _DEFAULT_PATCH):
+    out["norm_patch_size"] = 0
+  return out
+
+
 def config_to_json(cfg: VAEConfig) -> dict[str, Any]:
-  """NextStep-style config.json for an exported VAE."""
+  """NextStep-style config.json for an exported VAE: ``psz`` is the encoder norm's patch (the
+  release's code patchifies the mean by ``psz`` before the norm, so it computes our norm), and
+  ``latent_patch_size`` the token patch (read back by ``config_fields_from_json``)."""
   return {
       "ch": cfg.base_channels, "ch_mult": list(cfg.channel_mults),
       "num_res_blocks": cfg.num_res_blocks, "z_channels": cfg.latent_channels,
-      "in_channels": cfg.in_channels, "out_ch": cfg.out_channels, "psz": cfg.patch_size,
-      "encoder_norm": cfg.token_norm, "scaling_factor": cfg.scaling_factor,
-      "shift_factor": cfg.shift_factor, "deterministic": cfg.deterministic,
+      "in_channels": cfg.in_channels, "out_ch": cfg.out_channels, "psz": cfg.norm_patch,
+      "latent_patch_size": cfg.patch_size, "encoder_norm": cfg.token_norm,
+      "scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor,
+      "deterministic": cfg.deterministic,
       "norm_groups": cfg.norm_groups, "norm_eps": cfg.norm_eps, "mid_attention": cfg.mid_attention,
   }
 
@@ -373,6 +436,7 @@ def load_vae_file(path: str, config_json: str | None = None, **fields) -> Autoen
     except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
       raise ValueError(f"{config_json}: not a valid VAE config.json ({e})") from e
   cfg_fields.update(fields)
+  cfg_fields = canonical_fields(cfg_fields)
   sd = load_state_dict(path)
   arch_keys = ("base_channels", "channel_mults", "num_res_blocks", "latent_channels",
                "in_channels", "out_channels", "mid_attention")
@@ -386,8 +450,10 @@ def load_vae_file(path: str, config_json: str | None = None, **fields) -> Autoen
 
 
 def load_vae_dir(directory: str, **fields) -> AutoencoderKL:
-  """A model from a directory: ``config.json`` plus ``checkpoint.safetensors`` (our export),
-  ``diffusion_pytorch_model.safetensors`` (diffusers) or ``checkpoint.pt`` (NextStep release)."""
+  """A model from a directory: ``config.json`` plus ``checkpoint.safetensors`` (our export or
+  ``convert_checkpoint``'s), ``diffusion_pytorch_model.safetensors`` (diffusers) or
+  ``checkpoint.pt`` (NextStep release, read with torch). ``fields`` override the config.json, e.g.
+  ``patch_size=2`` for the release's VAE (its config.json does not name the token patch)."""
   config_json = os.path.join(directory, CONFIG_FILE)
   for name in (CHECKPOINT_FILE, "diffusion_pytorch_model.safetensors", "ae.safetensors",
                "checkpoint.pt"):
@@ -406,4 +472,65 @@ def export_vae(vae: AutoencoderKL, out_dir: str) -> str:
   save_file(vae_to_flux_state_dict(vae), path, metadata={"format": "pt", "names": "flux"})
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(config_to_json(vae.config), f, indent=2)
+  return path
+
+
+def _torch_to_numpy(path: str, name: str, v) -> np.ndarray:
+  """The bytes of a torch tensor as a numpy array of the same dtype (bfloat16 / float8 through
+  ml_dtypes), bit for bit."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  v = v.detach().cpu().contiguous()
+  views = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16)}
+  for tname, mname in (("float8_e4m3fn", "float8_e4m3fn"), ("float8_e5m2", "float8_e5m2")):
+    if hasattr(torch, tname):
+      views[getattr(torch, tname)] = (torch.uint8, getattr(ml_dtypes, mname))
+  if v.dtype in views:
+    as_int, np_dtype = views[v.dtype]
+    return v.view(as_int).numpy().view(np_dtype)
+  try:
+    return v.numpy()
+  except TypeError as e:
+    raise CheckpointError(f"{path}: tensor {name} has dtype {v.dtype}, which safetensors "
+                          f"(numpy) cannot hold") from e
+
+
+def convert_checkpoint(src: str, out_dir: str) -> str:
+  """The release's VAE pickle (``vae/checkpoint.pt``) -> ``out_dir/checkpoint.safetensors``.
+
+  The pickle is read only by ``torch.load(src, map_location="cpu", weights_only=True)``; without
+  torch a CheckpointError says what to install, and nothing is unpickled. One ``state_dict`` /
+  ``model`` / ``module`` wrapper is unwrapped (as ``load_state_dict`` does), every floating tensor
+  is checked for NaN/Inf, and the tensors are written with their names, shapes and dtypes unchanged
+  (bit for bit), through a temporary file renamed into place. A ``config.json`` beside ``src`` is
+  copied to ``out_dir`` (checked to be JSON first). Returns the path of the safetensors file.
+  ``load_vae_dir(out_dir, ...)`` then reads it without torch."""
+  if not os.path.isfile(src):
+    raise FileNotFoundError(f"VAE checkpoint {src} does not exist")
+  if not src.endswith(PICKLE_SUFFIXES):
+    raise ValueError(f"{src}: expected a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)})")
+  tensors = {k: _torch_to_numpy(src, k, v) for k, v in _torch_tensors(src).items()}
+  config_src = os.path.join(os.path.dirname(os.path.abspath(src)), CONFIG_FILE)
+  config_bytes = None
+  if os.path.isfile(config_src):
+    with open(config_src, "rb") as f:
+      config_bytes = f.read()
+    try:
+      json.loads(config_bytes.decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+      raise ValueError(f"{config_src}: not a valid VAE config.json ({e})") from e
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, CHECKPOINT_FILE)
+  try:
+    save_safetensors(path, tensors)  # writes path + ".partial", then renames
+  except BaseException:
+    if os.path.exists(path + ".partial"):
+      os.remove(path + ".partial")
+    raise
+  config_dst = os.path.join(out_dir, CONFIG_FILE)
+  if config_bytes is not None and os.path.abspath(config_dst) != config_src:
+    tmp = config_dst + ".partial"
+    with open(tmp, "wb") as f:
+      f.write(config_bytes)
+    os.replace(tmp, config_dst)
   return path

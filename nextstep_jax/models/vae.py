@@ -10,9 +10,14 @@ convs), made configurable so that a small preset can train on 32x32 digits on a 
            (+ nearest x2 upsample and conv, except at the shallowest level) -> GroupNorm -> SiLU -> conv
 
 NextStep's addition (its ``encoder_norm`` with ``psz``): the posterior mean is cut into
-``patch_size`` x ``patch_size`` patches and every patch token (``latent_channels * patch_size**2``
-values, channel order (c, pi, pj)) is layer-normalised without affine; the log-variance is left
-alone. A latent is then the mean (``deterministic``) or a sample ``mean + exp(logvar / 2) * eps``.
+q x q patches, q = ``norm_patch`` (``norm_patch_size``, or ``patch_size`` when that is 0), and
+every patch (``latent_channels * q**2`` values, channel order (c, pi, pj)) is layer-normalised
+without affine; the log-variance is left alone. A latent is then the mean (``deterministic``) or a
+sample ``mean + exp(logvar / 2) * eps``. The region of that norm and the token patch are two
+things: the released NextStep-1 VAE has ``psz: null`` (q = 1, each latent pixel's 16 channels
+normalised), while its transformer cuts the latent into 2x2 patches of 64 values (the model
+config's ``latent_patch_size``, our ``patch_size``). This project's own VAEs normalise whole
+tokens (q = ``patch_size``), the default.
 
 Layout: images and latents are NHWC (``x_bhwc``), pixels in [-1, 1]. Submodule and parameter
 names follow the FLUX checkpoint names (``encoder.down[i].block[j].conv1.kernel`` is
@@ -52,8 +57,13 @@ class VAEConfig:
   latent_channels: channels of the latent (16 for f8d16).
   mid_attention: the single-head self-attention between the two mid ResNet blocks.
   norm_groups / norm_eps: GroupNorm everywhere (32 groups and eps 1e-6 in FLUX).
-  patch_size: side of the latent patch that makes one token (SPEC §2: 2).
-  token_norm: layer-normalise each patch token of the posterior mean (NextStep ``encoder_norm``).
+  patch_size: side of the latent patch that makes one token (SPEC §2: 2; the NextStep model
+    config's ``latent_patch_size``).
+  token_norm: layer-normalise patches of the posterior mean (NextStep ``encoder_norm``).
+  norm_patch_size: side of the patch that norm covers (the VAE config.json's ``psz``; 1: each
+    latent pixel over its channels, as the release's ``psz: null``); 0 (default) means
+    ``patch_size``, i.e. each token over its ``token_dim`` values. ``norm_patch`` is the
+    effective side.
   token_norm_eps: eps of that norm (1e-6).
   scaling_factor, shift_factor: ``z_model = (z - shift) * scale`` between the VAE latent and the
     transformer's tokens (NextStep with token norm: 1.0 and 0.0).
@@ -73,6 +83,7 @@ class VAEConfig:
   patch_size: int = 2
   token_norm: bool = True
   token_norm_eps: float = 1e-6
+  norm_patch_size: int = 0
   scaling_factor: float = 1.0
   shift_factor: float = 0.0
   deterministic: bool = False
@@ -97,6 +108,17 @@ class VAEConfig:
     """Pixel side of one token: factor * patch_size (16 for f8d16 with p=2)."""
     return self.factor * self.patch_size
 
+  @property
+  def norm_patch(self) -> int:
+    """Side of the latent patch the encoder norm covers: norm_patch_size, or patch_size if 0."""
+    return self.norm_patch_size or self.patch_size
+
+  @property
+  def encode_multiple(self) -> int:
+    """What image sides must be a multiple of for ``encode``: factor, times ``norm_patch`` when
+    the token norm is on (it needs whole norm patches)."""
+    return self.factor * self.norm_patch if self.token_norm else self.factor
+
   def validate(self) -> None:
     """Raises ValueError naming the field when the architecture cannot be built."""
     def positive(name):
@@ -106,6 +128,10 @@ class VAEConfig:
     for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks",
                  "latent_channels", "norm_groups", "patch_size"):
       positive(name)
+    v = self.norm_patch_size
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+      raise ValueError(f"vae.norm_patch_size must be an integer >= 0 (0: same as patch_size), "
+                       f"got {v!r}")
     if not self.channel_mults or any(m < 1 for m in self.channel_mults):
       raise ValueError(f"vae.channel_mults must be a non-empty tuple of positive ints, "
                        f"got {self.channel_mults!r}")
@@ -126,7 +152,9 @@ class VAEConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-    """Builds a config from a dict (e.g. JSON or a ConfigDict); unknown keys are an error."""
+    """Builds a config from a dict (e.g. JSON or a ConfigDict); unknown keys are an error, missing
+    ones take their defaults (an older saved dict without ``norm_patch_size`` normalises whole
+    tokens, as it did)."""
     d = dict(d)
     d.pop("preset", None)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -212,9 +240,16 @@ def check_image_shape(shape: tuple[int, ...], cfg: VAEConfig, multiple: int | No
     raise ValueError(f"{name} are {kind} (shape {tuple(shape)}) but the VAE takes {cfg.in_channels} "
                      f"channels; convert with nextstep_jax.batch.as_rgb")
   if h % multiple or w % multiple:
+    if multiple == cfg.factor:
+      why = ""
+    elif multiple == cfg.pixels_per_token:
+      why = f" x patch size {cfg.patch_size}"
+    elif multiple == cfg.factor * cfg.norm_patch:
+      why = f" x encoder-norm patch size {cfg.norm_patch}"
+    else:
+      why = f", required multiple {multiple}"
     raise ValueError(f"{name} size {h}x{w} is not divisible by {multiple} (VAE downsampling factor "
-                     f"{cfg.factor}" + (f" x patch size {cfg.patch_size}" if multiple != cfg.factor
-                                        else "") + "); resize or pad the images")
+                     f"{cfg.factor}{why}); resize or pad the images")
 
 
 def validate_images(x: np.ndarray | Array, cfg: VAEConfig, multiple: int | None = None,
@@ -460,8 +495,7 @@ class AutoencoderKL(nnx.Module):
   def check_input(self, x: Array, name: str = "images") -> None:
     """Shape/channel/size checks, plus NaN checks when ``x`` is concrete."""
     cfg = self.config
-    multiple = cfg.pixels_per_token if cfg.token_norm else cfg.factor
-    validate_images(x, cfg, multiple, name)
+    validate_images(x, cfg, cfg.encode_multiple, name)
 
   def encode_raw_moments(self, x_bhwc: Array) -> tuple[Array, Array]:
     """(mean, logvar), each (B, H/f, W/f, C) fp32, straight from the encoder (no token norm)."""
@@ -471,12 +505,13 @@ class AutoencoderKL(nnx.Module):
     return mean, logvar
 
   def encode_moments(self, x_bhwc: Array) -> tuple[Array, Array]:
-    """(mean, logvar) of the posterior; the mean is token-normalised when ``token_norm`` is on."""
+    """(mean, logvar) of the posterior; with ``token_norm`` the mean is layer-normalised over
+    each ``norm_patch`` x ``norm_patch`` patch (all its channels), the log-variance untouched."""
     mean, logvar = self.encode_raw_moments(x_bhwc)
     cfg = self.config
     if cfg.token_norm:
       b, h, w, _ = mean.shape
-      p = cfg.patch_size
+      p = cfg.norm_patch
       tokens = normalize_tokens(patchify(mean, p), cfg.token_norm_eps)
       mean = unpatchify(tokens, h // p, w // p, p)
     return mean, logvar
