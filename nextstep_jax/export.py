@@ -7,12 +7,17 @@ The run's config comes from ``W/checkpoints/config.json`` (written by the traine
 from --tokenizer, else the config's ``tokenizer.path``, else the demo tokenizer in ``W/tokenizer``;
 the VAE from --vae, else the config's ``vae.checkpoint`` when set (copied into ``DIR/vae``).
 
-Import a directory as a params-only checkpoint that ``checkpoint.init_from`` reads:
-  python -m nextstep_jax.export --import_dir=DIR --out=CKPT
-      NextStep-1 directory: every size from its config.json.
+Import a NextStep directory (ours, or an official NextStep-1 / NextStep-1.1 one as published: config.json,
+safetensors, tokenizer/, vae/ with checkpoint.pt) as a run:
+  python -m nextstep_jax.export --import_dir=DIR --out=W
+      W/checkpoints/0 (params), W/checkpoints/config.json (every size from DIR/config.json), W/tokenizer,
+      W/vae (safetensors); then ``sample --workdir=W``, ``export --workdir=W`` or ``checkpoint.init_from=W``.
+Import a Qwen2.5 (Qwen2ForCausalLM) directory as the backbone of a params-only checkpoint:
   python -m nextstep_jax.export --import_dir=DIR --out=CKPT --qwen2 --config=configs/stage1.py
-      Qwen2.5 (Qwen2ForCausalLM) directory as the backbone; the projectors and the head are freshly
-      initialised from the experiment config (whose backbone sizes must match the checkpoint's).
+      the projectors and the head are freshly initialised from the experiment config (whose backbone
+      sizes must match the checkpoint's).
+Convert the official VAE's torch pickle to safetensors (needs torch; read with weights_only=True):
+  python -m nextstep_jax.export --convert_vae=DIR/vae/checkpoint.pt --out=VAE_DIR
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 from nextstep_jax import cli
 from nextstep_jax import overrides as overrides_lib
 from nextstep_jax.interop import hf, runs
+from nextstep_jax.interop import vae as vae_interop
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -41,19 +47,25 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--no_ema", action="store_true", help="export the raw weights even when the run kept an EMA")
   p.add_argument("--import_dir", default=None, help="Hugging Face directory to import")
   p.add_argument("--qwen2", action="store_true", help="--import_dir is a Qwen2.5 checkpoint (backbone only)")
+  p.add_argument("--convert_vae", default=None, help="an official vae/checkpoint.pt to write as safetensors")
   p.add_argument("--config", default=None, help="experiment config for --qwen2 (configs/<name>.py)")
   p.add_argument("--debug", action="store_true", help="show the full traceback of a user error (or set "
                  f"{cli.DEBUG_ENV}=1)")
   args = p.parse_args(argv)
-  if bool(args.workdir) == bool(args.import_dir):
-    p.error("give exactly one of --workdir (export) or --import_dir (import)")
+  if sum(map(bool, (args.workdir, args.import_dir, args.convert_vae))) != 1:
+    p.error("give exactly one of --workdir (export), --import_dir (import) or --convert_vae")
+  if args.convert_vae:
+    path = vae_interop.convert_checkpoint(args.convert_vae, args.out)
+    print(f"wrote {path}")
+    return
   if args.import_dir:
     config = None
     if args.config:
       config = overrides_lib.load_config(args.config)
     params = runs.import_to_checkpoint(args.import_dir, args.out, qwen2=args.qwen2, config=config)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"imported {n:,} parameters from {args.import_dir} into checkpoint {args.out} (step 0)")
+    what = "checkpoint" if args.qwen2 else "run"
+    print(f"imported {n:,} parameters from {args.import_dir} into {what} {args.out} (step 0)")
     return
   index = runs.export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype,
                          max_shard_bytes=runs.parse_size(args.max_shard_size), tokenizer=args.tokenizer, vae=args.vae,

@@ -1,5 +1,6 @@
 """Hugging Face export/import: bitwise round trip, SPEC §9 names and shapes, Qwen2 import, clear errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -89,7 +90,9 @@ def test_export_then_import_is_bitwise(tmp_path):
   assert index["metadata"]["total_size"] == total
 
   loaded, meta = hf.load_nextstep(out)
-  assert meta == META and loaded.config == CFG
+  # Our export carries the official model's 32 x 32 gen_pos_embed table (checked on import).
+  assert meta == dataclasses.replace(META, gen_pos_grid=hf.GEN_POS_GRID_V1) and loaded.config == CFG
+  assert index["weight_map"][hf.GEN_POS_EMBED]
   a, b = pure_params(model), pure_params(loaded)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -131,7 +134,8 @@ def test_bfloat16_export_rounds_once(tmp_path):
 def test_names_and_shapes_are_spec_9(tmp_path):
   out = str(tmp_path / "hf")
   index = hf.export_nextstep(_model(), CFG, out, META)
-  want = expected_shapes(64, 4, 2, 16, 128, 64, 2, 64, 2, 8)
+  # SPEC §9: the official model also saves gen_pos_embed, the 32 x 32 sin-cos table (1, 1024, hidden).
+  want = {**expected_shapes(64, 4, 2, 16, 128, 64, 2, 64, 2, 8), "gen_pos_embed": (1, 1024, 64)}
   assert set(index["weight_map"]) == set(want)
   files = safetensors_io.TensorDir(out)
   assert {k: tuple(files.shape(k)) for k in files.names()} == want
@@ -296,11 +300,14 @@ def test_command_line_export_and_import(tmp_path, monkeypatch):
   export_cli.main([f"--workdir={config.workdir}", f"--out={out}", "--max_shard_size=100KB"])
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
   loaded, meta = hf.load_nextstep(out)
-  assert meta == META
+  assert meta == dataclasses.replace(META, gen_pos_grid=hf.GEN_POS_GRID_V1)
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(pure_params(loaded))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
   ck = str(tmp_path / "imported")
+  # The stand-in tokenizer's file is not a model; the import loads the tokenizer it ships and would refuse
+  # it, so the directory goes without one (the import warns, the params come across all the same).
+  os.remove(os.path.join(out, "tokenizer.model"))
   export_cli.main([f"--import_dir={out}", f"--out={ck}"])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=jax.sharding.SingleDeviceSharding(

@@ -20,13 +20,17 @@ their config.json (``qwen2_config``); ``import_qwen2_backbone`` returns the back
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
+import re
 import shutil
 from typing import Any, Callable, Mapping
 
 import jax
 import ml_dtypes
+from absl import logging
 import numpy as np
 from flax import nnx
 
@@ -34,7 +38,7 @@ from nextstep_jax.interop import names
 from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.interop.params import load_pure_params
 from nextstep_jax.interop.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointError, TensorDir, _read_json,
-                                                 save_sharded)
+                                                 load_safetensors, save_sharded)
 from nextstep_jax.models import backbone as bb
 from nextstep_jax.models import fm_head
 from nextstep_jax.models import nextstep as ns
@@ -96,6 +100,12 @@ class ImageMeta:
   image_area_id: int | None = None
   eos_token_id: int | None = None
   pad_token_id: int | None = None
+  base_image_grid_size: int | None = None  # NextStep-1.1's field (the generation table's side)
+  gen_pos_grid: int | None = None          # side of the gen_pos_embed table the directory carried
+  qkv_bias: bool = True                    # config.json attention_bias (False: zero q/k/v biases)
+  tied_embeddings: bool = False            # config.json tie_word_embeddings (no lm_head.weight)
+  # The imported config.json as read (export writes back its other fields); not part of equality.
+  source: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
   def from_tokenizer(cls, tokenizer: Any, latent_channels: int, latent_patch_size: int,
@@ -115,29 +125,88 @@ class ImageMeta:
     return cls(int(img.latent_channels), int(img.patch_size), latent_size)
 
 
+GEN_POS_EMBED = "gen_pos_embed"
+GEN_POS_GRID_V1 = 32  # the NextStep-1 release registers a 32 x 32 table whatever the image size
+
+
+def gen_pos_table(hidden: int, grid: int) -> np.ndarray:
+  """The 2-D sin-cos table the official model registers as ``gen_pos_embed`` (1, grid*grid, hidden), fp32.
+
+  Position n = r * grid + c (raster order); its first hidden/2 values encode the column c, the last
+  hidden/2 the row r, each as [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (hidden / 4)),
+  k < hidden / 4 (MAE's 2-D sin-cos embedding, computed in float64 as the release does, stored fp32).
+  """
+  if hidden % 4:
+    raise ValueError(f"gen_pos_embed needs hidden_size divisible by 4, got {hidden}")
+  quarter = hidden // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  row, col = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)
+
+  def one_axis(pos: np.ndarray) -> np.ndarray:
+    angle = pos[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+
+  return np.concatenate([one_axis(col), one_axis(row)], axis=1).astype(np.float32)[None]
+
+
+def check_gen_pos_embed(table: np.ndarray, hidden: int, where: str) -> int:
+  """The grid side of a stored ``gen_pos_embed``, after checking it is the 2-D sin-cos table in its storage
+  dtype, bit for bit (so export writes back the same bytes); CheckpointError naming the file otherwise."""
+  shape = tuple(table.shape)
+  n = shape[1] if len(shape) == 3 and shape[0] == 1 and shape[2] == hidden else -1
+  grid = int(round(math.sqrt(n))) if n > 0 else -1
+  if grid < 1 or grid * grid != n:
+    raise CheckpointError(f"{where}: tensor {GEN_POS_EMBED} has shape {list(shape)}; the official model "
+                          f"stores (1, grid*grid, hidden_size={hidden})")
+  want = gen_pos_table(hidden, grid).astype(table.dtype)
+  if not np.array_equal(np.asarray(table).view(np.uint8), want.view(np.uint8)):
+    diff = float(np.max(np.abs(np.asarray(table, np.float32) - want.astype(np.float32))))
+    raise CheckpointError(f"{where}: tensor {GEN_POS_EMBED} is not the 2-D sin-cos table of a {grid} x {grid} "
+                          f"grid (max |diff| {diff:.3g}); the official model registers exactly that table, so "
+                          "this checkpoint was edited")
+  return grid
+
+
+# Fields of the official NextStepConfig (Llama-style: the q/k/v biases are `attention_bias`, the o_proj
+# bias `o_attention_bias`) that the project's model fixes: config.json must say what the model does.
+_OFFICIAL_FIXED = {"o_attention_bias": False, "mlp_bias": False, "use_gen_pos_embed": False}
+
+
 def hf_config(cfg: ns.NextStepConfig, meta: ImageMeta, dtype: str = "float32",
               max_position_embeddings: int = 32768) -> dict:
-  """config.json for a NextStep-1 directory: Qwen2/Llama fields plus the NextStep-1 fields (SPEC §9)."""
+  """config.json for a NextStep-1 directory: the Qwen2/Llama fields plus the NextStep fields (SPEC §9) that
+  the official ``NextStepConfig`` reads (``attention_bias`` true for the q/k/v biases, ``o_attention_bias``
+  and ``mlp_bias`` false, ``use_gen_pos_embed`` false). A directory imported from the official layout
+  (``meta.source``) keeps its other fields as they were."""
   c, h = cfg.backbone, cfg.head
   if meta.latent_channels * meta.latent_patch_size**2 != cfg.token_dim:
     raise ValueError(f"latent_channels={meta.latent_channels} x latent_patch_size={meta.latent_patch_size}^2 "
                      f"does not give the model's token_dim={cfg.token_dim}")
-  return {
-      "architectures": ["NextStep"], "model_type": "nextstep",
+  out = dict(meta.source or {})
+  if meta.source is None:
+    out.update({"architectures": ["NextStep"], "model_type": "nextstep", "hidden_act": "silu",
+                "max_position_embeddings": max_position_embeddings, "rope_scaling": None,
+                "attention_dropout": 0.0, "initializer_range": 0.02, "use_sliding_window": False,
+                "sliding_window": None, "max_window_layers": c.num_layers, "use_cache": True,
+                "bos_token_id": None, "vae_name_or_path": VAE_DIR})
+  out.update({
       "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
       "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-      "max_position_embeddings": max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
-      "rope_theta": c.rope_theta, "rope_scaling": None, "tie_word_embeddings": False,
-      "attention_dropout": 0.0, "initializer_range": 0.02, "use_sliding_window": False, "sliding_window": None,
-      "max_window_layers": c.num_layers, "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
-      "bos_token_id": None, "eos_token_id": meta.eos_token_id, "pad_token_id": meta.pad_token_id,
+      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+      "rope_theta": c.rope_theta, "tie_word_embeddings": False, "torch_dtype": dtype, "dtype": dtype,
+      "attention_bias": True, **_OFFICIAL_FIXED,
+      "eos_token_id": meta.eos_token_id, "pad_token_id": meta.pad_token_id,
       "latent_size": meta.latent_size, "latent_patch_size": meta.latent_patch_size,
       "latent_channels": meta.latent_channels, "boi": meta.boi, "eoi": meta.eoi,
       "image_placeholder_id": meta.image_placeholder_id, "image_area_id": meta.image_area_id,
       "lm_loss_weight": cfg.ce_weight, "im_loss_weight": cfg.fm_weight, "fm_head_dim": h.dim,
       "fm_head_layers": h.num_layers, "fm_head_batch_mul": h.batch_mul, "token_norm": cfg.token_norm,
-  }
+  })
+  if meta.base_image_grid_size is not None:
+    out["base_image_grid_size"] = meta.base_image_grid_size
+  if "rope_parameters" in out:  # transformers >= 5 style: theta lives there
+    out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": c.rope_theta}
+  return out
 
 
 def _field(d: Mapping, key: str, source: str, kind: type, default: Any = dataclasses.MISSING,
@@ -232,13 +301,32 @@ def _checked_backbone(fields: dict, where: Any) -> bb.BackboneConfig:
   return c
 
 
+def _official_flags(d: Mapping, source: str) -> tuple[bool, bool]:
+  """(qkv_bias, tied_embeddings) of a NextStep config.json; CheckpointError for a layout the model lacks."""
+  qkv = _field(d, "attention_bias", source, bool, default=True)  # Qwen2-style configs omit it: biases on
+  if _field(d, "mlp_bias", source, bool, default=False):
+    raise CheckpointError(f"{source}: config.json mlp_bias=true: the SwiGLU MLP here has no biases")
+  if _field(d, "use_gen_pos_embed", source, bool, default=False):
+    raise CheckpointError(f"{source}: config.json use_gen_pos_embed=true: adding the 2-D generation table to "
+                          "the sampler's condition is not supported (the released checkpoints leave it off)")
+  if d.get("use_mlp_before_lm_head") or d.get("attention_use_qk_norm"):
+    raise CheckpointError(f"{source}: config.json asks for use_mlp_before_lm_head / attention_use_qk_norm, "
+                          "which the released NextStep models do not use and this project does not implement")
+  return qkv, _field(d, "tie_word_embeddings", source, bool, default=False)
+
+
 def config_from_hf(d: Mapping, source: str = "config.json", *, runtime: Any = None
                    ) -> tuple[ns.NextStepConfig, ImageMeta]:
-  """(NextStepConfig, ImageMeta) from a NextStep-1 config.json dict. `runtime`: a BackboneConfig, an
-  experiment config or a dict giving dtype/param_dtype/remat/attention/document_mask (defaults otherwise)."""
+  """(NextStepConfig, ImageMeta) from a NextStep config.json dict: ours, or the official release's of
+  NextStep-1 and NextStep-1.1 (``latent_size`` 32 or 64, ``base_image_grid_size``, ``attention_bias``,
+  ``o_attention_bias``, ``use_gen_pos_embed``, ...). `runtime`: a BackboneConfig, an experiment config or a
+  dict giving dtype/param_dtype/remat/attention/document_mask (defaults otherwise). ``token_norm`` (ours)
+  defaults to off: the official model feeds its VAE's latents as they are (the VAE's encoder norm is the
+  only one)."""
   f = _backbone_fields(d, source)
   f.update(_runtime(runtime))
   backbone = _checked_backbone(f, source)
+  qkv_bias, tied = _official_flags(d, source)
   channels = _field(d, "latent_channels", source, int, positive=True)
   patch = _field(d, "latent_patch_size", source, int, positive=True)
   token_dim = channels * patch**2
@@ -247,15 +335,20 @@ def config_from_hf(d: Mapping, source: str = "config.json", *, runtime: Any = No
                             cond_dim=backbone.hidden_size, token_dim=token_dim,
                             batch_mul=_field(d, "fm_head_batch_mul", source, int, default=4, positive=True),
                             dtype=backbone.dtype, param_dtype=backbone.param_dtype, remat=backbone.remat)
+  if _field(d, "fm_head_mlp_ratio", source, float, default=1.0) != 1.0:
+    raise CheckpointError(f"{source}: config.json fm_head_mlp_ratio={d['fm_head_mlp_ratio']}: the head's blocks "
+                          "here are dim -> dim (ratio 1)")
   cfg = ns.NextStepConfig(backbone=backbone, head=head, token_dim=token_dim,
-                          token_norm=_field(d, "token_norm", source, bool, default=True),
+                          token_norm=_field(d, "token_norm", source, bool, default=False),
                           ce_weight=_field(d, "lm_loss_weight", source, float, default=0.01),
                           fm_weight=_field(d, "im_loss_weight", source, float, default=1.0))
   opt = lambda k: _field(d, k, source, int, default=None)
   meta = ImageMeta(latent_channels=channels, latent_patch_size=patch,
-                   latent_size=opt("latent_size"), boi=opt("boi"), eoi=opt("eoi"), image_placeholder_id=opt("image_placeholder_id"),
-                   image_area_id=opt("image_area_id"), eos_token_id=_token_id(d, "eos_token_id", source),
-                   pad_token_id=_token_id(d, "pad_token_id", source))
+                   latent_size=opt("latent_size"), boi=opt("boi"), eoi=opt("eoi"),
+                   image_placeholder_id=opt("image_placeholder_id"), image_area_id=opt("image_area_id"),
+                   eos_token_id=_token_id(d, "eos_token_id", source), pad_token_id=_token_id(d, "pad_token_id", source),
+                   base_image_grid_size=opt("base_image_grid_size"), qkv_bias=qkv_bias, tied_embeddings=tied,
+                   source=dict(d))
   return cfg, meta
 
 
@@ -296,8 +389,14 @@ def export_nextstep(model_or_params: Any, cfg: ns.NextStepConfig, out_dir: str, 
   store = _EXPORT_DTYPES[dtype]
   shapes = _shapes_from_abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), cfg)
   entries = {k: (s, store) for k, s in shapes.items()}
+  tensors = names.nextstep_to_tensors(params, cfg)
+  grid = meta.gen_pos_grid if meta.source is not None else (meta.gen_pos_grid or GEN_POS_GRID_V1)
+  if grid:  # the official model's persistent buffer (see gen_pos_table)
+    table = gen_pos_table(cfg.backbone.hidden_size, grid)
+    entries[GEN_POS_EMBED] = (table.shape, store)
+    tensors = itertools.chain(tensors, [(GEN_POS_EMBED, table)])
   os.makedirs(out_dir, exist_ok=True)
-  index = save_sharded(out_dir, entries, names.nextstep_to_tensors(params, cfg), max_shard_bytes)
+  index = save_sharded(out_dir, entries, tensors, max_shard_bytes)
   with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
   if tokenizer is not None:
@@ -340,24 +439,69 @@ def _copy_vae(vae: Any, vae_dir: str) -> None:
     vae_interop.export_vae(vae, vae_dir)
   else:
     raise TypeError(f"cannot save VAE {vae!r}: give a path or an AutoencoderKL")
+  _official_vae_pickle(vae_dir)
+
+
+def _official_vae_pickle(vae_dir: str) -> None:
+  """``vae/checkpoint.pt`` beside our safetensors: the release's VAE loader reads only that file (a plain
+  state dict, written with ``torch.save``). Without torch the directory keeps the safetensors alone (our
+  importer reads it) and a warning says so."""
+  pickle, src = os.path.join(vae_dir, "checkpoint.pt"), os.path.join(vae_dir, vae_interop.CHECKPOINT_FILE)
+  if os.path.exists(pickle) or not os.path.exists(src):
+    return
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  # optional: only to write the release's pickle
+  except ImportError:
+    logging.warning("%s: torch is not installed, so vae/checkpoint.pt (what the official VAE loader reads) "
+                    "was not written; the safetensors file holds the same weights", vae_dir)
+    return
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in load_safetensors(src).items()}
+  tmp = pickle + ".partial"
+  torch.save(tensors, tmp)
+  os.replace(tmp, pickle)
 
 
 def read_nextstep_config(directory: str, runtime: Any = None) -> tuple[ns.NextStepConfig, ImageMeta]:
-  """config.json of a NextStep-1 directory -> (NextStepConfig, ImageMeta)."""
+  """config.json of a NextStep-1 directory -> (NextStepConfig, ImageMeta); the ImageMeta also says which
+  optional tensors the directory carries (``gen_pos_grid``: the side of its checked ``gen_pos_embed``)."""
   path = os.path.join(directory, CONFIG_FILE)
-  return config_from_hf(_read_json(path), path, runtime=runtime)
+  cfg, meta = config_from_hf(_read_json(path), path, runtime=runtime)
+  if os.path.isdir(directory) and GEN_POS_EMBED in (tensors := TensorDir(directory)):
+    grid = check_gen_pos_embed(tensors.get(GEN_POS_EMBED), cfg.backbone.hidden_size, tensors.file_of(GEN_POS_EMBED))
+    meta = dataclasses.replace(meta, gen_pos_grid=grid)
+  return cfg, meta
 
 
-def load_nextstep_params(directory: str, cfg: ns.NextStepConfig) -> dict:
-  """The model's pure params dict (numpy) from a NextStep-1 directory, every tensor checked against the
-  shapes `cfg` implies and, as it is read, for NaN/Inf (errors name the file and tensor)."""
+def load_nextstep_params(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta | None = None) -> dict:
+  """The model's pure params dict (numpy) from a NextStep-1 directory (ours or the official release's),
+  every tensor checked against the shapes `cfg` implies and, as it is read, for NaN/Inf (errors name the
+  file and tensor). Every tensor of the directory is accounted for: ``gen_pos_embed`` is checked against
+  the 2-D sin-cos table it must equal (``check_gen_pos_embed``; export writes it back); without
+  ``attention_bias`` the q/k/v biases are zeros (the same function); a tied checkpoint's lm_head is
+  embed_tokens."""
+  meta = meta if meta is not None else read_nextstep_config(directory)[1]
   tensors = TensorDir(directory)
   shapes = checkpoint_shapes(cfg)
-  extra = sorted(set(tensors.names()) - set(shapes))
+  o_bias = sorted(n for n in tensors.names() if n.endswith("self_attn.o_proj.bias"))
+  if o_bias:
+    raise CheckpointError(f"{tensors.file_of(o_bias[0])}: tensor {o_bias[0]}: a bias on o_proj; NextStep-1 and "
+                          "this project's backbone have none")
+  extra = sorted(set(tensors.names()) - set(shapes) - {GEN_POS_EMBED})
   if extra:
     raise CheckpointError(f"{directory}: unexpected tensors {extra[:8]}{'...' if len(extra) > 8 else ''} "
                           "(config.json does not describe them)")
-  return names.nextstep_from_tensors(lambda n: tensors.get(n, shapes.get(n)), cfg)
+  if GEN_POS_EMBED in tensors and meta.gen_pos_grid is None:  # read_nextstep_config checked it already
+    check_gen_pos_embed(tensors.get(GEN_POS_EMBED), cfg.backbone.hidden_size, tensors.file_of(GEN_POS_EMBED))
+
+  def get(name: str) -> np.ndarray:
+    if name not in tensors:
+      if not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name):
+        return np.zeros(shapes[name], np.float32)
+      if meta.tied_embeddings and name == "lm_head.weight":
+        name = "embed_tokens.weight"
+    return tensors.get(name, shapes.get(name))
+
+  return names.nextstep_from_tensors(get, cfg)
 
 
 def load_nextstep(directory: str, runtime: Any = None) -> tuple[ns.NextStep, ImageMeta]:
@@ -367,7 +511,7 @@ def load_nextstep(directory: str, runtime: Any = None) -> tuple[ns.NextStep, Ima
   cast to the config's param_dtype (float32 by default; `runtime` may set dtype/param_dtype/...).
   """
   cfg, meta = read_nextstep_config(directory, runtime)
-  params = load_nextstep_params(directory, cfg)
+  params = load_nextstep_params(directory, cfg, meta)
   model = nnx.eval_shape(lambda: ns.NextStep(cfg, rngs=nnx.Rngs(0)))
   load_pure_params(model, params, source=directory)
   return model, meta

@@ -1,20 +1,29 @@
-"""A training run exported as a NextStep-1 Hugging Face directory, and such a directory (or a Qwen2.5 one)
-imported as a params-only checkpoint that ``checkpoint.init_from`` reads (``python -m nextstep_jax.export``
-is the command line)."""
+"""A training run exported as a NextStep-1 Hugging Face directory; such a directory (ours, or the official
+NextStep-1 / NextStep-1.1 release as published) imported as a run that ``sample``, ``export`` and
+``checkpoint.init_from`` read; a Qwen2.5 directory imported as a params-only checkpoint
+(``python -m nextstep_jax.export`` is the command line)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
+import shutil
 from typing import Any
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax import config as config_lib
 from nextstep_jax import run as run_lib
 from nextstep_jax.config import UserError
+from nextstep_jax.data import tokenizer as tok_lib
 from nextstep_jax.interop import hf, safetensors_io
+from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.training import checkpoint as ckpt_lib
 
@@ -30,6 +39,23 @@ def parse_size(text: str) -> int:
   return int(float(m.group(1)) * scale)
 
 
+IMPORT_FILE = "hf_import.json"  # in an imported run: the source config.json and the tensors it carried
+
+
+def imported_meta(workdir: str, meta: hf.ImageMeta) -> hf.ImageMeta:
+  """`meta` completed with what an imported run recorded of its source directory (``hf_import.json``:
+  the config.json fields export writes back, the gen_pos_embed grid); unchanged for a trained run."""
+  path = os.path.join(workdir, IMPORT_FILE)
+  if not os.path.isfile(path):
+    return meta
+  rec = safetensors_io._read_json(path)  # pylint: disable=protected-access
+  if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
+    raise UserError(f"{path}: not a record written by the import (no 'config' object)")
+  src = rec["config"]
+  return dataclasses.replace(meta, source=src, gen_pos_grid=rec.get("gen_pos_grid"),
+                             base_image_grid_size=src.get("base_image_grid_size"))
+
+
 def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
                    max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
                    vae: str | None = None, use_ema: bool = True) -> dict:
@@ -38,6 +64,8 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
   use_ema: export the EMA weights when the run kept them (config.ema_decay > 0). A LoRA run
   (config.lora.rank > 0) is exported with its adapters merged into the frozen base. The tokenizer:
   `tokenizer`, else the config's ``tokenizer.path``, else the demo tokenizer in ``<workdir>/tokenizer``.
+  A run imported from the official layout is written back in it: its config.json's other fields and its
+  gen_pos_embed as they were (so official -> import -> export is bitwise with the source's dtype).
   """
   config = run_lib.saved_config(workdir)
   cfg = ns.NextStepConfig.from_config(config)
@@ -46,33 +74,151 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
     src = os.path.join(src, str(step))
   _, params = run_lib.load_params(src, config, use_ema=use_ema, what=f"run {workdir}")
   tok = run_lib.load_tokenizer(config, workdir, path=tokenizer)
-  meta = hf.ImageMeta.from_config(config, tok)
+  meta = imported_meta(workdir, hf.ImageMeta.from_config(config, tok))
+  tok_dir = tokenizer or config.tokenizer.path or os.path.join(workdir, run_lib.TOKENIZER_DIR)
+  shipped = tok_dir if os.path.isdir(tok_dir) else tok  # a directory ships whole (tokenizer_config.json too)
   if vae is None:
     configured = config.vae.checkpoint
     vae = configured if configured and os.path.exists(configured) else None
   if vae is not None and os.path.isdir(os.path.join(vae, run_lib.VAE_EXPORT_DIR)):
     vae = os.path.join(vae, run_lib.VAE_EXPORT_DIR)  # a train_vae work directory: ship its exported weights
   return hf.export_nextstep(params, cfg, out, meta, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                            tokenizer=tok, vae=vae)
+                            tokenizer=shipped, vae=vae)
+
+
+def _copy_files(src: str, dst: str) -> None:
+  os.makedirs(dst, exist_ok=True)
+  for name in sorted(os.listdir(src)):
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _import_tokenizer(import_dir: str, out: str, meta: hf.ImageMeta):
+  """The directory's tokenizer (``tokenizer/`` or its top level) copied to ``out/tokenizer`` and checked
+  against config.json's special ids; None (with a warning) when the directory has none."""
+  try:
+    found = tok_lib.find_tokenizer(import_dir)
+  except FileNotFoundError as e:
+    logging.warning("%s; the imported run has no tokenizer (sampling will need --tokenizer)", e)
+    return None
+  dst = os.path.join(out, run_lib.TOKENIZER_DIR)
+  if os.path.isdir(found):
+    _copy_files(found, dst)
+  else:
+    os.makedirs(dst, exist_ok=True)
+    shutil.copy2(found, dst)
+  try:
+    tok = tok_lib.load_tokenizer(dst)
+  except ValueError as e:
+    raise UserError(f"{found}: {e}") from e
+  for field, ours in (("boi", tok.boi_id), ("eoi", tok.eoi_id), ("image_placeholder_id", tok.placeholder_id)):
+    want = getattr(meta, field)
+    if want is not None and want != ours:
+      raise UserError(f"{import_dir}: config.json {field}={want} but the tokenizer in {found} gives id {ours}")
+  return tok
+
+
+def _import_vae(import_dir: str, out: str, meta: hf.ImageMeta, token_dim: int) -> str | None:
+  """The directory's VAE (``vae/``, or config.json's relative ``vae_name_or_path``) as ``out/vae`` in
+  safetensors (the official ``checkpoint.pt`` converted with torch's weights-only reader); None when
+  there is none."""
+  names_ = [hf.VAE_DIR]
+  named = (meta.source or {}).get("vae_name_or_path")
+  if isinstance(named, str) and named and not os.path.isabs(named):
+    names_.append(named)
+  src = next((os.path.join(import_dir, n) for n in names_ if os.path.isdir(os.path.join(import_dir, n))), None)
+  if src is None:
+    logging.warning("%s has no vae/ directory; the imported run has no VAE (set vae.checkpoint to sample)",
+                    import_dir)
+    return None
+  dst = os.path.join(out, hf.VAE_DIR)
+  pickle = os.path.join(src, "checkpoint.pt")
+  if any(os.path.isfile(os.path.join(src, n)) for n in (vae_interop.CHECKPOINT_FILE,
+                                                        "diffusion_pytorch_model.safetensors")):
+    _copy_files(src, dst)
+  elif os.path.isfile(pickle):
+    vae_interop.convert_checkpoint(pickle, dst)
+  else:
+    raise UserError(f"{src}: no VAE weights (checkpoint.pt, {vae_interop.CHECKPOINT_FILE} or "
+                    "diffusion_pytorch_model.safetensors)")
+  vae = vae_interop.load_vae_dir(dst, patch_size=meta.latent_patch_size)
+  if vae.config.token_dim != token_dim:
+    raise UserError(f"{src}: the VAE makes {vae.config.token_dim}-d tokens, config.json's model {token_dim}-d")
+  return dst
+
+
+def run_config(cfg: ns.NextStepConfig, meta: hf.ImageMeta, workdir: str, *, vae_dir: str | None,
+               vae_factor: int, tokenizer_kind: str = "hf"):
+  """The experiment config (the schema's defaults, sized and named by a NextStep directory) of a run
+  imported into `workdir`: what ``sample``, ``export`` and ``checkpoint.init_from`` read."""
+  c = config_lib.base_config()
+  b, h = cfg.backbone, cfg.head
+  c.workdir = workdir
+  c.model.update(dict(vocab_size=b.vocab_size, hidden_size=b.hidden_size, num_layers=b.num_layers,
+                      num_heads=b.num_heads, num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
+                      intermediate_size=b.intermediate_size, rope_theta=b.rope_theta, rms_norm_eps=b.rms_norm_eps,
+                      preset="imported", free_head_dim=b.num_heads * b.head_dim != b.hidden_size))
+  c.head.update(dict(dim=h.dim, num_layers=h.num_layers, batch_mul=h.batch_mul, preset="imported"))
+  c.image.latent_channels = meta.latent_channels
+  c.image.patch_size = meta.latent_patch_size
+  c.image.vae_factor = vae_factor
+  c.image.token_norm = cfg.token_norm
+  c.loss.ce_weight, c.loss.fm_weight = cfg.ce_weight, cfg.fm_weight
+  if meta.latent_size:
+    c.data.image_size = meta.latent_size * vae_factor
+  positions = (meta.source or {}).get("max_position_embeddings")
+  if isinstance(positions, int) and positions > 0:
+    c.data.seq_len = positions
+  c.tokenizer.kind = tokenizer_kind
+  c.tokenizer.vocab_size = b.vocab_size
+  c.vae.checkpoint = os.path.abspath(vae_dir) if vae_dir else ""
+  return c
+
+
+def import_run(import_dir: str, out: str) -> dict:
+  """A NextStep directory (ours, or the official NextStep-1 / NextStep-1.1 release as published:
+  ``config.json``, safetensors, ``tokenizer/``, ``vae/`` with ``checkpoint.pt``) imported as a run in `out`:
+  ``checkpoints/0`` (params), ``checkpoints/config.json``, ``tokenizer/``, ``vae/`` (safetensors) and
+  ``hf_import.json``. ``sample --workdir=out``, ``export --workdir=out`` and ``checkpoint.init_from=out``
+  read it. Returns the params."""
+  cfg, meta = hf.read_nextstep_config(import_dir)
+  params = hf.load_nextstep_params(import_dir, cfg, meta)
+  if os.path.isdir(run_lib.checkpoint_dir(out)) and os.listdir(run_lib.checkpoint_dir(out)):
+    raise UserError(f"--out={out} already holds checkpoints; import into a new directory")
+  os.makedirs(out, exist_ok=True)
+  tok = _import_tokenizer(import_dir, out, meta)
+  vae_dir = _import_vae(import_dir, out, meta, cfg.token_dim)
+  factor = vae_interop.load_vae_dir(vae_dir, patch_size=meta.latent_patch_size).config.factor if vae_dir else 8
+  config = run_config(cfg, meta, out, vae_dir=vae_dir, vae_factor=factor,
+                      tokenizer_kind=tok.kind if tok is not None else "hf")
+  config_lib.validate(config, paths=False)
+  with open(os.path.join(out, IMPORT_FILE), "w", encoding="utf-8") as f:
+    json.dump({"source": os.path.abspath(import_dir), "config": meta.source, "gen_pos_grid": meta.gen_pos_grid},
+              f, indent=2)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  ckpt = ckpt_lib.Checkpointer(run_lib.checkpoint_dir(out), every=1, keep=1, async_save=False, config=config)
+  try:
+    ckpt.save(0, {"params": params}, force=True)
+  finally:
+    ckpt.close()
+  return params
 
 
 def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, config: Any = None) -> dict:
-  """Reads a Hugging Face directory and saves its params as checkpoint step 0 in `out` (state
-  ``{"params": ...}``, what ``checkpoint.restore_params_from`` reads). Returns the params."""
-  if qwen2:
-    if config is None:
-      raise UserError("--qwen2 needs --config (the experiment config sizing the head and projectors)")
-    backbone = hf.import_qwen2_backbone(import_dir, config)
-    model = ns.NextStep(ns.NextStepConfig.from_config(config), rngs=nnx.Rngs(params=int(config.seed)))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    params["backbone"] = backbone
-    saved_config = config
-  else:
-    cfg, _ = hf.read_nextstep_config(import_dir)
-    params = hf.load_nextstep_params(import_dir, cfg)
-    saved_config = None
+  """Reads a Hugging Face directory into `out`. A NextStep directory becomes a run (``import_run``); a
+  Qwen2.5 one (`qwen2`, with the experiment `config` sizing the head and projectors) a params-only
+  checkpoint, step 0 in `out` (state ``{"params": ...}``, what ``checkpoint.init_from`` reads). Returns the
+  params."""
+  if not qwen2:
+    return import_run(import_dir, out)
+  if config is None:
+    raise UserError("--qwen2 needs --config (the experiment config sizing the head and projectors)")
+  backbone = hf.import_qwen2_backbone(import_dir, config)
+  model = ns.NextStep(ns.NextStepConfig.from_config(config), rngs=nnx.Rngs(params=int(config.seed)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params["backbone"] = backbone
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  ckpt = ckpt_lib.Checkpointer(out, every=1, keep=1, async_save=False, config=saved_config)
+  ckpt = ckpt_lib.Checkpointer(out, every=1, keep=1, async_save=False, config=config)
   try:
     ckpt.save(0, {"params": params}, force=True)
   finally:

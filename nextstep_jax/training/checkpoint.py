@@ -473,7 +473,8 @@ def restore_params_step(path: str | os.PathLike, abstract_params: Any, key: str 
                         what: str = "checkpoint.init_from") -> tuple[int, Any]:
   """(step, params) of another run's checkpoint, read only.
 
-  `path` is a checkpoint directory or one step's directory (``.../checkpoints/20000``). A
+  `path` is a checkpoint directory, a run's work directory (its ``checkpoints/``) or one step's directory
+  (``.../checkpoints/20000``). A
   directory gives its newest step that passes its integrity check and reads back: each newer step
   that fails is named in a warning with the reason (as training's resume does, but nothing is
   moved: readers never change a run). An explicit step that fails raises CorruptCheckpointError.
@@ -486,6 +487,9 @@ def restore_params_step(path: str | os.PathLike, abstract_params: Any, key: str 
   if not root.exists():
     raise FileNotFoundError(f"{what}={str(path)!r} does not exist")
   steps = [s for s in (_step_of(p) for p in root.iterdir() if p.is_dir()) if s is not None]
+  if not steps and (root / "checkpoints").is_dir():  # a run's work directory: its checkpoints
+    root = root / "checkpoints"
+    steps = [s for s in (_step_of(p) for p in root.iterdir() if p.is_dir()) if s is not None]
   explicit = (root / STATE).exists() and _step_of(root) is not None
   if explicit:
     root, steps = root.parent, [_step_of(root)]
