@@ -6,7 +6,9 @@
 
 Text-to-image uses two rows per sample (prompt, negative prompt) with guidance on the flow-matching head;
 editing uses three ([image + instruction, image + negative, negative only]) with ``--cfg`` and
-``--cfg_img`` and the editing time shift. Writes one PNG per sample and ``grid.png``, and prints the
+``--cfg_img`` and the editing time shift. The defaults are the official pipeline's documented usage:
+the SDE head sampler, 50 steps, cfg 7.5 (cfg_img 2.0 for editing), use_norm, a constant schedule,
+time shift 1.0 for text-to-image and 3.2 for editing. Writes one PNG per sample and ``grid.png``, and prints the
 time per image (the first call includes compilation; it is reported apart). A mistake in the flags (an
 empty prompt, a negative guidance scale, a prompt longer than the run's context, a missing image) is
 answered with one ``error:`` line and exit status 2 before anything compiles.
@@ -26,11 +28,16 @@ flags.DEFINE_string("prompt", "", "the caption, or the editing instruction with 
 flags.DEFINE_bool("unconditional", False, "sample without a caption: one empty-prompt row per sample, no guidance")
 flags.DEFINE_string("negative", "", "negative prompt (the unconditional row)")
 flags.DEFINE_string("image", "", "source image for editing (PNG/JPEG)")
-flags.DEFINE_float("cfg", 3.0, "classifier-free guidance on the text, >= 0 (1: none; v_neg + cfg * (v - v_neg))")
+flags.DEFINE_float("cfg", 7.5, "classifier-free guidance on the text, >= 0 (1: none; v_neg + cfg * (v - v_neg))")
 flags.DEFINE_float("cfg_img", 2.0, "guidance on the source image (editing), >= 0 (1: none)")
-flags.DEFINE_integer("steps", 28, "flow-matching ODE steps per token (>= 1)")
+flags.DEFINE_integer("steps", 50, "flow-matching head steps per token (>= 2 for the SDE, >= 1 for the ODE)")
 flags.DEFINE_float("time_shift", -1.0, "time-grid shift s (-1: 1.0 for text-to-image, 3.2 for editing)")
-flags.DEFINE_bool("sde", False, "Euler-Maruyama instead of the ODE")
+flags.DEFINE_bool("sde", True, "the official Euler-Maruyama head sampler (--nosde: the Euler ODE)")
+flags.DEFINE_bool("use_norm", True, "layer-normalise every sampled token before it is fed back and decoded")
+flags.DEFINE_enum("cfg_schedule", "constant", ["constant", "linear"], "guidance per token: constant, or "
+                  "decaying linearly towards 1 over the image (the official pipeline's options)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and backbone compute dtype (the head's "
+                  "integration and guidance stay fp32)")
 flags.DEFINE_integer("num", 4, "images to sample (>= 1)")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("size", 0, "image side in pixels (0: the config's data.image_size)")
@@ -45,7 +52,8 @@ def main(argv) -> None:
   sample_run(FLAGS.workdir, FLAGS.prompt, out=FLAGS.out, num=FLAGS.num, image=FLAGS.image, negative=FLAGS.negative,
       cfg=FLAGS.cfg, cfg_img=FLAGS.cfg_img, steps=FLAGS.steps, time_shift=FLAGS.time_shift, sde=FLAGS.sde,
       seed=FLAGS.seed, size=FLAGS.size, use_ema=FLAGS.use_ema, step=None if FLAGS.step == -1 else FLAGS.step,
-      unconditional=FLAGS.unconditional)
+      unconditional=FLAGS.unconditional, use_norm=FLAGS.use_norm, cfg_schedule=FLAGS.cfg_schedule,
+      dtype=FLAGS.dtype)
 
 
 if __name__ == "__main__":

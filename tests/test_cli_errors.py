@@ -115,7 +115,10 @@ def test_sample_run_checks_and_unconditional(tiny_run, tmp_path):
   from nextstep_jax.sampling import runner  # pylint: disable=import-outside-toplevel
   bad = [(dict(prompt=""), "--prompt is empty"), (dict(prompt="x", unconditional=True), "--unconditional"),
          (dict(prompt="x", cfg=-0.5), "--cfg=-0.5"), (dict(prompt="x", cfg_img=-1.0), "--cfg_img"),
-         (dict(prompt="x", steps=0), "--steps=0"), (dict(prompt="x", num=0), "--num=0"),
+         (dict(prompt="x", steps=0), "--steps=0"), (dict(prompt="x", steps=1), "--steps=1 must be >= 2"),
+         (dict(prompt="x", steps=0, sde=False), "--steps=0 must be >= 1"),
+         (dict(prompt="x", cfg_schedule="cosine"), "--cfg_schedule='cosine'"),
+         (dict(prompt="x", dtype="float16"), "--dtype='float16'"), (dict(prompt="x", num=0), "--num=0"),
          (dict(prompt="x", time_shift=0.0), "--time_shift"), (dict(prompt="x", size=20), "--size=20")]
   for kwargs, match in bad:
     with pytest.raises(UserError, match=match):
@@ -123,7 +126,7 @@ def test_sample_run_checks_and_unconditional(tiny_run, tmp_path):
   not_image = tmp_path / "not_an_image.png"
   not_image.write_text("plain text")
   with pytest.raises(UserError, match="not a readable image"):
-    runner.sample_run(tiny_run, "invert", image=str(not_image), num=1, steps=1, out=str(tmp_path / "never"))
+    runner.sample_run(tiny_run, "invert", image=str(not_image), num=1, steps=2, out=str(tmp_path / "never"))
   assert not (tmp_path / "never").exists()
-  stats = runner.sample_run(tiny_run, "", unconditional=True, num=1, steps=1, out=str(tmp_path / "u"))
+  stats = runner.sample_run(tiny_run, "", unconditional=True, num=1, steps=2, out=str(tmp_path / "u"))
   assert stats["images"] == 1 and (tmp_path / "u" / "sample_000.png").exists()

@@ -54,6 +54,9 @@ CASES = {
     "cfg": dict(groups=2, cfg=7.5, sde=False, shift=1.0),
     "edit": dict(groups=3, cfg=7.5, cfg_img=2.0, sde=False, shift=3.2),
     "sde_cfg": dict(groups=2, cfg=3.0, sde=True, shift=1.0),
+    # The official pipeline's options: the linear guidance schedule and start noise shared across captions.
+    "edit_sde_linear_shared_noise": dict(groups=3, cfg=7.5, cfg_img=2.0, sde=True, shift=3.2,
+                                         cfg_schedule="linear", noise_repeat=1),
 }
 
 
@@ -68,7 +71,8 @@ def test_compiled_sampler_equals_naive_loop(case):
   else:
     prompts = [_prompt(rng, [7, 5], 8), _prompt(rng, [4, 3], 4)][:c["groups"]]
   h, w, key = 2, 3, jax.random.key(7)
-  kw = dict(cfg=c["cfg"], cfg_img=c.get("cfg_img", 2.0), steps=6, time_shift=c["shift"], sde=c["sde"])
+  kw = dict(cfg=c["cfg"], cfg_img=c.get("cfg_img", 2.0), steps=6, time_shift=c["shift"], sde=c["sde"],
+            cfg_schedule=c.get("cfg_schedule", "constant"), noise_repeat=c.get("noise_repeat", 0))
   fast = np.asarray(sampling.sample_guided(model, prompts, h, w, key, **kw))
   slow = sampling.sample_images_naive(model, prompts, h, w, key, **kw)
   assert fast.shape == (2, h * w, CFG.token_dim)

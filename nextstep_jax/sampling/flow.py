@@ -1,5 +1,5 @@
-"""The flow-matching head's sampler for one image token: the time grids (ODE and SDE), guidance, the
-Euler / Euler–Maruyama integration."""
+"""The flow-matching head's sampler for one image token: the time grids (ODE and SDE), guidance and its
+schedule, the noise draws, the Euler / Euler–Maruyama integration (the SDE is the official one)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,46 @@ def guide(v_gbd: jax.Array, cfg, cfg_img) -> jax.Array:
   raise ValueError(f"guidance takes 1, 2 or 3 prompt groups, got {g}")
 
 
-def sample_token(head, cond_rd: jax.Array, key_i: jax.Array, *, groups: int, steps: int, sde: bool,
-                 cfg, cfg_img, time_shift) -> jax.Array:
-  """One image token per row group member: (B, d) from the conditions of all G*B rows."""
-  r = cond_rd.shape[0]
-  b = r // groups
-  d = head.config.token_dim
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def scheduled(scale, i, n: int, schedule: str):
+  """Guidance scale for image token i of n: constant, or (the official pipeline's "linear", after Muse)
+  1 + (scale - 1) (n - i) / n, from the full scale at the first token towards 1 at the last."""
+  if schedule == "constant":
+    return scale
+  if schedule == "linear":
+    return 1.0 + (scale - 1.0) * (n - i) / n
+  raise ValueError(f"cfg_schedule={schedule!r}; expected one of {CFG_SCHEDULES}")
+
+
+def token_noise(key_i: jax.Array, b: int, d: int, steps: int, *, sde: bool, noise_repeat: int = 0
+                ) -> tuple[jax.Array, jax.Array | None]:
+  """(start noise (b, d), SDE step noises (steps - 1, b, d) or None) for one image token.
+
+  noise_repeat=0: every row its own draws. noise_repeat=n (n divides b): n draws tiled over the b rows,
+  row j getting draw j % n; with rows ordered caption by caption and n images per caption, image k of
+  every caption shares its noise, as the official pipeline draws it (``noise_repeat`` =
+  ``num_images_per_caption``)."""
+  n = noise_repeat or b
+  if b % n:
+    raise ValueError(f"noise_repeat={noise_repeat} does not divide the {b} rows of a prompt group")
   k_init, k_sde = jax.random.split(key_i)
-  x0 = jax.random.normal(k_init, (b, d), jnp.float32)
-
-  def velocity(x_bd, t):
-    v = head(jnp.tile(x_bd, (groups, 1)), jnp.full((r,), t, jnp.float32), cond_rd)
-    return guide(v.reshape(groups, b, d), cfg, cfg_img)
-
+  tile = lambda z: jnp.tile(z, (b // n,) + (1,) * (z.ndim - 1)) if n != b else z
+  x0 = tile(jax.random.normal(k_init, (n, d), jnp.float32))
   if not sde:
+    return x0, None
+  zs = jax.vmap(lambda j: tile(jax.random.normal(jax.random.fold_in(k_sde, j), (n, d), jnp.float32)))(
+      jnp.arange(steps - 1))
+  return x0, zs
+
+
+def integrate(velocity, x0: jax.Array, zs: jax.Array | None, *, steps: int, time_shift) -> jax.Array:
+  """One token from noise x0 (t=0) to data (t=1) with the guided `velocity(x, t)`: Euler on the ODE grid
+  when `zs` is None, else the official SDE (v1 release, ``FlowMatchingHead.sample``): steps - 1
+  Euler–Maruyama steps on the SDE grid with drift (1 + t) v - x and noise sqrt(2 (1 - t) dt) zs[k], then
+  one last step x + v * SDE_LAST_STEP with the guided velocity at the last grid time."""
+  if zs is None:
     grid = ode_grid(steps, time_shift)
 
     def ode_step(k, x):
@@ -66,14 +92,25 @@ def sample_token(head, cond_rd: jax.Array, key_i: jax.Array, *, groups: int, ste
 
   grid = sde_grid(steps, time_shift)
 
-  def drift(x, t):
-    return (1.0 + t) * velocity(x, t) - x
-
   def em_step(k, x):
     t, dt = grid[k], grid[k + 1] - grid[k]
-    z = jax.random.normal(jax.random.fold_in(k_sde, k), x.shape, jnp.float32)
-    return x + drift(x, t) * dt + jnp.sqrt(2.0 * (1.0 - t) * dt) * z
+    return x + ((1.0 + t) * velocity(x, t) - x) * dt + jnp.sqrt(2.0 * (1.0 - t) * dt) * zs[k]
 
   x = jax.lax.fori_loop(0, steps - 1, em_step, x0)
-  t_last = grid[steps - 1]
-  return x + drift(x, t_last) * (1.0 - t_last)
+  return x + velocity(x, grid[steps - 1]) * SDE_LAST_STEP
+
+
+def sample_token(head, cond_rd: jax.Array, key_i: jax.Array, *, groups: int, steps: int, sde: bool,
+                 cfg, cfg_img, time_shift, noise_repeat: int = 0) -> jax.Array:
+  """One image token per row group member: (B, d) from the conditions of all G*B rows. The head runs in
+  its configured dtype; the noise, the guidance and the integration are fp32, as in the official code."""
+  r = cond_rd.shape[0]
+  b = r // groups
+  d = head.config.token_dim
+  x0, zs = token_noise(key_i, b, d, steps, sde=sde, noise_repeat=noise_repeat)
+
+  def velocity(x_bd, t):
+    v = head(jnp.tile(x_bd, (groups, 1)), jnp.full((r,), t, jnp.float32), cond_rd).astype(jnp.float32)
+    return guide(v.reshape(groups, b, d), cfg, cfg_img)
+
+  return integrate(velocity, x0, zs, steps=steps, time_shift=time_shift)

@@ -73,11 +73,12 @@ def _text_step_jit(graphdef, state, cache, h_last, pos_r, key, temperature, top_
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def _image_jit(graphdef, state, cache, h_last, next_pos, key, cfg, cfg_img, time_shift, *, groups, h, w, steps,
-               sde, use_norm):
+               sde, use_norm, cfg_schedule="constant", noise_repeat=0):
   TRACES["image"] += 1
   model = nnx.merge(graphdef, state)
   return image_loop(model, cache, h_last, next_pos, key, groups=groups, num_tokens=h * w, steps=steps,
-                     sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift)
+                     sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
+                     cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
 
 
 _AREA_RE = re.compile(r"^\s*(\d+)\s*\*\s*(\d+)\s*$")
@@ -93,7 +94,7 @@ def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key
              max_new_tokens: int = 256, image_size: tuple[int, int] = (16, 16),
              max_image_tokens: int | None = None, max_images: int = 1, think: bool = False,
              temperature: float = 0.0, top_p: float = 1.0, cfg: float = 1.0, negative: str = "",
-             steps: int = 28, time_shift: float = 1.0, use_norm: bool = True, sde: bool = False,
+             steps: int = 28, time_shift: float = 1.0, use_norm: bool = True, sde: bool = True,
              bucket: int = 64) -> list[tuple]:
   """Unified generation for one prompt: text from the LM head until the model writes
   ``<|begin_of_image|>``; then an image of the size it announced (``<|image_area|>h*w`` in the text it

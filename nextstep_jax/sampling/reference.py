@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from nextstep_jax.models import nextstep as ns
-from nextstep_jax.sampling.flow import SDE_LAST_STEP
+from nextstep_jax.sampling.flow import SDE_LAST_STEP, scheduled, token_noise
 from nextstep_jax.sampling.prompts import PromptLike, as_prompt, stack_groups
 
 
@@ -33,8 +33,9 @@ def _naive_velocity(graphdef, state, x_nd, t_n, cond_nd):
 
 def sample_images_naive(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: int, key: jax.Array, *,
                         cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28, time_shift: float = 1.0,
-                        use_norm: bool = True, sde: bool = False, pad_id: int = 0,
-                        max_tokens: int | None = None) -> np.ndarray:
+                        use_norm: bool = True, sde: bool = True, pad_id: int = 0,
+                        max_tokens: int | None = None, cfg_schedule: str = "constant",
+                        noise_repeat: int = 0) -> np.ndarray:
   """Reference sampler: per image token, the whole (P + h*w)-slot sequence is recomputed without a
   cache (not-yet-sampled slots masked), and the head's integration is a Python loop. Same groups,
   guidance and random draws as ``sample_guided``. ``max_tokens`` stops after that many tokens (for
@@ -68,31 +69,31 @@ def sample_images_naive(model: ns.NextStep, prompts: Sequence[PromptLike], h: in
   shifted = lambda t: (t / (shift - (shift - 1.0) * t)).astype(np.float32)
   grid = shifted(np.linspace(0.0, 1.0 - SDE_LAST_STEP, steps) if sde else np.linspace(0.0, 1.0, steps + 1))
 
-  def velocity(x_bd, t, cond):
+  def velocity(x_bd, t, cond, i):
     v = np.asarray(_naive_velocity(graphdef, state, jnp.asarray(np.tile(x_bd, (groups, 1))),
                                    jnp.full((r,), t, jnp.float32), cond)).reshape(groups, b, d)
+    g, gi = (np.float32(scheduled(s_, i, n_img, cfg_schedule)) for s_ in (cfg, cfg_img))
     if groups == 1:
       return v[0]
     if groups == 2:
-      return v[1] + np.float32(cfg) * (v[0] - v[1])
-    return v[2] + np.float32(cfg_img) * (v[1] - v[2]) + np.float32(cfg) * (v[0] - v[1])
+      return v[1] + g * (v[0] - v[1])
+    return v[2] + gi * (v[1] - v[2]) + g * (v[0] - v[1])
 
   out = np.zeros((b, n, d), np.float32)
   for i in range(n):
     hs = _naive_forward(graphdef, state, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
     cond = model.image_out(hs[:, p + i - 1])
-    k_init, k_sde = jax.random.split(jax.random.fold_in(key, i))
-    xt = np.asarray(jax.random.normal(k_init, (b, d), jnp.float32))
+    x0, zs = token_noise(jax.random.fold_in(key, i), b, d, steps, sde=sde, noise_repeat=noise_repeat)
+    xt = np.asarray(x0)
     if not sde:
       for k in range(steps):
-        xt = xt + (grid[k + 1] - grid[k]) * velocity(xt, grid[k], cond)
+        xt = xt + (grid[k + 1] - grid[k]) * velocity(xt, grid[k], cond, i)
     else:
+      zs = np.asarray(zs)
       for k in range(steps - 1):
         t, dt = grid[k], grid[k + 1] - grid[k]
-        z = np.asarray(jax.random.normal(jax.random.fold_in(k_sde, k), (b, d), jnp.float32))
-        xt = xt + ((1 + t) * velocity(xt, t, cond) - xt) * dt + np.sqrt(2 * (1 - t) * dt) * z
-      t = grid[steps - 1]
-      xt = xt + ((1 + t) * velocity(xt, t, cond) - xt) * (1 - t)
+        xt = xt + ((1 + t) * velocity(xt, t, cond, i) - xt) * dt + np.sqrt(2 * (1 - t) * dt) * zs[k]
+      xt = xt + velocity(xt, grid[steps - 1], cond, i) * np.float32(SDE_LAST_STEP)
     if use_norm:
       mu = xt.mean(-1, keepdims=True)
       xt = (xt - mu) / np.sqrt(((xt - mu) ** 2).mean(-1, keepdims=True) + 1e-6)

@@ -16,13 +16,15 @@ from nextstep_jax.batch import to_uint8
 from nextstep_jax.config import UserError
 from nextstep_jax.data.images import load_image
 from nextstep_jax.sampling.prompts import Prompt, edit_prompts, image_prefix_ids, image_prompts
+from nextstep_jax.sampling.flow import CFG_SCHEDULES
 from nextstep_jax.sampling.sampler import edit_images, sample_images
 from nextstep_jax.data.images import image_grid
 
 
-def check_request(prompt: str, *, num: int = 4, image: str = "", negative: str = "", cfg: float = 3.0,
-                  cfg_img: float = 2.0, steps: int = 28, time_shift: float = -1.0, size: int = 0,
-                  step: int | None = None, unconditional: bool = False, out: str = "") -> None:
+def check_request(prompt: str, *, num: int = 4, image: str = "", negative: str = "", cfg: float = 7.5,
+                  cfg_img: float = 2.0, steps: int = 50, time_shift: float = -1.0, size: int = 0,
+                  step: int | None = None, unconditional: bool = False, out: str = "", sde: bool = True,
+                  cfg_schedule: str = "constant", dtype: str = "float32") -> None:
   """Refuses, before anything is loaded, a request the sampler cannot honour (UserError naming the
   flag of ``python -m nextstep_jax.sample``)."""
   if unconditional:
@@ -38,8 +40,13 @@ def check_request(prompt: str, *, num: int = 4, image: str = "", negative: str =
                     "a caption, or --unconditional to sample without one"))
   if num < 1:
     raise UserError(f"--num={num} must be >= 1")
-  if steps < 1:
-    raise UserError(f"--steps={steps} must be >= 1 (flow-matching ODE steps per token)")
+  if steps < (2 if sde else 1):
+    raise UserError(f"--steps={steps} must be >= {2 if sde else 1} (head steps per token; the SDE's last step "
+                    "is its own)" if sde else f"--steps={steps} must be >= 1 (flow-matching ODE steps per token)")
+  if cfg_schedule not in CFG_SCHEDULES:
+    raise UserError(f"--cfg_schedule={cfg_schedule!r}; expected one of {', '.join(CFG_SCHEDULES)}")
+  if dtype not in ("float32", "bfloat16"):
+    raise UserError(f"--dtype={dtype!r}; expected float32 or bfloat16")
   if not math.isfinite(cfg) or cfg < 0:
     raise UserError(f"--cfg={cfg} must be >= 0: the guided velocity is v_neg + cfg * (v_prompt - v_neg), "
                     "so 1 is no guidance, 0 the negative prompt alone, > 1 stronger guidance")
@@ -90,16 +97,20 @@ def _grid(pixels_per_token: int, size: int, what: str) -> tuple[int, int]:
 
 
 def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image: str = "", negative: str = "",
-        cfg: float = 3.0, cfg_img: float = 2.0, steps: int = 28, time_shift: float = -1.0, sde: bool = False,
+        cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 50, time_shift: float = -1.0, sde: bool = True,
         seed: int = 0, size: int = 0, use_ema: bool = True, step: int | None = None,
-        unconditional: bool = False) -> dict:
+        unconditional: bool = False, use_norm: bool = True, cfg_schedule: str = "constant",
+        dtype: str = "float32") -> dict:
   """Samples `num` images of the run in `workdir` for `prompt` (editing `image` when given; no prompt
   and no guidance when `unconditional`), writes them and ``grid.png`` to `out` (default W/samples).
   Mistakes in the request raise UserError (or FileNotFoundError for a missing path) before anything
-  compiles."""
+  compiles. Defaults follow the official pipeline's documented usage (the SDE head sampler, 50 steps,
+  cfg 7.5, use_norm, constant schedule); `dtype` "bfloat16" reads the weights and runs the backbone and
+  the head's network in bf16 (the head's integration and guidance stay fp32, as in the official code)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel  # optional: only to write PNGs
   check_request(prompt, num=num, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
-                time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out)
+                time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out, sde=sde,
+                cfg_schedule=cfg_schedule, dtype=dtype)
   if not os.path.isdir(workdir):
     if os.path.exists(workdir):
       raise NotADirectoryError(f"--workdir={workdir} is a file, not a training work directory")
@@ -113,6 +124,9 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   if size % unit == 0:
     check_context(config, tokenizer, prompt, negative, size // unit, size // unit, image=bool(image),
                   guided=guided, unconditional=unconditional)
+  if dtype != "float32":
+    config = config.copy_and_resolve_references()
+    config.model.dtype = config.model.param_dtype = dtype
   loaded = run_lib.load_run(workdir, config=config, step=step, use_ema=use_ema)
   model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
   cfg_vae = vae.config
@@ -131,15 +145,17 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
                               None if g.image_tokens is None else np.repeat(g.image_tokens, num, 0),
                               None if g.image_index is None else np.repeat(g.image_index, num, 0)) for g in groups]
     shift = 3.2 if time_shift < 0 else time_shift
-    fn = lambda k: edit_images(model, *groups, h, w, k, cfg=cfg, cfg_img=cfg_img, steps=steps,
-                                        time_shift=shift, sde=sde, pad_id=tokenizer.pad_id)
+    fn = lambda k: edit_images(model, *groups, h, w, k, cfg=cfg, cfg_img=cfg_img, steps=steps, time_shift=shift,
+                               sde=sde, pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
+                               noise_repeat=num)
   else:
     text = "" if unconditional else prompt
     cond, neg = image_prompts(tokenizer, [text] * num, h, w,
                               negative=negative if guided and not unconditional else None)
     shift = 1.0 if time_shift < 0 else time_shift
-    fn = lambda k: sample_images(model, cond, neg, h, w, k, cfg=cfg, steps=steps, time_shift=shift,
-                                          sde=sde, pad_id=tokenizer.pad_id)
+    fn = lambda k: sample_images(model, cond, neg, h, w, k, cfg=cfg, steps=steps, time_shift=shift, sde=sde,
+                                 pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
+                                 noise_repeat=num)
   t0 = time.perf_counter()
   tokens = jax.block_until_ready(fn(key))
   first = time.perf_counter() - t0

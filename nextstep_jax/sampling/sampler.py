@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nextstep_jax.models import nextstep as ns
-from nextstep_jax.sampling.flow import sample_token
+from nextstep_jax.sampling.flow import CFG_SCHEDULES, sample_token, scheduled
 from nextstep_jax.sampling.prompts import PromptLike, as_prompt, stack_groups
 
 
@@ -32,7 +32,7 @@ def embed_prompt(model: ns.NextStep, tokens, img_tokens, img_index) -> jax.Array
   if img_tokens is None:
     return model.backbone.embed(tokens)
   m = img_tokens.shape[1]
-  toks = model.prepare_tokens(img_tokens)  # token norm, as in training
+  toks = model.prepare_tokens(img_tokens)  # as in training: normed only when the model's token_norm is on
   seq = jnp.take_along_axis(toks, jnp.clip(img_index, 0, m - 1)[..., None], axis=1)
   return model.embed_inputs(tokens, seq, img_index >= 0)
 
@@ -47,7 +47,8 @@ def prefill(model: ns.NextStep, cache, tokens, mask, img_tokens, img_index):
 
 
 def image_loop(model: ns.NextStep, cache, h_last, next_pos, key, *, groups: int, num_tokens: int,
-                steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift):
+                steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift, cfg_schedule: str = "constant",
+                noise_repeat: int = 0):
   """h*w image tokens, each fed back into every row. Returns (tokens (B, T, d), cache, h_last)."""
   r = h_last.shape[0]
   b, d = r // groups, model.config.token_dim
@@ -56,7 +57,9 @@ def image_loop(model: ns.NextStep, cache, h_last, next_pos, key, *, groups: int,
     cache, h_last, out = carry
     cond = model.image_out(h_last)
     tok = sample_token(model.head, cond, jax.random.fold_in(key, i), groups=groups, steps=steps, sde=sde,
-                       cfg=cfg, cfg_img=cfg_img, time_shift=time_shift)
+                       cfg=scheduled(cfg, i, num_tokens, cfg_schedule),
+                       cfg_img=scheduled(cfg_img, i, num_tokens, cfg_schedule), time_shift=time_shift,
+                       noise_repeat=noise_repeat)
     if use_norm:
       tok = ns.normalize_tokens(tok)
     out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
@@ -69,23 +72,26 @@ def image_loop(model: ns.NextStep, cache, h_last, next_pos, key, *, groups: int,
   return out, cache, h_last
 
 
-STATIC = ("graphdef", "groups", "h", "w", "steps", "sde", "use_norm")
+STATIC = ("graphdef", "groups", "h", "w", "steps", "sde", "use_norm", "cfg_schedule", "noise_repeat")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def _sample_jit(graphdef, state, tokens, mask, img_tokens, img_index, key, cfg, cfg_img, time_shift, *,
-                groups, h, w, steps, sde, use_norm):
+                groups, h, w, steps, sde, use_norm, cfg_schedule, noise_repeat):
   TRACES["sample_images"] += 1
   model = nnx.merge(graphdef, state)
   r, p = tokens.shape
   cache = model.backbone.init_cache(r, p + h * w)
   h_last, cache, lengths = prefill(model, cache, tokens, mask, img_tokens, img_index)
   out, _, _ = image_loop(model, cache, h_last, lengths, key, groups=groups, num_tokens=h * w, steps=steps,
-                          sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift)
+                          sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
+                          cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
   return out
 
 
-def check_common(h: int, w: int, steps: int, time_shift: float) -> None:
+def check_common(h: int, w: int, steps: int, time_shift: float, cfg_schedule: str = "constant") -> None:
+  if cfg_schedule not in CFG_SCHEDULES:
+    raise ValueError(f"cfg_schedule={cfg_schedule!r}; expected one of {CFG_SCHEDULES}")
   if h < 1 or w < 1:
     raise ValueError(f"image grid h={h}, w={w} must be positive")
   if steps < 1:
@@ -96,13 +102,19 @@ def check_common(h: int, w: int, steps: int, time_shift: float) -> None:
 
 def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: int, key: jax.Array, *,
                   cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28, time_shift: float = 1.0,
-                  use_norm: bool = True, sde: bool = False, pad_id: int = 0) -> jax.Array:
-  """The compiled sampler for 1, 2 or 3 prompt groups (module docstring). Returns (B, h*w, d)."""
+                  use_norm: bool = True, sde: bool = True, pad_id: int = 0, cfg_schedule: str = "constant",
+                  noise_repeat: int = 0) -> jax.Array:
+  """The compiled sampler for 1, 2 or 3 prompt groups (package docstring). Returns (B, h*w, d).
+
+  sde: the official pipeline's Euler–Maruyama head sampler (the default); False: the Euler ODE.
+  cfg_schedule: "constant" or the official "linear" decay towards 1 over the image's tokens.
+  noise_repeat: 0 draws every row's noise apart; n shares draws as the official pipeline does with
+  n images per caption (``flow.token_noise``)."""
   if not 1 <= len(prompts) <= 3:
     raise ValueError(f"sample_guided takes 1, 2 or 3 prompt groups, got {len(prompts)}")
   if sde and steps < 2:
     raise ValueError("the SDE sampler needs steps >= 2")
-  check_common(h, w, steps, time_shift)
+  check_common(h, w, steps, time_shift, cfg_schedule)
   ps = [as_prompt(p, pad_id=pad_id, name=f"prompt group {g}") for g, p in enumerate(prompts)]
   s = stack_groups(ps)
   if s["image_tokens"] is not None and s["image_tokens"].shape[2] != model.config.token_dim:
@@ -114,13 +126,13 @@ def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: 
                      None if s["image_index"] is None else jnp.asarray(s["image_index"]), key,
                      jnp.float32(cfg), jnp.float32(cfg_img), jnp.float32(time_shift),
                      groups=len(ps), h=int(h), w=int(w), steps=int(steps), sde=bool(sde),
-                     use_norm=bool(use_norm))
+                     use_norm=bool(use_norm), cfg_schedule=str(cfg_schedule), noise_repeat=int(noise_repeat))
 
 
 def sample_images(model: ns.NextStep, prompt_tokens: PromptLike, neg_tokens: PromptLike | None, h: int,
                   w: int, key: jax.Array, *, cfg: float = 7.5, steps: int = 28, time_shift: float = 1.0,
-                  use_norm: bool = True, sde: bool = False, prompt_image_tokens=None, prompt_image_index=None,
-                  pad_id: int = 0) -> jax.Array:
+                  use_norm: bool = True, sde: bool = True, prompt_image_tokens=None, prompt_image_index=None,
+                  pad_id: int = 0, cfg_schedule: str = "constant", noise_repeat: int = 0) -> jax.Array:
   """Text-to-image (or image-conditioned) sampling with classifier-free guidance on the head.
 
   prompt_tokens: (B, P) left-padded ids (mask = ids != pad_id), a (tokens, mask) pair or a Prompt,
@@ -132,14 +144,16 @@ def sample_images(model: ns.NextStep, prompt_tokens: PromptLike, neg_tokens: Pro
                    image_index=prompt_image_index, name="prompt_tokens")
   groups = [cond] if neg_tokens is None else [cond, as_prompt(neg_tokens, pad_id=pad_id, name="neg_tokens")]
   return sample_guided(model, groups, h, w, key, cfg=cfg, steps=steps, time_shift=time_shift,
-                       use_norm=use_norm, sde=sde, pad_id=pad_id)
+                       use_norm=use_norm, sde=sde, pad_id=pad_id, cfg_schedule=cfg_schedule,
+                       noise_repeat=noise_repeat)
 
 
 def edit_images(model: ns.NextStep, prompt: PromptLike, image_neg_prompt: PromptLike, neg_prompt: PromptLike,
                 h: int, w: int, key: jax.Array, *, cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28,
-                time_shift: float = 3.2, use_norm: bool = True, sde: bool = False, pad_id: int = 0
-                ) -> jax.Array:
+                time_shift: float = 3.2, use_norm: bool = True, sde: bool = True, pad_id: int = 0,
+                cfg_schedule: str = "constant", noise_repeat: int = 0) -> jax.Array:
   """Image editing with three rows per sample: [image + text, image + negative, negative only]
   (Prompts carrying the source image tokens where they have them). Returns (B, h*w, d)."""
   return sample_guided(model, [prompt, image_neg_prompt, neg_prompt], h, w, key, cfg=cfg, cfg_img=cfg_img,
-                       steps=steps, time_shift=time_shift, use_norm=use_norm, sde=sde, pad_id=pad_id)
+                       steps=steps, time_shift=time_shift, use_norm=use_norm, sde=sde, pad_id=pad_id,
+                       cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
