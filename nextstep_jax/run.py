@@ -28,6 +28,7 @@ import ml_collections
 from flax import nnx
 
 from nextstep_jax import config as config_lib
+from nextstep_jax import parallel
 from nextstep_jax import vae_tokens
 from nextstep_jax.data import tokenizer as tok_lib
 from nextstep_jax.interop.vae import load_vae_dir
@@ -202,12 +203,21 @@ class Run:
   workdir: str
 
 
+def param_target(config, mesh) -> Any:
+  """The model's abstract params with the shardings the logical rules (``config.mesh.rules``) give them
+  on `mesh`: what a sharded restore reads into (each device gets its shard; no host holds the whole)."""
+  _, abstract, axes = abstract_model(config)
+  shardings = parallel.shardings_for(abstract, mesh, config.mesh.rules, axes=axes)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
+
+
 def load_run(workdir: str, config=None, step: int | None = None, use_ema: bool = True, *,
-             tokenizer: str | None = None, need_vae: bool = True) -> Run:
+             tokenizer: str | None = None, need_vae: bool = True, mesh=None) -> Run:
   """The run in `workdir`: checkpoint `step` (default: the newest good one), the EMA weights when the
   run kept them (`use_ema`), the saved config unless `config` is given, the tokenizer (`tokenizer`,
   ``tokenizer.path`` or ``<workdir>/tokenizer``) and the VAE (``vae.checkpoint``; None when not
-  `need_vae` and none is configured)."""
+  `need_vae` and none is configured). With `mesh`, the params are restored straight into their shardings
+  on it (``param_target``), as training places them."""
   config = config if config is not None else saved_config(workdir)
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
@@ -216,7 +226,8 @@ def load_run(workdir: str, config=None, step: int | None = None, use_ema: bool =
   if step is not None and not os.path.isdir(src):
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory}")
   graphdef = abstract_model(config)[0]
-  step, params = load_params(src, config, use_ema=use_ema, what=f"run {workdir}")
+  target = None if mesh is None else param_target(config, mesh)
+  step, params = load_params(src, config, use_ema=use_ema, target=target, what=f"run {workdir}")
   model = nnx.merge(graphdef, params)
   vae = None
   if need_vae or config.vae.checkpoint:

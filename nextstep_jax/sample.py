@@ -36,6 +36,9 @@ flags.DEFINE_bool("sde", True, "the official Euler-Maruyama head sampler (--nosd
 flags.DEFINE_bool("use_norm", True, "layer-normalise every sampled token before it is fed back and decoded")
 flags.DEFINE_enum("cfg_schedule", "constant", ["constant", "linear"], "guidance per token: constant, or "
                   "decaying linearly towards 1 over the image (the official pipeline's options)")
+flags.DEFINE_string("mesh", "", "axis=size pairs, e.g. fsdp=2,tensor=4 (data takes the rest): the params are "
+                    "restored sharded on that mesh and the sampler runs under it (default: the run's config.mesh "
+                    "when there are several devices)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and backbone compute dtype (the head's "
                   "integration and guidance stay fp32)")
 flags.DEFINE_integer("num", 4, "images to sample (>= 1)")
@@ -53,7 +56,7 @@ def main(argv) -> None:
       cfg=FLAGS.cfg, cfg_img=FLAGS.cfg_img, steps=FLAGS.steps, time_shift=FLAGS.time_shift, sde=FLAGS.sde,
       seed=FLAGS.seed, size=FLAGS.size, use_ema=FLAGS.use_ema, step=None if FLAGS.step == -1 else FLAGS.step,
       unconditional=FLAGS.unconditional, use_norm=FLAGS.use_norm, cfg_schedule=FLAGS.cfg_schedule,
-      dtype=FLAGS.dtype)
+      dtype=FLAGS.dtype, mesh=FLAGS.mesh)
 
 
 if __name__ == "__main__":

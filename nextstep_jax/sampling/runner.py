@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from nextstep_jax import parallel
 from nextstep_jax import run as run_lib
 from nextstep_jax import vae_tokens
 from nextstep_jax.batch import to_uint8
@@ -90,6 +91,34 @@ def check_context(config, tokenizer, prompt: str, negative: str, h: int, w: int,
                       "tokens fit")
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  """'fsdp=2,tensor=4' -> {'data': -1, 'fsdp': 2, 'tensor': 4} (the axes not named: data takes the rest,
+  the others 1); UserError naming the flag for anything else."""
+  axes = {"data": -1, "fsdp": 1, "tensor": 1}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    name = name.strip()
+    if name not in axes or not value.strip().lstrip("-").isdigit():
+      raise UserError(f"--mesh={text!r}: expected axis=size pairs over {', '.join(axes)} (e.g. fsdp=2,tensor=4)")
+    axes[name] = int(value)
+  if sum(v == -1 for v in axes.values()) > 1 or any(v == 0 or v < -1 for v in axes.values()):
+    raise UserError(f"--mesh={text!r}: sizes must be positive, with at most one -1 (the rest of the devices)")
+  return axes
+
+
+def sampling_mesh(config, mesh: str = ""):
+  """The mesh the sampler runs under: `mesh` ('fsdp=2,tensor=4') over all devices; else the run's
+  ``config.mesh`` when it shards the model (fsdp or tensor > 1) and there are several devices; else none:
+  one device holds the model (a data-only mesh would only replicate it)."""
+  axes = parse_mesh(mesh) if mesh else dict(config.mesh.axes)
+  if not mesh and (jax.device_count() == 1 or all(int(axes.get(k, 1)) == 1 for k in ("fsdp", "tensor"))):
+    return None
+  try:
+    return parallel.make_mesh(axes)
+  except ValueError as e:
+    raise UserError(f"--mesh={mesh or dict(config.mesh.axes)}: {e}") from e
+
+
 def _grid(pixels_per_token: int, size: int, what: str) -> tuple[int, int]:
   if size % pixels_per_token:
     raise UserError(f"--size={size} is not divisible by the {pixels_per_token} pixels of a token ({what})")
@@ -100,13 +129,15 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
         cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 50, time_shift: float = -1.0, sde: bool = True,
         seed: int = 0, size: int = 0, use_ema: bool = True, step: int | None = None,
         unconditional: bool = False, use_norm: bool = True, cfg_schedule: str = "constant",
-        dtype: str = "float32") -> dict:
+        dtype: str = "float32", mesh: str = "") -> dict:
   """Samples `num` images of the run in `workdir` for `prompt` (editing `image` when given; no prompt
   and no guidance when `unconditional`), writes them and ``grid.png`` to `out` (default W/samples).
   Mistakes in the request raise UserError (or FileNotFoundError for a missing path) before anything
   compiles. Defaults follow the official pipeline's documented usage (the SDE head sampler, 50 steps,
   cfg 7.5, use_norm, constant schedule); `dtype` "bfloat16" reads the weights and runs the backbone and
-  the head's network in bf16 (the head's integration and guidance stay fp32, as in the official code)."""
+  the head's network in bf16 (the head's integration and guidance stay fp32, as in the official code).
+  `mesh` ('fsdp=2,tensor=4'; default the run's config.mesh on several devices): the params are restored
+  sharded on it and the sampler runs under it (``sampling_mesh``)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel  # optional: only to write PNGs
   check_request(prompt, num=num, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
                 time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out, sde=sde,
@@ -127,7 +158,9 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   if dtype != "float32":
     config = config.copy_and_resolve_references()
     config.model.dtype = config.model.param_dtype = dtype
-  loaded = run_lib.load_run(workdir, config=config, step=step, use_ema=use_ema)
+  devices = sampling_mesh(config, mesh)
+  loaded = run_lib.load_run(workdir, config=config, step=step, use_ema=use_ema, mesh=devices)
+  rules = config.mesh.rules
   model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
   cfg_vae = vae.config
   h, w = _grid(cfg_vae.pixels_per_token, size, f"VAE factor {cfg_vae.factor} x patch size {cfg_vae.patch_size}")
@@ -147,7 +180,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     shift = 3.2 if time_shift < 0 else time_shift
     fn = lambda k: edit_images(model, *groups, h, w, k, cfg=cfg, cfg_img=cfg_img, steps=steps, time_shift=shift,
                                sde=sde, pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
-                               noise_repeat=num)
+                               noise_repeat=num, mesh=devices, rules=rules)
   else:
     text = "" if unconditional else prompt
     cond, neg = image_prompts(tokenizer, [text] * num, h, w,
@@ -155,7 +188,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     shift = 1.0 if time_shift < 0 else time_shift
     fn = lambda k: sample_images(model, cond, neg, h, w, k, cfg=cfg, steps=steps, time_shift=shift, sde=sde,
                                  pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
-                                 noise_repeat=num)
+                                 noise_repeat=num, mesh=devices, rules=rules)
   t0 = time.perf_counter()
   tokens = jax.block_until_ready(fn(key))
   first = time.perf_counter() - t0

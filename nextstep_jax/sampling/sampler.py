@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax import parallel
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.sampling.flow import CFG_SCHEDULES, sample_token, scheduled
 from nextstep_jax.sampling.prompts import PromptLike, as_prompt, stack_groups
@@ -103,13 +104,16 @@ def check_common(h: int, w: int, steps: int, time_shift: float, cfg_schedule: st
 def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: int, key: jax.Array, *,
                   cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28, time_shift: float = 1.0,
                   use_norm: bool = True, sde: bool = True, pad_id: int = 0, cfg_schedule: str = "constant",
-                  noise_repeat: int = 0) -> jax.Array:
+                  noise_repeat: int = 0, mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
   """The compiled sampler for 1, 2 or 3 prompt groups (package docstring). Returns (B, h*w, d).
 
   sde: the official pipeline's Euler–Maruyama head sampler (the default); False: the Euler ODE.
   cfg_schedule: "constant" or the official "linear" decay towards 1 over the image's tokens.
   noise_repeat: 0 draws every row's noise apart; n shares draws as the official pipeline does with
-  n images per caption (``flow.token_noise``)."""
+  n images per caption (``flow.token_noise``).
+  mesh: the model's params placed on it (``run.load_run(..., mesh=...)``; by the logical rules `rules`,
+  default ``parallel.DEFAULT_RULES``): the sampler is traced under it (``jax.set_mesh``), activations
+  pinned by the same rules, so the weights stay sharded (FSDP and tensor) and no device holds them all."""
   if not 1 <= len(prompts) <= 3:
     raise ValueError(f"sample_guided takes 1, 2 or 3 prompt groups, got {len(prompts)}")
   if sde and steps < 2:
@@ -121,18 +125,23 @@ def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: 
     raise ValueError(f"prompt image tokens have dim {s['image_tokens'].shape[2]}, the model's token_dim "
                      f"is {model.config.token_dim}")
   graphdef, state = nnx.split(model)
-  return _sample_jit(graphdef, state, jnp.asarray(s["tokens"]), jnp.asarray(s["mask"]),
-                     None if s["image_tokens"] is None else jnp.asarray(s["image_tokens"]),
-                     None if s["image_index"] is None else jnp.asarray(s["image_index"]), key,
-                     jnp.float32(cfg), jnp.float32(cfg_img), jnp.float32(time_shift),
-                     groups=len(ps), h=int(h), w=int(w), steps=int(steps), sde=bool(sde),
-                     use_norm=bool(use_norm), cfg_schedule=str(cfg_schedule), noise_repeat=int(noise_repeat))
+  args = (graphdef, state, jnp.asarray(s["tokens"]), jnp.asarray(s["mask"]),
+          None if s["image_tokens"] is None else jnp.asarray(s["image_tokens"]),
+          None if s["image_index"] is None else jnp.asarray(s["image_index"]), key,
+          jnp.float32(cfg), jnp.float32(cfg_img), jnp.float32(time_shift))
+  kw = dict(groups=len(ps), h=int(h), w=int(w), steps=int(steps), sde=bool(sde), use_norm=bool(use_norm),
+            cfg_schedule=str(cfg_schedule), noise_repeat=int(noise_repeat))
+  if mesh is None:
+    return _sample_jit(*args, **kw)
+  with jax.set_mesh(mesh), parallel.activation_rules(parallel.DEFAULT_RULES if rules is None else rules):
+    return _sample_jit(*args, **kw)
 
 
 def sample_images(model: ns.NextStep, prompt_tokens: PromptLike, neg_tokens: PromptLike | None, h: int,
                   w: int, key: jax.Array, *, cfg: float = 7.5, steps: int = 28, time_shift: float = 1.0,
                   use_norm: bool = True, sde: bool = True, prompt_image_tokens=None, prompt_image_index=None,
-                  pad_id: int = 0, cfg_schedule: str = "constant", noise_repeat: int = 0) -> jax.Array:
+                  pad_id: int = 0, cfg_schedule: str = "constant", noise_repeat: int = 0,
+                  mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
   """Text-to-image (or image-conditioned) sampling with classifier-free guidance on the head.
 
   prompt_tokens: (B, P) left-padded ids (mask = ids != pad_id), a (tokens, mask) pair or a Prompt,
@@ -145,15 +154,16 @@ def sample_images(model: ns.NextStep, prompt_tokens: PromptLike, neg_tokens: Pro
   groups = [cond] if neg_tokens is None else [cond, as_prompt(neg_tokens, pad_id=pad_id, name="neg_tokens")]
   return sample_guided(model, groups, h, w, key, cfg=cfg, steps=steps, time_shift=time_shift,
                        use_norm=use_norm, sde=sde, pad_id=pad_id, cfg_schedule=cfg_schedule,
-                       noise_repeat=noise_repeat)
+                       noise_repeat=noise_repeat, mesh=mesh, rules=rules)
 
 
 def edit_images(model: ns.NextStep, prompt: PromptLike, image_neg_prompt: PromptLike, neg_prompt: PromptLike,
                 h: int, w: int, key: jax.Array, *, cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28,
                 time_shift: float = 3.2, use_norm: bool = True, sde: bool = True, pad_id: int = 0,
-                cfg_schedule: str = "constant", noise_repeat: int = 0) -> jax.Array:
+                cfg_schedule: str = "constant", noise_repeat: int = 0, mesh: jax.sharding.Mesh | None = None,
+                rules=None) -> jax.Array:
   """Image editing with three rows per sample: [image + text, image + negative, negative only]
   (Prompts carrying the source image tokens where they have them). Returns (B, h*w, d)."""
   return sample_guided(model, [prompt, image_neg_prompt, neg_prompt], h, w, key, cfg=cfg, cfg_img=cfg_img,
                        steps=steps, time_shift=time_shift, use_norm=use_norm, sde=sde, pad_id=pad_id,
-                       cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
+                       cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, mesh=mesh, rules=rules)
