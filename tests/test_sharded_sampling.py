@@ -77,3 +77,29 @@ def test_sample_command_under_a_mesh_and_in_bf16(imported, tmp_path):
   runner.sample_run(imported, "a photo of a cat", out=str(tmp_path / "bf16"), dtype="bfloat16", num=1, steps=2,
                     size=32)
   assert (tmp_path / "bf16" / "sample_000.png").exists()
+
+
+@pytest.mark.aot
+def test_14b_sampler_compiles_for_v5p_8_with_its_params_split_four_ways():
+  from nextstep_jax import overrides  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.interop import hf  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.models import nextstep as ns  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.sampling import aot as sampler_aot  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import aot  # pylint: disable=import-outside-toplevel
+  if not aot.libtpu_available():
+    pytest.skip("libtpu cannot describe a TPU topology here")
+  config = sampler_aot.sampling_config(overrides.load_config("configs/stage2.py"))
+  with config.unlocked():  # two of the 48 layers: the same shapes per layer, a quick compile
+    config.model.num_layers = 2
+    config.mesh.axes.data, config.mesh.axes.fsdp, config.mesh.axes.tensor = 1, 1, -1
+  topo = aot.parse_topology("v5p-8")
+  rows = sampler_aot.compile_sampler(config, aot.topology_devices(topo), target=topo.name,
+                                     hbm_bytes=topo.spec.hbm_bytes, rows=2, prompt_len=64, image_tokens=256,
+                                     steps=4)
+  assert [r.program for r in rows] == list(sampler_aot.PROGRAMS) and all(r.devices == 4 for r in rows)
+  # The checkpoint's own size (SPEC §9 shapes), in bf16, over 4 chips: only norms and biases are replicated.
+  full = 2 * sum(int(np.prod(s)) for s in hf.checkpoint_shapes(ns.NextStepConfig.from_config(config)).values())
+  assert full / 4 <= rows[0].params_bytes <= 1.01 * full / 4
+  # The KV cache: 2 layers x 2 rows x 320 positions x 8 kv heads (2 per chip) x 128, k and v, bf16.
+  assert rows[0].cache_bytes == 2 * (2 * 2 * 320 * 2 * 128 * 2) + 2 * 320 * 4 + 4
+  assert all(r.temp_bytes is not None and r.resident_bytes < r.hbm_bytes for r in rows)
