@@ -30,6 +30,7 @@ import numpy as np
 
 from nextstep_jax import cli
 from nextstep_jax import overrides as overrides_lib
+from nextstep_jax import parallel
 from nextstep_jax.interop import hf, runs
 from nextstep_jax.interop import vae as vae_interop
 
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--debug", action="store_true", help="show the full traceback of a user error (or set "
                  f"{cli.DEBUG_ENV}=1)")
   args = p.parse_args(argv)
+  parallel.maybe_initialize_distributed()  # several processes (launch/local.sh, a pod): each reads its shards
   if sum(map(bool, (args.workdir, args.import_dir, args.convert_vae))) != 1:
     p.error("give exactly one of --workdir (export), --import_dir (import) or --convert_vae")
   if args.convert_vae:
@@ -65,14 +67,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = runs.import_to_checkpoint(args.import_dir, args.out, qwen2=args.qwen2, config=config)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     what = "checkpoint" if args.qwen2 else "run"
-    print(f"imported {n:,} parameters from {args.import_dir} into {what} {args.out} (step 0)")
+    if jax.process_index() == 0:
+      print(f"imported {n:,} parameters from {args.import_dir} into {what} {args.out} (step 0)")
     return
   index = runs.export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype,
                          max_shard_bytes=runs.parse_size(args.max_shard_size), tokenizer=args.tokenizer, vae=args.vae,
                          use_ema=not args.no_ema)
   files = sorted(set(index["weight_map"].values()))
-  print(f"exported {len(index['weight_map'])} tensors ({index['metadata']['total_size']:,} bytes) in "
-        f"{len(files)} shards to {args.out}")
+  if jax.process_index() == 0:
+    print(f"exported {len(index['weight_map'])} tensors ({index['metadata']['total_size']:,} bytes) in "
+          f"{len(files)} shards to {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ their config.json (``qwen2_config``); ``import_qwen2_backbone`` returns the back
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ import shutil
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 from absl import logging
 import numpy as np
@@ -374,8 +376,9 @@ def export_nextstep(model_or_params: Any, cfg: ns.NextStepConfig, out_dir: str, 
                     tokenizer: Any = None, vae: Any = None) -> dict:
   """Writes a NextStep-1 Hugging Face directory. Returns the shard index.
 
-  model_or_params: a NextStep module or its pure params dict (numpy or jax arrays, possibly sharded:
-  each tensor is fetched as it is written). dtype: storage dtype (float32 keeps export -> import
+  model_or_params: a NextStep module or its pure params dict (numpy or jax arrays, possibly sharded, over
+  several processes too: each tensor, one layer of a stacked leaf at a time, is fetched as it is written,
+  so the host holds one tensor beside its own shards; process 0 writes). dtype: storage dtype (float32 keeps export -> import
   bitwise; the release stores bfloat16). tokenizer: a directory/file to copy, or an object with
   ``save(dir)`` (``nextstep_jax.data.tokenizer.Tokenizer``) or ``save_pretrained(dir)``. vae: a directory
   (copied to ``vae/``), a file (copied into ``vae/``), or an ``AutoencoderKL`` (``interop.vae.export_vae``).
@@ -389,14 +392,18 @@ def export_nextstep(model_or_params: Any, cfg: ns.NextStepConfig, out_dir: str, 
   store = _EXPORT_DTYPES[dtype]
   shapes = _shapes_from_abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), cfg)
   entries = {k: (s, store) for k, s in shapes.items()}
-  tensors = names.nextstep_to_tensors(params, cfg)
+  tensors = names.nextstep_to_tensors(params, cfg, fetch=_fetch_one, chunked=True)
   grid = meta.gen_pos_grid if meta.source is not None else (meta.gen_pos_grid or GEN_POS_GRID_V1)
   if grid:  # the official model's persistent buffer (see gen_pos_table)
     table = gen_pos_table(cfg.backbone.hidden_size, grid)
     entries[GEN_POS_EMBED] = (table.shape, store)
     tensors = itertools.chain(tensors, [(GEN_POS_EMBED, table)])
-  os.makedirs(out_dir, exist_ok=True)
-  index = save_sharded(out_dir, entries, tensors, max_shard_bytes)
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+  index = save_sharded(out_dir, entries, tensors, max_shard_bytes, write=writer)
+  if not writer:
+    return index
   with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
   if tokenizer is not None:
@@ -404,6 +411,24 @@ def export_nextstep(model_or_params: Any, cfg: ns.NextStepConfig, out_dir: str, 
   if vae is not None:
     _copy_vae(vae, os.path.join(out_dir, VAE_DIR))
   return index
+
+
+def _fetch_one(x: Any, start: int | None = None, stop: int | None = None, axis: int = 0) -> np.ndarray:
+  """`x` or x[start:stop] along `axis` on the host (``names.host_slice``'s contract). A sharded jax array is
+  sliced and gathered by one compiled program per shape (the slice start is traced), replicated onto every
+  device, so each process receives just that slice (only process 0 writes it)."""
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return names.host_slice(x, start, stop, axis)
+  size = x.shape[axis] if start is None else stop - start
+  out = _gather_fn(x.shape, x.dtype, x.sharding, size, axis)(x, jnp.int32(0 if start is None else start))
+  return np.asarray(out.addressable_data(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_fn(shape, dtype, sharding, size: int, axis: int):
+  del shape, dtype  # part of the cache key
+  replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, size, axis), out_shardings=replicated)
 
 
 def _copy_tokenizer(tokenizer: Any, out_dir: str) -> None:
@@ -482,6 +507,15 @@ def load_nextstep_params(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta
   meta = meta if meta is not None else read_nextstep_config(directory)[1]
   tensors = TensorDir(directory)
   shapes = checkpoint_shapes(cfg)
+  check_tensor_names(directory, tensors, shapes, cfg, meta)
+  get = _tensor_getter(tensors, shapes, meta)
+  return names.nextstep_from_tensors(get, cfg)
+
+
+def check_tensor_names(directory: str, tensors: TensorDir, shapes: dict, cfg: ns.NextStepConfig,
+                       meta: ImageMeta) -> None:
+  """Every tensor of the directory accounted for (see ``load_nextstep_params``); CheckpointError naming the
+  first that is not, before anything is read."""
   o_bias = sorted(n for n in tensors.names() if n.endswith("self_attn.o_proj.bias"))
   if o_bias:
     raise CheckpointError(f"{tensors.file_of(o_bias[0])}: tensor {o_bias[0]}: a bias on o_proj; NextStep-1 and "
@@ -493,6 +527,10 @@ def load_nextstep_params(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta
   if GEN_POS_EMBED in tensors and meta.gen_pos_grid is None:  # read_nextstep_config checked it already
     check_gen_pos_embed(tensors.get(GEN_POS_EMBED), cfg.backbone.hidden_size, tensors.file_of(GEN_POS_EMBED))
 
+
+def _tensor_getter(tensors: TensorDir, shapes: dict, meta: ImageMeta) -> Callable[[str], np.ndarray]:
+  """name -> the checkpoint tensor (read as asked for, shape- and NaN-checked); zeros for absent q/k/v biases
+  (no ``attention_bias``), embed_tokens for a tied lm_head."""
   def get(name: str) -> np.ndarray:
     if name not in tensors:
       if not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name):
@@ -500,8 +538,42 @@ def load_nextstep_params(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta
       if meta.tied_embeddings and name == "lm_head.weight":
         name = "embed_tokens.weight"
     return tensors.get(name, shapes.get(name))
+  return get
 
-  return names.nextstep_from_tensors(get, cfg)
+
+def load_nextstep_arrays(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta, target: Any) -> dict:
+  """The model's params as global jax arrays with the shardings of `target` (abstract params, e.g.
+  ``run.param_target``), each device's shard read from the safetensors files alone
+  (``names.nextstep_leaf_readers``): a process reads and holds only its devices' shards, never the whole
+  model. The checks of ``load_nextstep_params`` apply; each shard keeps the dtype of `target`."""
+  tensors = TensorDir(directory)
+  shapes = checkpoint_shapes(cfg)
+  check_tensor_names(directory, tensors, shapes, cfg, meta)
+  get = _tensor_getter(tensors, shapes, meta)
+  tied = lambda name: "embed_tokens.weight" if meta.tied_embeddings and name == "lm_head.weight" else name
+  readers = names.nextstep_leaf_readers(get, cfg, get_rows=lambda n, a, b: tensors.get_rows(tied(n), a, b))
+  flat = {path: leaf for path, leaf in _flatten_paths(target)}
+  if set(flat) != set(readers):
+    raise CheckpointError(f"{directory}: the model's params and the checkpoint's tensors do not correspond "
+                          f"({sorted(set(flat) ^ set(readers))[:4]})")
+  out: dict = {}
+  for path, leaf in flat.items():
+    read = readers[path]
+    arr = jax.make_array_from_callback(tuple(leaf.shape), leaf.sharding,
+                                       lambda index, r=read, dt=leaf.dtype: r(index).astype(dt))
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = arr
+  return out
+
+
+def _flatten_paths(tree: Mapping, prefix: tuple = ()):
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      yield from _flatten_paths(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
 
 
 def load_nextstep(directory: str, runtime: Any = None) -> tuple[ns.NextStep, ImageMeta]:

@@ -10,9 +10,11 @@ Names follow SPEC §9: NextStep-1 checkpoints have no ``model.`` prefix; Qwen2.5
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from nextstep_jax.interop.safetensors_io import RowChunks
 
 # (our layer-param name, checkpoint suffix, to_ckpt(x, cfg), from_ckpt(t, cfg)) for backbone layers.
 # cfg is a BackboneConfig; kernels are (in, out) here, [out, in] there.
@@ -84,16 +86,36 @@ def _backbone_names(prefix: str) -> tuple[str, str, str, str]:
   return (f"{prefix}embed_tokens.weight", f"{prefix}layers", f"{prefix}norm.weight", "lm_head.weight")
 
 
-def backbone_to_tensors(bparams: dict, c, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) for a backbone params dict; prefix '' (NextStep-1) or 'model.' (Qwen2.5)."""
+def host_slice(x: Any, start: int | None = None, stop: int | None = None, axis: int = 0) -> np.ndarray:
+  """`x` (whole, or x[start:stop] along `axis`) as a numpy array: the default `fetch` of the writers."""
+  if start is None:
+    return np.asarray(x)
+  return np.asarray(x[(slice(None),) * axis + (slice(start, stop),)])
+
+
+def backbone_to_tensors(bparams: dict, c, prefix: str = "", fetch: Callable = host_slice, chunked: bool = False
+                        ) -> Iterator[tuple[str, Any]]:
+  """Yields (name, array) for a backbone params dict; prefix '' (NextStep-1) or 'model.' (Qwen2.5).
+  `fetch(x, start, stop, axis)` brings an array or a slice of it (one layer of a stacked leaf) to the host
+  (``host_slice`` by default); `chunked`:
+  the [vocab, hidden] tensors come as ``RowChunks`` (fetched a piece of rows at a time)."""
   emb, lay, norm, head = _backbone_names(prefix)
-  yield emb, np.asarray(bparams["embed_tokens"])
+  vocab_rows = list(_chunks(range(c.vocab_size), c.hidden_size * 4))
+  if chunked:
+    table = bparams["embed_tokens"]
+    yield emb, RowChunks((c.vocab_size, c.hidden_size), (fetch(table, a, b) for a, b in vocab_rows))
+  else:
+    yield emb, fetch(bparams["embed_tokens"])
   layers = bparams["layers"]
   for i in range(c.num_layers):
     for ours, suffix, to_ckpt, _ in BACKBONE_LAYER_MAP:
-      yield f"{lay}.{i}.{suffix}", np.ascontiguousarray(to_ckpt(np.asarray(layers[ours][i]), c))
-  yield norm, np.asarray(bparams["final_norm_scale"])
-  yield head, np.ascontiguousarray(np.asarray(bparams["lm_head_kernel"]).T)
+      yield f"{lay}.{i}.{suffix}", np.ascontiguousarray(to_ckpt(fetch(layers[ours], i, i + 1)[0], c))
+  yield norm, fetch(bparams["final_norm_scale"])
+  if chunked:
+    kernel = bparams["lm_head_kernel"]
+    yield head, RowChunks((c.vocab_size, c.hidden_size), (fetch(kernel, a, b, 1).T for a, b in vocab_rows))
+  else:
+    yield head, np.ascontiguousarray(fetch(bparams["lm_head_kernel"]).T)
 
 
 def backbone_from_tensors(get: Callable[[str], np.ndarray], c, prefix: str = "") -> dict:
@@ -106,18 +128,20 @@ def backbone_from_tensors(get: Callable[[str], np.ndarray], c, prefix: str = "")
           "lm_head_kernel": np.ascontiguousarray(get(head).T)}
 
 
-def nextstep_to_tensors(params: dict, cfg) -> Iterator[tuple[str, np.ndarray]]:
-  """All NextStep-1 tensors (SPEC §9 names) from the model's pure params dict; cfg is NextStepConfig."""
-  yield from backbone_to_tensors(params["backbone"], cfg.backbone, prefix="")
+def nextstep_to_tensors(params: dict, cfg, fetch: Callable = host_slice, chunked: bool = False
+                        ) -> Iterator[tuple[str, Any]]:
+  """All NextStep-1 tensors (SPEC §9 names) from the model's pure params dict; cfg is NextStepConfig.
+  One layer of a stacked leaf is fetched at a time (`fetch` and `chunked` as in ``backbone_to_tensors``)."""
+  yield from backbone_to_tensors(params["backbone"], cfg.backbone, prefix="", fetch=fetch, chunked=chunked)
   for path, (name, (to_ckpt, _)) in NEXTSTEP_TOP_MAP.items():
     x = params
     for p in path:
       x = x[p]
-    yield name, np.ascontiguousarray(to_ckpt(np.asarray(x)))
+    yield name, np.ascontiguousarray(to_ckpt(fetch(x)))
   for i in range(cfg.head.num_layers):
     for ours, (suffix, (to_ckpt, _)) in HEAD_BLOCK_MAP.items():
       yield f"image_head.net.res_blocks.{i}.{suffix}", np.ascontiguousarray(
-          to_ckpt(np.asarray(params["head"][ours][i])))
+          to_ckpt(fetch(params["head"][ours], i, i + 1)[0]))
 
 
 def nextstep_from_tensors(get: Callable[[str], np.ndarray], cfg) -> dict:
@@ -132,3 +156,57 @@ def nextstep_from_tensors(get: Callable[[str], np.ndarray], cfg) -> dict:
     params["head"][ours] = np.stack([
         from_ckpt(get(f"image_head.net.res_blocks.{i}.{suffix}")) for i in range(cfg.head.num_layers)])
   return params
+
+
+CHUNK_BYTES = 8 << 20  # the vocabulary-sized tensors are read and written in pieces of about this size
+
+
+def _chunks(rows: range, row_bytes: int) -> Iterator[tuple[int, int]]:
+  step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+  for a in range(rows.start, rows.stop, step):
+    yield a, min(a + step, rows.stop)
+
+
+def nextstep_leaf_readers(get: Callable[[str], np.ndarray], cfg,
+                          get_rows: Callable[[str, int, int], np.ndarray] | None = None
+                          ) -> dict[tuple[str, ...], Callable]:
+  """{params path: read(index)} for every leaf of the model's pure params dict: ``read`` returns
+  ``leaf[index]`` (a tuple of slices over the leaf's shape) reading only the checkpoint tensors the slice
+  needs: a stacked leaf (layers or head blocks first) reads one layer's tensor at a time, so a reader never
+  holds more than the slice and one layer (with `get_rows(name, start, stop)`, the vocabulary-sized tensors
+  are read a piece of rows at a time). What ``nextstep_from_tensors`` builds whole, piece by piece."""
+  c = cfg.backbone
+  emb, lay, norm, head = _backbone_names("")
+  out: dict[tuple[str, ...], Callable] = {}
+
+  def stacked(count: int, layer: Callable[[int], np.ndarray]) -> Callable:
+    def read(index):
+      rows = range(count)[index[0]]
+      return np.stack([np.asarray(layer(i))[index[1:]] for i in rows])
+    return read
+
+  for ours, suffix, _, from_ckpt in BACKBONE_LAYER_MAP:
+    out[("backbone", "layers", ours)] = stacked(
+        c.num_layers, lambda i, s=suffix, f=from_ckpt: f(get(f"{lay}.{i}.{s}"), c))
+  row_bytes = c.hidden_size * 4
+  if get_rows is None:
+    out[("backbone", "embed_tokens")] = lambda index: np.asarray(get(emb)[index])
+    out[("backbone", "lm_head_kernel")] = lambda index: np.asarray(get(head).T[index])
+  else:  # [vocab, hidden] tensors: only the rows the slice needs, a piece at a time
+    def embed(index):
+      rows = range(c.vocab_size)[index[0]]
+      return np.concatenate([get_rows(emb, a, b)[:, index[1]] for a, b in _chunks(rows, row_bytes)], axis=0)
+
+    def lm_head(index):  # our (hidden, vocab) kernel is the [vocab, hidden] weight transposed
+      rows = range(c.vocab_size)[index[1]]
+      return np.concatenate([get_rows(head, a, b)[:, index[0]].T for a, b in _chunks(rows, row_bytes)], axis=1)
+
+    out[("backbone", "embed_tokens")] = embed
+    out[("backbone", "lm_head_kernel")] = lm_head
+  out[("backbone", "final_norm_scale")] = lambda index: np.asarray(get(norm)[index])
+  for path, (name, (_, from_ckpt)) in NEXTSTEP_TOP_MAP.items():
+    out[path] = lambda index, n=name, f=from_ckpt: np.asarray(f(get(n))[index])
+  for ours, (suffix, (_, from_ckpt)) in HEAD_BLOCK_MAP.items():
+    out[("head", ours)] = stacked(
+        cfg.head.num_layers, lambda i, s=suffix, f=from_ckpt: f(get(f"image_head.net.res_blocks.{i}.{s}")))
+  return out

@@ -16,9 +16,12 @@ from absl import logging
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from flax import nnx
 
 from nextstep_jax import config as config_lib
+from nextstep_jax import parallel
 from nextstep_jax import run as run_lib
 from nextstep_jax.config import UserError
 from nextstep_jax.data import tokenizer as tok_lib
@@ -58,8 +61,12 @@ def imported_meta(workdir: str, meta: hf.ImageMeta) -> hf.ImageMeta:
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
                    max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
-                   vae: str | None = None, use_ema: bool = True) -> dict:
+                   vae: str | None = None, use_ema: bool = True, mesh: Any = None) -> dict:
   """Writes the run's params (newest good checkpoint, or `step`) as a NextStep-1 directory. Returns the index.
+
+  The params are restored sharded over `mesh` (default: FSDP over every device of every process) and
+  written one tensor (one layer of a stacked leaf) at a time: no process holds more than its shards and the
+  tensor being written (process 0 writes).
 
   use_ema: export the EMA weights when the run kept them (config.ema_decay > 0). A LoRA run
   (config.lora.rank > 0) is exported with its adapters merged into the frozen base. The tokenizer:
@@ -72,9 +79,29 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
   src = run_lib.checkpoint_dir(workdir)
   if step is not None:
     src = os.path.join(src, str(step))
-  _, params = run_lib.load_params(src, config, use_ema=use_ema, what=f"run {workdir}")
-  tok = run_lib.load_tokenizer(config, workdir, path=tokenizer)
-  meta = imported_meta(workdir, hf.ImageMeta.from_config(config, tok))
+  if mesh is None:
+    mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  # Restored in the dtype written (the same single rounding as casting at the write), so a bf16 export holds
+  # bf16 shards.
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=s.sharding),
+                        run_lib.param_target(config, mesh))
+  _, params = run_lib.load_params(src, config, use_ema=use_ema, target=target, what=f"run {workdir}")
+  imported = os.path.isfile(os.path.join(workdir, IMPORT_FILE))
+  try:
+    tok = run_lib.load_tokenizer(config, workdir, path=tokenizer)
+  except FileNotFoundError:
+    if not imported or tokenizer:
+      raise
+    tok = None  # imported without one: the special ids come from the source's config.json
+    logging.warning("%s has no tokenizer; the export ships none", workdir)
+  meta = hf.ImageMeta.from_config(config, tok)
+  if tok is None:
+    src = safetensors_io._read_json(os.path.join(workdir, IMPORT_FILE))["config"]  # pylint: disable=protected-access
+    ids = hf.config_from_hf(src, os.path.join(workdir, IMPORT_FILE))[1]
+    meta = dataclasses.replace(meta, boi=ids.boi, eoi=ids.eoi, image_placeholder_id=ids.image_placeholder_id,
+                               image_area_id=ids.image_area_id, eos_token_id=ids.eos_token_id,
+                               pad_token_id=ids.pad_token_id)
+  meta = imported_meta(workdir, meta)
   tok_dir = tokenizer or config.tokenizer.path or os.path.join(workdir, run_lib.TOKENIZER_DIR)
   shipped = tok_dir if os.path.isdir(tok_dir) else tok  # a directory ships whole (tokenizer_config.json too)
   if vae is None:
@@ -86,42 +113,39 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
                             tokenizer=shipped, vae=vae)
 
 
-def _copy_files(src: str, dst: str) -> None:
+# A tokenizer's files at the top of a model directory (the rest there is the model's).
+TOKENIZER_FILES = (tok_lib.HF_FILE, tok_lib.HF_CONFIG_FILE, tok_lib.HF_SPECIAL_MAP_FILE, tok_lib.META_FILE,
+                   tok_lib.SP_FILE, "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _copy_files(src: str, dst: str, only: tuple[str, ...] | None = None) -> None:
   os.makedirs(dst, exist_ok=True)
   for name in sorted(os.listdir(src)):
-    if os.path.isfile(os.path.join(src, name)):
+    if os.path.isfile(os.path.join(src, name)) and (only is None or name in only):
       shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
-def _import_tokenizer(import_dir: str, out: str, meta: hf.ImageMeta):
-  """The directory's tokenizer (``tokenizer/`` or its top level) copied to ``out/tokenizer`` and checked
-  against config.json's special ids; None (with a warning) when the directory has none."""
+def _source_tokenizer(import_dir: str, meta: hf.ImageMeta):
+  """(path, tokenizer) of the directory's tokenizer (``tokenizer/`` or its top level), checked against
+  config.json's special ids; (None, None) with a warning when the directory has none."""
   try:
     found = tok_lib.find_tokenizer(import_dir)
   except FileNotFoundError as e:
     logging.warning("%s; the imported run has no tokenizer (sampling will need --tokenizer)", e)
-    return None
-  dst = os.path.join(out, run_lib.TOKENIZER_DIR)
-  if os.path.isdir(found):
-    _copy_files(found, dst)
-  else:
-    os.makedirs(dst, exist_ok=True)
-    shutil.copy2(found, dst)
+    return None, None
   try:
-    tok = tok_lib.load_tokenizer(dst)
+    tok = tok_lib.load_tokenizer(found)
   except ValueError as e:
     raise UserError(f"{found}: {e}") from e
   for field, ours in (("boi", tok.boi_id), ("eoi", tok.eoi_id), ("image_placeholder_id", tok.placeholder_id)):
     want = getattr(meta, field)
     if want is not None and want != ours:
       raise UserError(f"{import_dir}: config.json {field}={want} but the tokenizer in {found} gives id {ours}")
-  return tok
+  return found, tok
 
 
-def _import_vae(import_dir: str, out: str, meta: hf.ImageMeta, token_dim: int) -> str | None:
-  """The directory's VAE (``vae/``, or config.json's relative ``vae_name_or_path``) as ``out/vae`` in
-  safetensors (the official ``checkpoint.pt`` converted with torch's weights-only reader); None when
-  there is none."""
+def _source_vae(import_dir: str, meta: hf.ImageMeta) -> str | None:
+  """The directory's VAE directory (``vae/``, or config.json's relative ``vae_name_or_path``), or None."""
   names_ = [hf.VAE_DIR]
   named = (meta.source or {}).get("vae_name_or_path")
   if isinstance(named, str) and named and not os.path.isabs(named):
@@ -130,8 +154,24 @@ def _import_vae(import_dir: str, out: str, meta: hf.ImageMeta, token_dim: int) -
   if src is None:
     logging.warning("%s has no vae/ directory; the imported run has no VAE (set vae.checkpoint to sample)",
                     import_dir)
-    return None
-  dst = os.path.join(out, hf.VAE_DIR)
+  return src
+
+
+def _vae_factor(src: str | None) -> int:
+  """The VAE's down-sampling factor from its config.json (2 ** (levels - 1)); 8 (f8) without one."""
+  path = None if src is None else os.path.join(src, vae_interop.CONFIG_FILE)
+  if path is None or not os.path.isfile(path):
+    return 8
+  try:
+    fields = vae_interop.config_fields_from_json(safetensors_io._read_json(path))  # pylint: disable=protected-access
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{path}: not a valid VAE config.json ({e})") from e
+  return 2 ** (len(fields.get("channel_mults", (1, 2, 4, 4))) - 1)
+
+
+def _write_vae(src: str, dst: str, meta: hf.ImageMeta, token_dim: int) -> None:
+  """`src` as ``dst`` in safetensors (the official ``checkpoint.pt`` converted with torch's weights-only
+  reader), checked to make the model's tokens."""
   pickle = os.path.join(src, "checkpoint.pt")
   if any(os.path.isfile(os.path.join(src, n)) for n in (vae_interop.CHECKPOINT_FILE,
                                                         "diffusion_pytorch_model.safetensors")):
@@ -144,7 +184,6 @@ def _import_vae(import_dir: str, out: str, meta: hf.ImageMeta, token_dim: int) -
   vae = vae_interop.load_vae_dir(dst, patch_size=meta.latent_patch_size)
   if vae.config.token_dim != token_dim:
     raise UserError(f"{src}: the VAE makes {vae.config.token_dim}-d tokens, config.json's model {token_dim}-d")
-  return dst
 
 
 def run_config(cfg: ns.NextStepConfig, meta: hf.ImageMeta, workdir: str, *, vae_dir: str | None,
@@ -175,33 +214,64 @@ def run_config(cfg: ns.NextStepConfig, meta: hf.ImageMeta, workdir: str, *, vae_
   return c
 
 
-def import_run(import_dir: str, out: str) -> dict:
+def import_run(import_dir: str, out: str, *, mesh: Any = None) -> dict:
   """A NextStep directory (ours, or the official NextStep-1 / NextStep-1.1 release as published:
   ``config.json``, safetensors, ``tokenizer/``, ``vae/`` with ``checkpoint.pt``) imported as a run in `out`:
   ``checkpoints/0`` (params), ``checkpoints/config.json``, ``tokenizer/``, ``vae/`` (safetensors) and
   ``hf_import.json``. ``sample --workdir=out``, ``export --workdir=out`` and ``checkpoint.init_from=out``
-  read it. Returns the params."""
+  read it. Returns the params (global jax arrays).
+
+  The params stream from the safetensors files into the checkpoint, sharded over `mesh` (default:
+  FSDP over every device of every process): each process reads and holds only its devices' shards
+  (``hf.load_nextstep_arrays``), in the dtype the directory stores (a bf16 release stays bf16 on disk; the
+  readers cast to their config's dtype). Process 0 writes the tokenizer, the VAE and the records."""
   cfg, meta = hf.read_nextstep_config(import_dir)
-  params = hf.load_nextstep_params(import_dir, cfg, meta)
-  if os.path.isdir(run_lib.checkpoint_dir(out)) and os.listdir(run_lib.checkpoint_dir(out)):
+  hf.check_tensor_names(import_dir, safetensors_io.TensorDir(import_dir), hf.checkpoint_shapes(cfg), cfg, meta)
+  ckpt_dir = run_lib.checkpoint_dir(out)
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UserError(f"--out={out} already holds checkpoints; import into a new directory")
-  os.makedirs(out, exist_ok=True)
-  tok = _import_tokenizer(import_dir, out, meta)
-  vae_dir = _import_vae(import_dir, out, meta, cfg.token_dim)
-  factor = vae_interop.load_vae_dir(vae_dir, patch_size=meta.latent_patch_size).config.factor if vae_dir else 8
-  config = run_config(cfg, meta, out, vae_dir=vae_dir, vae_factor=factor,
+  tok_src, tok = _source_tokenizer(import_dir, meta)
+  vae_src = _source_vae(import_dir, meta)
+  vae_dir = None if vae_src is None else os.path.join(out, hf.VAE_DIR)
+  config = run_config(cfg, meta, out, vae_dir=vae_dir, vae_factor=_vae_factor(vae_src),
                       tokenizer_kind=tok.kind if tok is not None else "hf")
   config_lib.validate(config, paths=False)
-  with open(os.path.join(out, IMPORT_FILE), "w", encoding="utf-8") as f:
-    json.dump({"source": os.path.abspath(import_dir), "config": meta.source, "gen_pos_grid": meta.gen_pos_grid},
-              f, indent=2)
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  ckpt = ckpt_lib.Checkpointer(run_lib.checkpoint_dir(out), every=1, keep=1, async_save=False, config=config)
+  if mesh is None:
+    mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  stored = _stored_dtype(import_dir)
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, stored, sharding=s.sharding),
+                        run_lib.param_target(config, mesh))
+  params = hf.load_nextstep_arrays(import_dir, cfg, meta, target)  # reads (and checks) before anything is written
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    if tok_src is not None:
+      _copy_files(tok_src, os.path.join(out, run_lib.TOKENIZER_DIR),
+                  only=None if os.path.normpath(tok_src) != os.path.normpath(import_dir) else TOKENIZER_FILES)
+    if vae_src is not None:
+      _write_vae(vae_src, vae_dir, meta, cfg.token_dim)
+    with open(os.path.join(out, IMPORT_FILE), "w", encoding="utf-8") as f:
+      json.dump({"source": os.path.abspath(import_dir), "config": meta.source, "gen_pos_grid": meta.gen_pos_grid},
+                f, indent=2)
+  _barrier("nextstep_import_side_files")
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=1, keep=1, async_save=False, config=config)
   try:
     ckpt.save(0, {"params": params}, force=True)
   finally:
     ckpt.close()
   return params
+
+
+def _stored_dtype(import_dir: str):
+  """bfloat16 when every floating tensor of the directory is bf16, else float32."""
+  tensors = safetensors_io.TensorDir(import_dir)
+  kinds = {tensors.dtype(n) for n in tensors.names()}
+  return jnp.bfloat16 if kinds == {np.dtype(ml_dtypes.bfloat16)} else jnp.float32
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, config: Any = None) -> dict:

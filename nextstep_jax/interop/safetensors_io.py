@@ -2,10 +2,10 @@
 
 The format: an 8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}},
 then the raw little-endian data. So bfloat16 works without torch (via ml_dtypes), writing streams one
-tensor at a time, reading memory-maps, and a damaged file gets an error that names the file and the
+tensor at a time, reading reads one tensor at a time into its own buffer, and a damaged file gets an error that names the file and the
 tensor. Nothing is ever unpickled: a directory with only ``pytorch_model.bin`` is refused. Every
 floating-point tensor is checked for NaN/Inf as it is read (``check_finite``, chunked ``np.isfinite``
-on the memory-mapped array): a checkpoint that would poison a model is refused naming the file and the
+on the tensor as read): a checkpoint that would poison a model is refused naming the file and the
 tensor, before the rest of the model is assembled.
 
 A sharded directory holds ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``
@@ -91,6 +91,14 @@ def _header(entries: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[by
   return raw, offsets
 
 
+class RowChunks:
+  """A tensor handed to a writer in pieces along its first dim (``chunks`` yields arrays of shape
+  (rows, *shape[1:]) in order): the writer never holds it whole."""
+
+  def __init__(self, shape: tuple[int, ...], chunks: Iterable[np.ndarray]):
+    self.shape, self.chunks = tuple(shape), chunks
+
+
 class _StreamWriter:
   """Writes one safetensors file tensor by tensor, in the planned order."""
 
@@ -103,9 +111,23 @@ class _StreamWriter:
     self._f.write(len(raw).to_bytes(8, "little"))
     self._f.write(raw)
 
-  def write(self, name: str, x: np.ndarray) -> None:
+  def write(self, name: str, x: "np.ndarray | RowChunks") -> None:
     want = self._order[self._next]
     shape, dtype = self.entries[want]
+    if isinstance(x, RowChunks):
+      if name != want or x.shape != tuple(shape):
+        raise RuntimeError(f"{self.path}: expected tensor {want} {shape}, got {name} {x.shape}")
+      rows = 0
+      for part in x.chunks:
+        part = np.asarray(part).astype(dtype, copy=False)
+        if tuple(part.shape[1:]) != tuple(shape[1:]):
+          raise RuntimeError(f"{self.path}: tensor {name}: a chunk of shape {part.shape} for {shape}")
+        self._f.write(np.ascontiguousarray(part).tobytes())
+        rows += part.shape[0]
+      if rows != shape[0]:
+        raise RuntimeError(f"{self.path}: tensor {name}: chunks gave {rows} of {shape[0]} rows")
+      self._next += 1
+      return
     if name != want or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
       raise RuntimeError(f"{self.path}: expected tensor {want} {shape} {dtype}, got {name} {x.shape} {x.dtype}")
     self._f.write(np.ascontiguousarray(x).tobytes())  # little-endian host (checked at import)
@@ -131,7 +153,8 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
 
 
 class SafetensorsFile:
-  """A memory-mapped safetensors file: ``names()``, ``shape(name)``, ``get(name)`` (read-only numpy).
+  """A safetensors file: ``names()``, ``shape(name)``, ``dtype(name)``, ``get(name)`` (one tensor read into a
+  numpy buffer of its own).
 
   Every structural problem (short file, bad header, unknown dtype, offsets outside the file) raises
   CheckpointError naming the file and, where it applies, the tensor; so does a tensor with NaN/Inf
@@ -175,7 +198,6 @@ class SafetensorsFile:
         raise CheckpointError(f"{path}: truncated file: tensor {name} needs bytes [{begin}, {end}) of the data "
                               f"section, which has {data_size} bytes")
       self._entries[name] = (dtype, shape, begin, end)
-    self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
   def names(self) -> list[str]:
     return list(self._entries)
@@ -186,19 +208,41 @@ class SafetensorsFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._entries[name][1]
 
+  def dtype(self, name: str) -> np.dtype:
+    return self._entries[name][0]
+
+  def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the tensor's first dim, read alone (and checked for NaN/Inf)."""
+    if name not in self._entries:
+      raise CheckpointError(f"{self.path}: no tensor {name}")
+    dtype, shape, begin, _ = self._entries[name]
+    row = math.prod(shape[1:]) * dtype.itemsize
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + begin + start * row)
+      buf = bytearray((stop - start) * row)
+      if f.readinto(buf) != len(buf):
+        raise CheckpointError(f"{self.path}: truncated file: rows {start}:{stop} of tensor {name} could not be read")
+    return check_finite(self.path, name, np.frombuffer(buf, dtype=dtype).reshape((stop - start,) + tuple(shape[1:])))
+
   def get(self, name: str, *, finite: bool = True) -> np.ndarray:
-    """The tensor (read-only, memory-mapped). finite=True (the default): CheckpointError naming the file
+    """The tensor, read from the file into its own buffer. finite=True (the default): CheckpointError naming the file
     and the tensor when it holds any NaN/Inf."""
     if name not in self._entries:
       raise CheckpointError(f"{self.path}: no tensor {name}")
     dtype, shape, begin, end = self._entries[name]
-    buf = self._mm[self._data_start + begin:self._data_start + end]
-    x = buf.view(dtype).reshape(shape)
+    # Read into a buffer of its own (not a view of a memory map): the pages are the caller's and go when
+    # the array does, so a reader that streams tensor by tensor holds one tensor, never the file.
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + begin)
+      buf = bytearray(end - begin)
+      if f.readinto(buf) != end - begin:
+        raise CheckpointError(f"{self.path}: truncated file: tensor {name} could not be read whole")
+    x = np.frombuffer(buf, dtype=dtype).reshape(shape)
     return check_finite(self.path, name, x) if finite else x
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one file (memory-mapped, read-only; each checked for NaN/Inf)."""
+  """All tensors of one file (each checked for NaN/Inf)."""
   f = SafetensorsFile(path)
   return {k: f.get(k) for k in f.names()}
 
@@ -250,6 +294,15 @@ class TensorDir:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._files[self._where[name]].shape(name)
 
+  def dtype(self, name: str) -> np.dtype:
+    return self._files[self._where[name]].dtype(name)
+
+  def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the tensor's first dim (``SafetensorsFile.get_rows``)."""
+    if name not in self._where:
+      raise CheckpointError(f"{self.directory}: tensor {name} is missing (not in any safetensors file)")
+    return self._files[self._where[name]].get_rows(name, start, stop)
+
   def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """The tensor; CheckpointError naming the file when missing, (given `shape`) misshapen, or holding
     any NaN/Inf."""
@@ -292,26 +345,36 @@ def plan_shards(entries: Mapping[str, tuple[tuple[int, ...], np.dtype]], max_sha
 
 
 def save_sharded(out_dir: str, entries: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                 tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+                 tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 write: bool = True) -> dict:
   """Streams (name, array) pairs, in the order of `entries`, into ``model-0000i-of-0000n.safetensors``
-  files plus ``model.safetensors.index.json``. Returns the index."""
-  os.makedirs(out_dir, exist_ok=True)
+  files plus ``model.safetensors.index.json``; one tensor is held at a time. Returns the index.
+  write=False consumes `tensors` without writing (the other processes of a multi-process export, whose
+  iterators take part in gathering what process 0 writes)."""
   shards = plan_shards(entries, max_shard_bytes)
   n = len(shards)
   files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
   weight_map = {name: files[i] for i, shard in enumerate(shards) for name in shard}
+  total = sum(int(math.prod(s)) * d.itemsize for s, d in entries.values())
+  index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   it = iter(tensors)
+  if not write:
+    for _, x in it:
+      if isinstance(x, RowChunks):
+        for _ in x.chunks:  # the chunks' gathers run on every process
+          pass
+    return index
+  os.makedirs(out_dir, exist_ok=True)
   for i, shard in enumerate(shards):
     w = _StreamWriter(os.path.join(out_dir, files[i]), {k: entries[k] for k in shard})
     for _ in shard:
       name, x = next(it)
-      w.write(name, np.asarray(x).astype(entries[name][1], copy=False))
+      w.write(name, x if isinstance(x, RowChunks) else np.asarray(x).astype(entries[name][1], copy=False))
+      del x
     w.close()
   leftover = next(it, None)
   if leftover is not None:
     raise RuntimeError(f"tensor {leftover[0]} was not planned")
-  total = sum(int(math.prod(s)) * d.itemsize for s, d in entries.values())
-  index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
     json.dump(index, f, indent=2)
   return index
