@@ -244,3 +244,33 @@ def test_official_vae_pickle_converts_without_unpickling_code(tmp_path):
     np.testing.assert_array_equal(got[k], sd[k])
   export_cli.main([f"--convert_vae={os.path.join(d, 'checkpoint.pt')}", f"--out={tmp_path / 'cli'}"])
   assert os.path.isfile(tmp_path / "cli" / vae_interop.CHECKPOINT_FILE)
+
+
+def _drop(directory, pattern):
+  """Re-saves every shard without the tensors whose names match `pattern`, and the index without them."""
+  import re  # pylint: disable=import-outside-toplevel
+  index_path = os.path.join(directory, "model.safetensors.index.json")
+  with open(index_path) as f:
+    index = json.load(f)
+  for shard in sorted(set(index["weight_map"].values())):
+    file = os.path.join(directory, shard)
+    data = {k: v for k, v in safetensors_torch.load_file(file).items() if not re.fullmatch(pattern, k)}
+    safetensors_torch.save_file(data, file, metadata={"format": "pt"})
+  index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not re.fullmatch(pattern, k)}
+  with open(index_path, "w") as f:
+    json.dump(index, f)
+
+
+def test_attention_bias_as_the_release_config_says(tmp_path):
+  from nextstep_jax.interop import hf  # pylint: disable=import-outside-toplevel
+  src, _, _ = official_dir(tmp_path, "1.1")
+  bias = r"layers\.\d+\.self_attn\.[qkv]_proj\.bias"
+  _drop(src, bias)
+  # attention_bias: true with the bias tensors gone: the missing tensor is named.
+  with pytest.raises(safetensors_io.CheckpointError, match=r"layers\.0\.self_attn\.q_proj\.bias is missing"):
+    hf.load_nextstep(src)
+  # The LlamaConfig default (absent, or false): no q/k/v biases in the release's model, zeros here.
+  _edit(src, config={"attention_bias": False})
+  model, meta = hf.load_nextstep(src)
+  assert meta.qkv_bias is False
+  assert not np.any(np.asarray(model.backbone.layers.q_bias[...])) and not np.any(np.asarray(model.backbone.layers.v_bias[...]))

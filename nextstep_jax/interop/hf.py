@@ -305,7 +305,9 @@ def _checked_backbone(fields: dict, where: Any) -> bb.BackboneConfig:
 
 def _official_flags(d: Mapping, source: str) -> tuple[bool, bool]:
   """(qkv_bias, tied_embeddings) of a NextStep config.json; CheckpointError for a layout the model lacks."""
-  qkv = _field(d, "attention_bias", source, bool, default=True)  # Qwen2-style configs omit it: biases on
+  # Llama-style: the q/k/v biases exist when attention_bias says so (absent: false, the LlamaConfig default);
+  # missing bias tensors of a config that does not ask for them are zeros (load_nextstep_params).
+  qkv = _field(d, "attention_bias", source, bool, default=False)
   if _field(d, "mlp_bias", source, bool, default=False):
     raise CheckpointError(f"{source}: config.json mlp_bias=true: the SwiGLU MLP here has no biases")
   if _field(d, "use_gen_pos_embed", source, bool, default=False):
@@ -321,7 +323,7 @@ def config_from_hf(d: Mapping, source: str = "config.json", *, runtime: Any = No
                    ) -> tuple[ns.NextStepConfig, ImageMeta]:
   """(NextStepConfig, ImageMeta) from a NextStep config.json dict: ours, or the official release's of
   NextStep-1 and NextStep-1.1 (``latent_size`` 32 or 64, ``base_image_grid_size``, ``attention_bias``,
-  ``o_attention_bias``, ``use_gen_pos_embed``, ...). `runtime`: a BackboneConfig, an experiment config or a
+  ``mlp_bias``, ``use_gen_pos_embed``, ...; a bias on o_proj is refused from the tensors themselves). `runtime`: a BackboneConfig, an experiment config or a
   dict giving dtype/param_dtype/remat/attention/document_mask (defaults otherwise). ``token_norm`` (ours)
   defaults to off: the official model feeds its VAE's latents as they are (the VAE's encoder norm is the
   only one)."""

@@ -253,7 +253,12 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None) -> dict:
       json.dump({"source": os.path.abspath(import_dir), "config": meta.source, "gen_pos_grid": meta.gen_pos_grid},
                 f, indent=2)
   _barrier("nextstep_import_side_files")
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=1, keep=1, async_save=False, config=config)
+  return _save_step0(ckpt_dir, params, config)
+
+
+def _save_step0(directory: str, params: dict, config) -> dict:
+  """`params` as the params-only step 0 of a checkpoint directory (with `config`); returns them."""
+  ckpt = ckpt_lib.Checkpointer(directory, every=1, keep=1, async_save=False, config=config)
   try:
     ckpt.save(0, {"params": params}, force=True)
   finally:
@@ -287,10 +292,4 @@ def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, conf
   model = ns.NextStep(ns.NextStepConfig.from_config(config), rngs=nnx.Rngs(params=int(config.seed)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params["backbone"] = backbone
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  ckpt = ckpt_lib.Checkpointer(out, every=1, keep=1, async_save=False, config=config)
-  try:
-    ckpt.save(0, {"params": params}, force=True)
-  finally:
-    ckpt.close()
-  return params
+  return _save_step0(out, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), config)
