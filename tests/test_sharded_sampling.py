@@ -49,6 +49,7 @@ def test_sharded_import_and_sampling_equal_one_device(imported):
   assert np.abs(ref[0] - ref[1]).max() > 1e-2  # the prompts matter
 
 
+@pytest.mark.slow
 def test_sample_command_under_a_mesh_and_in_bf16(imported, tmp_path):
   kw = dict(num=2, steps=3, size=32, seed=1)
   single = runner.sample_run(imported, "a photo of a cat", out=str(tmp_path / "one"), **kw)
