@@ -131,7 +131,7 @@ def _source_tokenizer(import_dir: str, meta: hf.ImageMeta):
   try:
     found = tok_lib.find_tokenizer(import_dir)
   except FileNotFoundError as e:
-    logging.warning("%s; the imported run has no tokenizer (sampling will need --tokenizer)", e)
+    logging.warning("%s; the imported run has no tokenizer (put one in <out>/tokenizer to sample)", e)
     return None, None
   try:
     tok = tok_lib.load_tokenizer(found)
