@@ -23,6 +23,7 @@ from nextstep_jax.interop import safetensors_io
 from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.sampling import runner
+from tests.official import EOS, write_official_vae, write_release_tokenizer
 from tests.test_export import expected_shapes
 
 torch = pytest.importorskip("torch")
@@ -56,34 +57,6 @@ def official_2d_sincos(embed_dim, grid_size):
 
 # --- the fixture ------------------------------------------------------------------------------------------
 
-def _tokenizer_dir(path, specials=("[PAD]", "<|image_area|>", "<|begin_of_image|>", "<|end_of_image|>",
-                                    "<|image_placeholder|>", "<|begin_of_prompt_refinement|>",
-                                    "<|end_of_prompt_refinement|>", "<|begin_of_thinking|>",
-                                    "<|end_of_thinking|>")):
-  """A Hugging Face tokenizer directory in the release's layout; returns {token: id}."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  eos = "<|im_end|>"  # not one of the loader's guesses: it must come from tokenizer_config.json
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", eos, *specials],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([f"a photo of a cat number {d}, {e}*{e}" for d in range(10) for e in range(10)],
-                          trainer)
-  tok.decoder = decoders.ByteLevel()
-  os.makedirs(path)
-  tok.save(os.path.join(path, "tokenizer.json"))
-  ids = {t: tok.token_to_id(t) for t in ["<unk>", eos, *specials]}
-  added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                    "single_word": False} for t, i in ids.items()}
-  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"added_tokens_decoder": added, "bos_token": None, "eos_token": eos, "pad_token": "[PAD]",
-               "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}, f)
-  with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
-    json.dump({"eos_token": {"content": eos, "lstrip": False, "normalized": False, "rstrip": False,
-                             "single_word": False}, "pad_token": "[PAD]"}, f)
-  return ids, tok.get_vocab_size(with_added_tokens=True)
-
-
 def _vae_dir(path):
   """vae/: the release's config.json fields with psz null, and checkpoint.pt written by torch.save."""
   cfg = vae_lib.VAEConfig(base_channels=32, channel_mults=(1, 1, 1, 1), num_res_blocks=1,
@@ -92,21 +65,17 @@ def _vae_dir(path):
   state = nnx.state(model, nnx.Param)
   keys = iter(jax.random.split(jax.random.key(1), 512))
   nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
-  sd = vae_interop.vae_to_flux_state_dict(model)
-  os.makedirs(path)
-  torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, os.path.join(path, "checkpoint.pt"))
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"resolution": 256, "in_channels": 3, "ch": 32, "out_ch": 3, "ch_mult": [1, 1, 1, 1],
-               "num_res_blocks": 1, "z_channels": CHANNELS, "scaling_factor": 1.0, "shift_factor": 0.0,
-               "deterministic": True, "encoder_norm": True, "psz": None}, f)
-  return sd
+  return write_official_vae(path, model)
 
 
 def official_dir(root, version: str):
   """A NextStep-1 ("1.0") or NextStep-1.1 ("1.1") directory. Returns (path, tensors as torch)."""
   d = str(root / f"nextstep-{version}")
   os.makedirs(d)
-  ids, vocab = _tokenizer_dir(os.path.join(d, "tokenizer"))
+  _, tok = write_release_tokenizer(d)
+  vocab = tok.get_vocab_size(with_added_tokens=True)
+  ids = {t: tok.token_to_id(t) for t in (EOS, "[PAD]", "<|begin_of_image|>", "<|end_of_image|>",
+                                          "<|image_placeholder|>")}
   _vae_dir(os.path.join(d, "vae"))
   shapes = expected_shapes(HIDDEN, HEADS, KV, HD, MLP, vocab, LAYERS, HEAD_DIM, HEAD_LAYERS, TOKEN_DIM)
   gen = torch.Generator().manual_seed(0)
@@ -118,7 +87,7 @@ def official_dir(root, version: str):
             "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None, "attention_bias": True,
             "o_attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
             "initializer_range": 0.02, "tie_word_embeddings": False, "use_cache": True,
-            "torch_dtype": "bfloat16", "bos_token_id": None, "eos_token_id": ids["<|im_end|>"],
+            "torch_dtype": "bfloat16", "bos_token_id": None, "eos_token_id": ids[EOS],
             "pad_token_id": ids["[PAD]"], "vae_name_or_path": "vae", "latent_patch_size": PATCH,
             "latent_channels": CHANNELS, "boi": ids["<|begin_of_image|>"], "eoi": ids["<|end_of_image|>"],
             "image_placeholder_id": ids["<|image_placeholder|>"], "pad_token_id_added": ids["[PAD]"],
@@ -195,7 +164,10 @@ def test_gen_pos_embed_is_the_releases_table():
     np.testing.assert_array_equal(hf.gen_pos_table(hidden, grid)[0], official_2d_sincos(hidden, grid).astype(np.float32))
 
 
-def _edit(directory, config=None, tensors=None):
+def _edit(directory, config=None, tensors=None, drop=None):
+  """Changes an official directory in place: config.json fields, tensors put (a new one goes into the first
+  shard) and tensors dropped (names matching the regular expression `drop`), shards and index rewritten."""
+  import re  # pylint: disable=import-outside-toplevel
   if config:
     path = os.path.join(directory, "config.json")
     with open(path) as f:
@@ -203,18 +175,22 @@ def _edit(directory, config=None, tensors=None):
     c.update(config)
     with open(path, "w") as f:
       json.dump(c, f)
-  if tensors:
-    index_path = os.path.join(directory, "model.safetensors.index.json")
-    with open(index_path) as f:
-      index = json.load(f)
-    for name, value in tensors.items():  # a new tensor goes into the first shard
-      shard = index["weight_map"].setdefault(name, "model-00001-of-00002.safetensors")
-      file = os.path.join(directory, shard)
-      data = safetensors_torch.load_file(file)
-      data[name] = value
-      safetensors_torch.save_file(data, file, metadata={"format": "pt"})
-    with open(index_path, "w") as f:
-      json.dump(index, f)
+  if not tensors and not drop:
+    return
+  index_path = os.path.join(directory, "model.safetensors.index.json")
+  with open(index_path) as f:
+    index = json.load(f)
+  for name in tensors or {}:
+    index["weight_map"].setdefault(name, "model-00001-of-00002.safetensors")
+  gone = lambda name: drop is not None and re.fullmatch(drop, name)
+  for shard in sorted(set(index["weight_map"].values())):
+    file = os.path.join(directory, shard)
+    data = {k: v for k, v in safetensors_torch.load_file(file).items() if not gone(k)}
+    data.update({k: v for k, v in (tensors or {}).items() if index["weight_map"][k] == shard})
+    safetensors_torch.save_file(data, file, metadata={"format": "pt"})
+  index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not gone(k)}
+  with open(index_path, "w") as f:
+    json.dump(index, f)
 
 
 def test_official_directory_mistakes_are_named(tmp_path):
@@ -246,26 +222,11 @@ def test_official_vae_pickle_converts_without_unpickling_code(tmp_path):
   assert os.path.isfile(tmp_path / "cli" / vae_interop.CHECKPOINT_FILE)
 
 
-def _drop(directory, pattern):
-  """Re-saves every shard without the tensors whose names match `pattern`, and the index without them."""
-  import re  # pylint: disable=import-outside-toplevel
-  index_path = os.path.join(directory, "model.safetensors.index.json")
-  with open(index_path) as f:
-    index = json.load(f)
-  for shard in sorted(set(index["weight_map"].values())):
-    file = os.path.join(directory, shard)
-    data = {k: v for k, v in safetensors_torch.load_file(file).items() if not re.fullmatch(pattern, k)}
-    safetensors_torch.save_file(data, file, metadata={"format": "pt"})
-  index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not re.fullmatch(pattern, k)}
-  with open(index_path, "w") as f:
-    json.dump(index, f)
-
-
 def test_attention_bias_as_the_release_config_says(tmp_path):
   from nextstep_jax.interop import hf  # pylint: disable=import-outside-toplevel
   src, _, _ = official_dir(tmp_path, "1.1")
   bias = r"layers\.\d+\.self_attn\.[qkv]_proj\.bias"
-  _drop(src, bias)
+  _edit(src, drop=bias)
   # attention_bias: true with the bias tensors gone: the missing tensor is named.
   with pytest.raises(safetensors_io.CheckpointError, match=r"layers\.0\.self_attn\.q_proj\.bias is missing"):
     hf.load_nextstep(src)

@@ -28,6 +28,7 @@ from nextstep_jax.interop import vae as interop
 from nextstep_jax.interop.safetensors_io import CheckpointError, load_safetensors
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.vae import VAEConfig
+from tests.official import EOS, official_vae_config, write_official_vae, write_release_tokenizer
 from tests.tolerance import assert_close_fp32
 
 torch = pytest.importorskip("torch")
@@ -36,15 +37,6 @@ torch = pytest.importorskip("torch")
 # p=2 tokens are 64-d, as in NextStep-1. f2 (two levels) keeps it small.
 SMALL = VAEConfig(base_channels=32, channel_mults=(1, 1), num_res_blocks=1, latent_channels=16,
                   norm_groups=32)
-EOS = "<|im_end|>"  # not one of T.FALLBACK_EOS: only tokenizer_config.json can name it
-
-
-def _official_config(psz=None) -> dict:
-  """The release's AutoEncoderParams fields, nothing of ours."""
-  return {"resolution": 16, "in_channels": 3, "ch": SMALL.base_channels, "out_ch": 3,
-          "ch_mult": list(SMALL.channel_mults), "num_res_blocks": SMALL.num_res_blocks,
-          "z_channels": SMALL.latent_channels, "scaling_factor": 1.0, "shift_factor": 0.0,
-          "deterministic": True, "encoder_norm": True, "psz": psz}
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +53,7 @@ def images():
 def official_dir(source_vae, tmp_path):
   """``vae/checkpoint.pt`` (torch.save of FLUX-named torch tensors) + ``vae/config.json``."""
   d = tmp_path / "vae"
-  d.mkdir()
-  sd = {k: torch.from_numpy(np.array(v)) for k, v in interop.vae_to_flux_state_dict(source_vae).items()}
-  torch.save(sd, str(d / "checkpoint.pt"))
-  (d / "config.json").write_text(json.dumps(_official_config()))
+  write_official_vae(str(d), source_vae, resolution=16)
   return d
 
 
@@ -116,9 +105,9 @@ def test_official_vae_dir_gives_64d_tokens(official_dir, source_vae, images):
 
 
 def test_psz_is_the_norm_patch_not_the_token_patch():
-  f = interop.config_fields_from_json(_official_config(psz=None))
+  f = interop.config_fields_from_json(official_vae_config(SMALL, psz=None, resolution=16))
   assert f["norm_patch_size"] == 1 and f["patch_size"] == 2
-  f = interop.config_fields_from_json({**_official_config(psz=2), "latent_patch_size": 4})
+  f = interop.config_fields_from_json({**official_vae_config(SMALL, psz=2, resolution=16), "latent_patch_size": 4})
   assert f["norm_patch_size"] == 2 and f["patch_size"] == 4
   # an older export of this project (norm_groups, no latent_patch_size): psz was the token patch too
   assert interop.config_fields_from_json({"psz": 1, "norm_groups": 4})["patch_size"] == 1
@@ -132,7 +121,7 @@ def test_psz_is_the_norm_patch_not_the_token_patch():
 
 
 def test_bad_config_json_names_the_file(official_dir):
-  (official_dir / "config.json").write_text(json.dumps({**_official_config(), "psz": "two"}))
+  (official_dir / "config.json").write_text(json.dumps({**official_vae_config(SMALL, resolution=16), "psz": "two"}))
   with pytest.raises(ValueError, match=r"config\.json: not a valid VAE config\.json.*psz"):
     interop.load_vae_dir(str(official_dir))
 
@@ -195,7 +184,7 @@ def test_convert_checkpoint_is_bitwise(official_dir, images, tmp_path):
   path = interop.convert_checkpoint(str(src), str(out))
   assert path == str(out / "checkpoint.safetensors") and os.path.isfile(path)
   assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "config.json"]  # no temp files left
-  assert json.loads((out / "config.json").read_text()) == _official_config()
+  assert json.loads((out / "config.json").read_text()) == official_vae_config(SMALL, resolution=16)
   pickled = torch.load(str(src), map_location="cpu", weights_only=True)
   written = load_safetensors(path)
   assert sorted(written) == sorted(pickled)
@@ -245,45 +234,9 @@ def test_without_torch_the_error_names_the_install(official_dir, tmp_path, monke
 # (iv) the release's tokenizer directory
 
 
-def _hf_tokenizer():
-  """A tiny byte-level BPE with <|endoftext|> and <|im_end|>, then the SPEC §1 tokens added as
-  special tokens at the end (as the release adds them to Qwen2.5's vocabulary)."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", EOS],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([f"a handwritten digit {d}, then {e}*{e}" for d in range(10) for e in range(10)],
-                          trainer)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in T.SPECIAL_TOKENS])
-  return tok
-
-
-def _added(content: str, special: bool = True) -> dict:
-  return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
-          "single_word": False, "special": special}
-
-
-def _release_tokenizer_dir(model_dir, pad="[PAD]", eos=EOS) -> tuple[str, object]:
-  tok = _hf_tokenizer()
-  d = model_dir / "tokenizer"
-  d.mkdir(parents=True)
-  tok.save(str(d / "tokenizer.json"))
-  names = ["<unk>", "<|endoftext|>", EOS] + list(T.SPECIAL_TOKENS)
-  (d / "tokenizer_config.json").write_text(json.dumps({
-      "added_tokens_decoder": {str(tok.token_to_id(n)): _added(n) for n in names},
-      "bos_token": None, "eos_token": _added(eos), "pad_token": _added(pad),
-      "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}))
-  (d / "special_tokens_map.json").write_text(json.dumps({
-      "eos_token": _added(eos), "pad_token": _added(pad),
-      "additional_special_tokens": list(T.SPECIAL_TOKENS)}))
-  return str(d), tok
-
-
 def test_release_tokenizer_directory(tmp_path):
   model_dir = tmp_path / "nextstep"
-  d, hf = _release_tokenizer_dir(model_dir)
+  d, hf = write_release_tokenizer(model_dir)
   (model_dir / "config.json").write_text("{}")
   assert T.find_tokenizer(str(model_dir)) == d
   tok = T.load_tokenizer(T.find_tokenizer(str(model_dir)), "hf")
@@ -299,7 +252,7 @@ def test_release_tokenizer_directory(tmp_path):
 
 
 def test_find_tokenizer_places(tmp_path):
-  _, hf = _release_tokenizer_dir(tmp_path / "a")
+  _, hf = write_release_tokenizer(tmp_path / "a")
   flat = tmp_path / "flat"
   flat.mkdir()
   hf.save(str(flat / "tokenizer.json"))
@@ -312,7 +265,7 @@ def test_find_tokenizer_places(tmp_path):
 
 
 def test_eos_sources_in_order(tmp_path):
-  d, hf = _release_tokenizer_dir(tmp_path / "m")
+  d, hf = write_release_tokenizer(tmp_path / "m")
   cfg = os.path.join(d, "tokenizer_config.json")
   smap = os.path.join(d, "special_tokens_map.json")
   with open(smap, "w") as f:  # the map disagrees (string form): tokenizer_config.json wins
@@ -325,7 +278,7 @@ def test_eos_sources_in_order(tmp_path):
 
 
 def test_declared_pad_differs_from_pad(tmp_path):
-  d, hf = _release_tokenizer_dir(tmp_path / "m", pad="<|endoftext|>")
+  d, hf = write_release_tokenizer(tmp_path / "m", pad="<|endoftext|>")
   tok = T.load_tokenizer(d)
   assert tok.pad_id == hf.token_to_id("[PAD]")  # packing pads with [PAD] (SPEC §1)
   assert tok.declared_pad_token == "<|endoftext|>" and tok.declared_pad_id == hf.token_to_id("<|endoftext|>")
@@ -334,7 +287,7 @@ def test_declared_pad_differs_from_pad(tmp_path):
 
 
 def test_bad_side_files_name_the_file(tmp_path):
-  d, hf = _release_tokenizer_dir(tmp_path / "m")
+  d, hf = write_release_tokenizer(tmp_path / "m")
   cfg = os.path.join(d, "tokenizer_config.json")
   good = open(cfg).read()
   with open(cfg, "w") as f:

@@ -45,9 +45,10 @@ def parse_size(text: str) -> int:
 IMPORT_FILE = "hf_import.json"  # in an imported run: the source config.json and the tensors it carried
 
 
-def imported_meta(workdir: str, meta: hf.ImageMeta) -> hf.ImageMeta:
+def imported_meta(workdir: str, meta: hf.ImageMeta, *, ids_from_source: bool = False) -> hf.ImageMeta:
   """`meta` completed with what an imported run recorded of its source directory (``hf_import.json``:
-  the config.json fields export writes back, the gen_pos_embed grid); unchanged for a trained run."""
+  the config.json fields export writes back, the gen_pos_embed grid, and with `ids_from_source` the special
+  token ids, for a run imported without a tokenizer); unchanged for a trained run."""
   path = os.path.join(workdir, IMPORT_FILE)
   if not os.path.isfile(path):
     return meta
@@ -55,8 +56,13 @@ def imported_meta(workdir: str, meta: hf.ImageMeta) -> hf.ImageMeta:
   if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
     raise UserError(f"{path}: not a record written by the import (no 'config' object)")
   src = rec["config"]
-  return dataclasses.replace(meta, source=src, gen_pos_grid=rec.get("gen_pos_grid"),
+  meta = dataclasses.replace(meta, source=src, gen_pos_grid=rec.get("gen_pos_grid"),
                              base_image_grid_size=src.get("base_image_grid_size"))
+  if ids_from_source:
+    ids = hf.config_from_hf(src, path)[1]
+    meta = dataclasses.replace(meta, **{k: getattr(ids, k) for k in (
+        "boi", "eoi", "image_placeholder_id", "image_area_id", "eos_token_id", "pad_token_id")})
+  return meta
 
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
@@ -94,14 +100,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
       raise
     tok = None  # imported without one: the special ids come from the source's config.json
     logging.warning("%s has no tokenizer; the export ships none", workdir)
-  meta = hf.ImageMeta.from_config(config, tok)
-  if tok is None:
-    src = safetensors_io._read_json(os.path.join(workdir, IMPORT_FILE))["config"]  # pylint: disable=protected-access
-    ids = hf.config_from_hf(src, os.path.join(workdir, IMPORT_FILE))[1]
-    meta = dataclasses.replace(meta, boi=ids.boi, eoi=ids.eoi, image_placeholder_id=ids.image_placeholder_id,
-                               image_area_id=ids.image_area_id, eos_token_id=ids.eos_token_id,
-                               pad_token_id=ids.pad_token_id)
-  meta = imported_meta(workdir, meta)
+  meta = imported_meta(workdir, hf.ImageMeta.from_config(config, tok), ids_from_source=tok is None)
   tok_dir = tokenizer or config.tokenizer.path or os.path.join(workdir, run_lib.TOKENIZER_DIR)
   shipped = tok_dir if os.path.isdir(tok_dir) else tok  # a directory ships whole (tokenizer_config.json too)
   if vae is None:
@@ -226,7 +225,6 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None) -> dict:
   (``hf.load_nextstep_arrays``), in the dtype the directory stores (a bf16 release stays bf16 on disk; the
   readers cast to their config's dtype). Process 0 writes the tokenizer, the VAE and the records."""
   cfg, meta = hf.read_nextstep_config(import_dir)
-  hf.check_tensor_names(import_dir, safetensors_io.TensorDir(import_dir), hf.checkpoint_shapes(cfg), cfg, meta)
   ckpt_dir = run_lib.checkpoint_dir(out)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UserError(f"--out={out} already holds checkpoints; import into a new directory")

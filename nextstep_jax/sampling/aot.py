@@ -16,8 +16,7 @@ params + cache + the program's scratch with the chip's memory.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
+import math
 import shutil
 import tempfile
 import time
@@ -32,6 +31,7 @@ from nextstep_jax import parallel
 from nextstep_jax import run as run_lib
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.sampling.flow import sample_token
+from nextstep_jax.training import aot as aot_lib
 
 GiB = 1024 ** 3
 PROGRAMS = ("prefill", "decode_step", "head_sample")
@@ -68,20 +68,6 @@ class SamplerAot:
       return "compiled"
     share = 100 * self.resident_bytes / self.hbm_bytes
     return f"{'fits' if self.resident_bytes <= self.hbm_bytes else 'DOES NOT FIT'} ({share:.0f}% of HBM)"
-
-
-_TOTAL_RE = re.compile(r"Total bytes:\s*(\d+)")
-
-
-def _report_bytes(dump_dir: str, program: str) -> int | None:
-  best = None
-  for name in sorted(os.listdir(dump_dir)):
-    if program in name and name.endswith("memory-usage-report.txt"):
-      with open(os.path.join(dump_dir, name), encoding="utf-8") as f:
-        m = _TOTAL_RE.search(f.read())
-      if m:
-        best = int(m.group(1))
-  return best
 
 
 def sampling_config(config, dtype: str = "bfloat16"):
@@ -169,7 +155,7 @@ def compile_sampler(config, devices: list[Any], *, target: str, hbm_bytes: int |
       try:
         compiled = fn.lower(*args).compile(compiler_options={"xla_dump_to": dump})
         ma = compiled.memory_analysis()
-        total = _report_bytes(dump, name)
+        total = aot_lib.read_total_bytes(dump, name)
       finally:
         seconds = time.perf_counter() - t0
         shutil.rmtree(dump, ignore_errors=True)
@@ -186,8 +172,4 @@ def compile_sampler(config, devices: list[Any], *, target: str, hbm_bytes: int |
 
 
 def _shard_bytes(s: jax.ShapeDtypeStruct) -> int:
-  shape = s.sharding.shard_shape(s.shape)
-  n = 1
-  for d in shape:
-    n *= int(d)
-  return n * jnp.dtype(s.dtype).itemsize
+  return math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize

@@ -92,8 +92,8 @@ def check_context(config, tokenizer, prompt: str, negative: str, h: int, w: int,
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """'fsdp=2,tensor=4' -> {'data': -1, 'fsdp': 2, 'tensor': 4} (the axes not named: data takes the rest,
-  the others 1); UserError naming the flag for anything else."""
+  """'fsdp=2,tensor=4' -> {'data': -1, 'fsdp': 2, 'tensor': 4} (the axes not named: data takes the rest
+  unless another axis is -1, the others 1); UserError naming the flag for text of another form."""
   axes = {"data": -1, "fsdp": 1, "tensor": 1}
   for part in filter(None, (p.strip() for p in text.split(","))):
     name, _, value = part.partition("=")
@@ -101,9 +101,9 @@ def parse_mesh(text: str) -> dict[str, int]:
     if name not in axes or not value.strip().lstrip("-").isdigit():
       raise UserError(f"--mesh={text!r}: expected axis=size pairs over {', '.join(axes)} (e.g. fsdp=2,tensor=4)")
     axes[name] = int(value)
-  if sum(v == -1 for v in axes.values()) > 1 or any(v == 0 or v < -1 for v in axes.values()):
-    raise UserError(f"--mesh={text!r}: sizes must be positive, with at most one -1 (the rest of the devices)")
-  return axes
+  if -1 in (axes["fsdp"], axes["tensor"]) and "data" not in text:
+    axes["data"] = 1  # another axis takes the rest of the devices
+  return axes  # sizes are checked against the devices by parallel.make_mesh (sampling_mesh)
 
 
 def sampling_mesh(config, mesh: str = ""):

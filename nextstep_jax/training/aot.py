@@ -238,11 +238,12 @@ class AotResult:
 _TOTAL_RE = re.compile(r"Total bytes:\s*(\d+)")
 
 
-def read_total_bytes(dump_dir: str) -> int | None:
-  """'Total bytes' of the default memory space in the train step's memory-usage report, or None."""
+def read_total_bytes(dump_dir: str, program: str = "train_step") -> int | None:
+  """'Total bytes' of the default memory space in the memory-usage report XLA dumped for `program` (the
+  jitted function's name), or None."""
   best = None
   for name in sorted(os.listdir(dump_dir)):
-    if "train_step" in name and name.endswith("memory-usage-report.txt"):
+    if program in name and name.endswith("memory-usage-report.txt"):
       with open(os.path.join(dump_dir, name), encoding="utf-8") as f:
         m = _TOTAL_RE.search(f.read())
       if m:
