@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
 from ml_collections.config_flags import config_flags as ml_config_flags  # ConfigFileFlagParser
@@ -125,21 +125,9 @@ def _diagnose_config_overrides(argv: Sequence[str], flag_values) -> UserError | 
       return None
     for key in keys:
       base = re.sub(r"\[[^\]]*\]", "", key)  # config_path's a.b[0] indexing
-      if not _has_key(config, base):
+      if not config_lib.has_dotted(config, base):
         return UserError(f"--{name}.{key}: " + overrides_lib.unknown_key_message(config, base))
   return None
-
-
-def _has_key(config: Any, dotted: str) -> bool:
-  node = config
-  for part in dotted.split("."):
-    try:
-      if part not in node:
-        return False
-      node = node[part]
-    except TypeError:  # a value, not a section
-      return False
-  return True
 
 
 def parse_flags(argv: Sequence[str], flag_values=flags.FLAGS) -> list[str]:

@@ -212,11 +212,11 @@ def param_target(config, mesh) -> Any:
 
 
 def load_run(workdir: str, config=None, step: int | None = None, use_ema: bool = True, *,
-             tokenizer: str | None = None, need_vae: bool = True, mesh=None) -> Run:
+             tokenizer: Any = None, need_vae: bool = True, mesh=None) -> Run:
   """The run in `workdir`: checkpoint `step` (default: the newest good one), the EMA weights when the
-  run kept them (`use_ema`), the saved config unless `config` is given, the tokenizer (`tokenizer`,
-  ``tokenizer.path`` or ``<workdir>/tokenizer``) and the VAE (``vae.checkpoint``; None when not
-  `need_vae` and none is configured). With `mesh`, the params are restored straight into their shardings
+  run kept them (`use_ema`), the saved config unless `config` is given, the tokenizer (`tokenizer`: a path
+  or a tokenizer already loaded; else ``tokenizer.path`` or ``<workdir>/tokenizer``) and the VAE
+  (``vae.checkpoint``; None when not `need_vae` and none is configured). With `mesh`, the params are restored straight into their shardings
   on it (``param_target``), as training places them."""
   config = config if config is not None else saved_config(workdir)
   directory = checkpoint_dir(workdir)
@@ -232,4 +232,6 @@ def load_run(workdir: str, config=None, step: int | None = None, use_ema: bool =
   vae = None
   if need_vae or config.vae.checkpoint:
     vae = load_vae(config.vae.checkpoint, config=config)
+  if not isinstance(tokenizer, (str, type(None))):  # already loaded by the caller
+    return Run(model, config, tokenizer, vae, int(step), workdir)
   return Run(model, config, load_tokenizer(config, workdir, path=tokenizer), vae, int(step), workdir)

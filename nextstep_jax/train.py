@@ -7,13 +7,10 @@ The loop reads top to bottom in ``nextstep_jax/training/loop.py``; the step in
 from __future__ import annotations
 
 import os
-import signal
 
 if __name__ == "__main__":
-  # Until the run installs its own handler (training/loop.start), a Ctrl-C during start-up (importing
-  # jax, parsing flags: nothing is written yet) ends the process at once with status 130. os._exit, not
-  # an exception: one raised inside a garbage-collector callback of jax would be swallowed.
-  signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted during start-up\n"), os._exit(130)))
+  from nextstep_jax import startup  # stdlib only: in place before the heavy imports below
+  startup.exit_on_interrupt()
 
 import sys
 import traceback

@@ -183,7 +183,7 @@ def test_states_without_streams_and_refusals(workdir, tok, truth):
     iterators(workdir, tok, 1, saved[:1] + saved[:1])
   with pytest.raises(ValueError, match="do not partition"):
     M.build_train_iterator(demo_config(workdir), tok).set_state(
-        {M.ELASTIC_STATES: saved[1:], "saved_process_count": 1})
+        M.elastic_envelope(saved[1:]))
   with pytest.raises(ValueError, match="cannot be re-sharded"):
     data_state_lib.elastic_data_state([b"grain-dataloader-bytes", {}])
   assert data_state_lib.elastic_data_state([None, None]) is None

@@ -368,9 +368,9 @@ def _stream_of(ps: dict) -> Stream | None:
 
 def elastic_envelope(states: Sequence[Any]) -> dict:
   """What ``TrainIterator.set_state`` takes to resume from the states of all processes of a
-  checkpoint (in process order) with another process count (training/checkpoint.py builds the
-  same from the files of a step)."""
-  return {ELASTIC_STATES: list(states), "saved_process_count": len(states)}
+  checkpoint (in process order) with another process count (training/data_state.py builds it from
+  the files of a step)."""
+  return {ELASTIC_STATES: list(states)}
 
 
 class TrainIterator(grain.DatasetIterator):

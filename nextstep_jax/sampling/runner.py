@@ -152,20 +152,22 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   tokenizer = run_lib.load_tokenizer(config, workdir)
   size = size or int(config.data.image_size)
   unit = int(config.image.vae_factor) * int(config.image.patch_size)  # the data path's token side
-  if size % unit == 0:
-    check_context(config, tokenizer, prompt, negative, size // unit, size // unit, image=bool(image),
-                  guided=guided, unconditional=unconditional)
+  checked = (size // unit, size // unit) if size % unit == 0 else None
+  if checked:
+    check_context(config, tokenizer, prompt, negative, *checked, image=bool(image), guided=guided,
+                  unconditional=unconditional)
   if dtype != "float32":
     config = config.copy_and_resolve_references()
     config.model.dtype = config.model.param_dtype = dtype
   devices = sampling_mesh(config, mesh)
-  loaded = run_lib.load_run(workdir, config=config, step=step, use_ema=use_ema, mesh=devices)
+  loaded = run_lib.load_run(workdir, config=config, step=step, use_ema=use_ema, mesh=devices, tokenizer=tokenizer)
   rules = config.mesh.rules
   model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
   cfg_vae = vae.config
   h, w = _grid(cfg_vae.pixels_per_token, size, f"VAE factor {cfg_vae.factor} x patch size {cfg_vae.patch_size}")
-  check_context(config, tokenizer, prompt, negative, h, w, image=bool(image), guided=guided,
-                unconditional=unconditional)
+  if (h, w) != checked:  # the VAE's grid differs from the one the config names: check it too
+    check_context(config, tokenizer, prompt, negative, h, w, image=bool(image), guided=guided,
+                  unconditional=unconditional)
   key = jax.random.key(seed)
   if image:
     try:

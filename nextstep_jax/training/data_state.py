@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from nextstep_jax.data import mixture
+
 
 def encode_data_state(data_state: dict | bytes | None) -> dict:
   """JSON-ready envelope for an iterator state: a dict, bytes (as base64) or None."""
@@ -40,9 +42,6 @@ def decode_data_state(envelope: Mapping[str, Any]) -> dict | bytes | None:
   raise ValueError(f"unknown data-state format {fmt!r}")
 
 
-# The envelope of an elastic restore: every process's state of a step written by another number of
-# processes, in process order (data/mixture.py's TrainIterator.set_state reads the same key).
-ELASTIC_STATES = "elastic_states"
 _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
@@ -53,15 +52,15 @@ def _process_identity() -> tuple[int, int]:
 
 def elastic_data_state(states: list) -> dict | None:
   """The states of all M processes of a step (process order), for a run of another process count:
-  ``{"elastic_states": [...], "saved_process_count": M}``, or None when none holds a state. Only
-  dict states can be re-sharded (the iterator does it; see data/mixture.py)."""
+  ``mixture.elastic_envelope`` of them (what ``TrainIterator.set_state`` re-shards), or None when none holds
+  a state. Only dict states can be re-sharded."""
   if all(s is None for s in states):
     return None
   kinds = sorted({type(s).__name__ for s in states if not isinstance(s, Mapping)})
   if kinds:
     raise ValueError(f"the data-iterator states are {kinds}, not dicts: they cannot be re-sharded "
                      "for another number of processes")
-  return {ELASTIC_STATES: [dict(s) for s in states], "saved_process_count": len(states)}
+  return mixture.elastic_envelope([dict(s) for s in states])
 
 
 class DataStateHandler(ocp.CheckpointHandler):

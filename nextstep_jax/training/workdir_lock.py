@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nextstep_jax.config import ConfigError
+from nextstep_jax.config import ConfigError, get_dotted, has_dotted
 
 LOCK_FILE = ".nextstep.lock"
 STALE_ENV = "NEXTSTEP_LOCK_STALE_S"
@@ -360,22 +360,14 @@ def acquire(workdir: str | os.PathLike, process_index: int = 0,
 # The saved config's architecture
 # ------------------------------------------------------------------------------------------------
 
-def _lookup(tree: Any, dotted: str) -> tuple[bool, Any]:
-  node = tree
-  for part in dotted.split("."):
-    if not isinstance(node, Mapping) or part not in node:
-      return False, None
-    node = node[part]
-  return True, node
-
-
 def architecture_diff(saved: Mapping[str, Any], now: Mapping[str, Any], fields: Iterable[str]) -> list[str]:
   """'field: saved (saved) vs now (now)' for each of `fields` (dotted) whose JSON values differ;
   fields one of the two lacks are not compared."""
   out = []
   for field in fields:
-    has_a, a = _lookup(saved, field)
-    has_b, b = _lookup(now, field)
+    has_a, has_b = has_dotted(saved, field), has_dotted(now, field)
+    a = get_dotted(saved, field) if has_a else None
+    b = get_dotted(now, field) if has_b else None
     if has_a and has_b and json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
       out.append(f"{field}: {json.dumps(a)} (saved) vs {json.dumps(b)} (now)")
   return out
