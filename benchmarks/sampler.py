@@ -1,20 +1,31 @@
-"""Seconds per image of the compiled sampler against the naive per-token loop (prints figures only).
+"""The compiled sampler against this machine's weight-read floor and in-process references (figures only).
 
-  python benchmarks/sampler.py [--models=demo,100m] [--steps=28] [--cfg=7.5] [--naive_tokens=4]
+  python benchmarks/sampler.py [--runs=demo@4,4.6m@16,126m@16,126m@32] [--steps=28] [--cfg=7.5]
+                               [--batches=1,4,16,64] [--repeats=3]
 
-Models (random weights; sampling cost does not depend on them):
-  demo   the demo preset: hidden 128, 4 layers, FM head 2 x 128, 16 tokens of dim 16 (4 x 4 grid)
-  100m   about 100M parameters: hidden 768, 12 layers (12 heads, 4 KV heads), MLP 2048, vocab 16384,
-         FM head 4 x 512, 256 tokens of dim 64 (16 x 16 grid)
-Both sample one image with classifier-free guidance (a conditional and an unconditional row) from a
-32-token prompt. "compiled" is ``sampling.sample_images`` (prefill, then a fori_loop of KV-cached decode
-steps and head integrations); its first call includes compilation, reported separately. "naive" is
-``sampling.sample_images_naive``: per token the whole (prompt + image) sequence is recomputed without a
-cache (one compiled forward over the full fixed-length buffer, later slots masked) and the head's
-steps are a Python loop. For the 100M model the naive loop runs --naive_tokens tokens and the per-image
-time is extrapolated (its per-token cost is the same at every position, since the buffer length is
-fixed); a naive loop that grew the sequence instead would do about (P + T/2) / (P + T) of that work
-per token on average, which the output also states.
+A run is MODEL@SIDE: the model and the side of its token grid (16: a 256² image with the f8 VAE and 2x2
+patches, 256 tokens; 32: 512², 1024 tokens). Models (random weights; the cost does not depend on them):
+  demo   the demo preset: hidden 128, 4 layers, head 2 x 128, tokens of dim 16 (its images are 4 x 4)
+  4.6m   hidden 256, 4 layers (4 heads, 2 KV), MLP 768, vocab 1024, head 2 x 256 (a 1M-parameter head)
+  126m   hidden 768, 12 layers (12 heads, 4 KV), MLP 2048, vocab 16384, head 6 x 768 (20.4M parameters)
+Every image is sampled with classifier-free guidance (a conditional and an unconditional row per image)
+from a 46-position prompt pair, with the official SDE head sampler (--steps evaluations per token).
+
+Per run it prints:
+- sampler: ``sampling.sample_images`` per image (best of --repeats after a compiling call), per token;
+- head: one evaluation inside the token loop (the sampler's layout, ``sampling/layout.py``), against the
+  training layout (``flow.sample_token`` over ``FlowHead.__call__``: stacked blocks under a scan), both
+  timed over whole tokens in a compiled loop in this process;
+- decode: one KV-cached backbone step with the sampler's per-layer weights and cache, against the
+  training layout (``Backbone.__call__``: a scan over stacked weights and a stacked cache);
+- naive: ``sampling.sample_images_naive`` (the whole sequence recomputed per token, the head's steps a
+  Python loop), over --naive_tokens tokens, extrapolated to the image;
+- floor: the bytes a token must read (the head's per-evaluation weights x evaluations, the condition's
+  projection, the backbone's layer weights, both projectors, and the filled KV cache on average) over
+  the read bandwidth of this machine measured at start (the best of a compiled sum over 1 GiB and two
+  numpy threads summing its halves), and the sampler's ratio to it;
+- batch: images per second with N images (2N rows) per call, for N in --batches (--batch_runs says
+  which runs), and the ratio to N = 1.
 """
 
 from __future__ import annotations
@@ -22,11 +33,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -34,16 +47,21 @@ from nextstep_jax import sampling  # noqa: E402
 from nextstep_jax.models import backbone as bb  # noqa: E402
 from nextstep_jax.models import fm_head  # noqa: E402
 from nextstep_jax.models import nextstep as ns  # noqa: E402
+from nextstep_jax.sampling import flow, layout  # noqa: E402
+from nextstep_jax.sampling import sampler as sampler_lib  # noqa: E402
 
-PROMPT_LEN = 32
+PROMPT_LEN, NEG_LEN = 46, 46
 
 MODELS = {
     "demo": dict(backbone=bb.BackboneConfig(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
                                             num_kv_heads=2, head_dim=32, intermediate_size=384, rope_theta=1e4),
-                 head=(2, 128), token_dim=16, grid=(4, 4)),
-    "100m": dict(backbone=bb.BackboneConfig(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12,
+                 head=(2, 128), token_dim=16),
+    "4.6m": dict(backbone=bb.BackboneConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4,
+                                            num_kv_heads=2, head_dim=64, intermediate_size=768, rope_theta=1e4),
+                 head=(2, 256), token_dim=64),
+    "126m": dict(backbone=bb.BackboneConfig(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12,
                                             num_kv_heads=4, head_dim=64, intermediate_size=2048, rope_theta=1e4),
-                 head=(4, 512), token_dim=64, grid=(16, 16)),
+                 head=(6, 768), token_dim=64),
 }
 
 
@@ -59,79 +77,211 @@ def build(name: str) -> ns.NextStep:
   state = nnx.state(model, nnx.Param)
   params = jax.tree.map(lambda x: (rng.standard_normal(x.shape, np.float32) * 0.02).astype(np.float32),
                         nnx.to_pure_dict(state))
-  # Norm scales at one, so activations stay in a sane range.
-  params["backbone"]["final_norm_scale"][:] = 1.0
-  params["backbone"]["layers"]["input_norm_scale"][:] = 1.0
-  params["backbone"]["layers"]["post_norm_scale"][:] = 1.0
-  params["head"]["ln_scale"][:] = 1.0
-  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+  for scale in (params["backbone"]["final_norm_scale"], params["backbone"]["layers"]["input_norm_scale"],
+                params["backbone"]["layers"]["post_norm_scale"], params["head"]["ln_scale"]):
+    scale[:] = 1.0  # norm scales at one, so activations stay in a sane range
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   nnx.update(model, state)
   return model
 
 
-def prompts(vocab: int, rows: int = 1) -> tuple[sampling.Prompt, sampling.Prompt]:
+def prompts(vocab: int, rows: int) -> tuple[sampling.Prompt, sampling.Prompt]:
   rng = np.random.default_rng(1)
   cond = rng.integers(20, vocab, size=(rows, PROMPT_LEN)).astype(np.int32)
-  neg = np.zeros((rows, 8), np.int32)
-  neg[:, 3:] = rng.integers(20, vocab, size=(rows, 5))
+  neg = np.zeros((rows, NEG_LEN), np.int32)
+  neg[:, -8:] = rng.integers(20, vocab, size=(rows, 8))
   return sampling.Prompt(cond, np.ones_like(cond, bool)), sampling.Prompt(neg, neg != 0)
 
 
-def bench(name: str, steps: int, cfg: float, naive_tokens: int | None) -> None:
-  m = MODELS[name]
-  h, w = m["grid"]
-  t_img = h * w
-  t0 = time.perf_counter()
-  model = build(name)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, {t_img} tokens ({h}x{w}) of dim {m['token_dim']}, "
-        f"{steps} head steps, cfg {cfg} (2 rows), prompt {PROMPT_LEN} tokens (built in "
-        f"{time.perf_counter() - t0:.1f} s)")
-  cond, neg = prompts(model.config.backbone.vocab_size)
-  key = jax.random.key(0)
-
-  t0 = time.perf_counter()
-  out = sampling.sample_images(model, cond, neg, h, w, key, cfg=cfg, steps=steps)
-  out.block_until_ready()
-  first = time.perf_counter() - t0
-  runs = []
-  for i in range(2):
+def best_of(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
     t0 = time.perf_counter()
-    sampling.sample_images(model, cond, neg, h, w, jax.random.key(i + 1), cfg=cfg, steps=steps).block_until_ready()
-    runs.append(time.perf_counter() - t0)
-  compiled = min(runs)
-  print(f"compiled: {compiled:.3f} s per image ({1e3 * compiled / t_img:.2f} ms per token); first call "
-        f"{first:.2f} s (compilation about {first - compiled:.2f} s)")
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return min(times)
 
-  n = t_img if naive_tokens is None else min(naive_tokens, t_img)
-  sampling.sample_images_naive(model, [cond, neg], h, w, key, cfg=cfg, steps=steps, max_tokens=1)  # compiles
+
+def read_bandwidth() -> float:
+  """Bytes per second of the best of: a compiled sum over 1 GiB, and two numpy threads summing halves."""
+  a = np.ones(2 ** 28, np.float32)
+  x = jnp.asarray(a)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  t_xla = best_of(lambda: total(x), 5)
+  halves = a.reshape(2, -1)
+
+  def two_threads():
+    threads = [threading.Thread(target=halves[i].sum) for i in range(2)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+
+  t_np = best_of(two_threads, 5)
+  return a.nbytes / min(t_xla, t_np)
+
+
+def nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def token_bytes(model: ns.NextStep, steps: int, rows: int, mean_slots: float) -> dict[str, float]:
+  """The bytes one image token must read, by part."""
+  head = model.head
+  per_eval = nbytes(layout.head_layout(head))  # input projection, adaLN, blocks, final layer
+  c = model.config.backbone
+  cache = c.num_layers * rows * mean_slots * c.num_kv_heads * c.head_dim * 2 * np.dtype(c.dtype).itemsize
+  return {"head": steps * per_eval, "cond": nbytes([head.cond_kernel[...], head.cond_bias[...]]),
+          "layers": nbytes(model.backbone.layers.stacked()),
+          "projectors": nbytes([model.image_in_kernel[...], model.image_out_kernel[...]]), "cache": cache,
+          "per_eval": per_eval}
+
+
+def time_head(model: ns.NextStep, steps: int, tokens: int, repeats: int) -> tuple[float, float]:
+  """Seconds per head evaluation (sampler layout, training layout) inside a compiled token loop."""
+  head, d = model.head, model.config.token_dim
+  cond = jax.random.normal(jax.random.key(2), (2, model.config.backbone.hidden_size), jnp.float32)
+  grid = flow.eval_grid(steps, 1.0, True)
+
+  @jax.jit
+  def fast(cond, key):
+    hl, ttable = layout.head_layout(head), layout.time_table(head, grid)
+
+    def body(i, acc):
+      cy = head.cond_embed(cond + 1e-3 * acc[0, 0])
+      x0, zs = flow.token_noise(jax.random.fold_in(key, i), 1, d, steps, sde=True)
+      return acc + sampler_lib.draw_token(hl, ttable, cy, x0, zs, groups=2, steps=steps, cfg=7.5, cfg_img=1.0,
+                                          time_shift=1.0)
+    return jax.lax.fori_loop(0, tokens, body, jnp.zeros((1, d)))
+
+  @jax.jit
+  def stacked(cond, key):
+    def body(i, acc):
+      return acc + flow.sample_token(head, cond + 1e-3 * acc[0, 0], jax.random.fold_in(key, i), groups=2,
+                                     steps=steps, sde=True, cfg=7.5, cfg_img=1.0, time_shift=1.0)
+    return jax.lax.fori_loop(0, tokens, body, jnp.zeros((1, d)))
+
+  out = []
+  for fn in (fast, stacked):
+    fn(cond, jax.random.key(0)).block_until_ready()
+    out.append(best_of(lambda fn=fn: fn(cond, jax.random.key(1)), repeats) / (tokens * steps))
+  return out[0], out[1]
+
+
+def time_decode(model: ns.NextStep, slots: int, n: int, repeats: int) -> tuple[float, float]:
+  """Seconds per one-token decode step (2 rows) over a cache of `slots` (sampler layout, training layout)."""
+  c = model.config.backbone
+  x = jax.random.normal(jax.random.key(3), (2, 1, c.hidden_size), jnp.float32)
+  start = slots - n - 1
+
+  @jax.jit
+  def fast(x):
+    dec = layout.decoder_layout(model)
+    cache = dict(layout.init_cache(c, 2, slots), index=jnp.int32(start))
+
+    def body(i, carry):
+      cache, x = carry
+      h, cache = layout.decode(c, dec, x, jnp.full((2, 1), start + i), jnp.ones((2, 1), jnp.int32), cache)
+      return cache, h
+    return jax.lax.fori_loop(0, n, body, (cache, x))[1]
+
+  @jax.jit
+  def stacked(x):
+    cache = dict(model.backbone.init_cache(2, slots), index=jnp.int32(start))
+
+    def body(i, carry):
+      cache, x = carry
+      h, cache = model.backbone(x, jnp.full((2, 1), start + i), jnp.ones((2, 1), jnp.int32), cache=cache)
+      return cache, h
+    return jax.lax.fori_loop(0, n, body, (cache, x))[1]
+
+  out = []
+  for fn in (fast, stacked):
+    fn(x).block_until_ready()
+    out.append(best_of(lambda fn=fn: fn(x), repeats) / n)
+  return out[0], out[1]
+
+
+def bench(run: str, args, bandwidth: float) -> None:
+  name, side = run.split("@")
+  side = int(side)
+  t_img, steps = side * side, args.steps
+  model = build(name)
+  n_params = nbytes(nnx.state(model, nnx.Param)) // 4
+  head_params = nbytes(nnx.state(model.head, nnx.Param)) // 4
+  print(f"\n== {run}: {n_params / 1e6:.1f}M parameters (head {head_params / 1e6:.2f}M), {t_img} tokens "
+        f"({side}x{side}) of dim {model.config.token_dim}, {steps} head evaluations per token, cfg {args.cfg}")
+  cond, neg = prompts(model.config.backbone.vocab_size, 1)
+  slots = PROMPT_LEN + t_img
+  parts = token_bytes(model, steps, 2, PROMPT_LEN + t_img / 2)
+  floor_token = sum(v for k, v in parts.items() if k != "per_eval") / bandwidth
+  floor_eval = parts["per_eval"] / bandwidth
+
+  call = lambda key: sampling.sample_images(model, cond, neg, side, side, key, cfg=args.cfg, steps=steps)
   t0 = time.perf_counter()
-  ref = sampling.sample_images_naive(model, [cond, neg], h, w, key, cfg=cfg, steps=steps, max_tokens=n)
-  naive_n = time.perf_counter() - t0
-  naive = naive_n * t_img / n
-  err = float(np.abs(np.asarray(out)[:, :n] - ref).max())
-  how = "measured over all tokens" if n == t_img else f"extrapolated from {n} of {t_img} tokens"
-  print(f"naive:    {naive:.3f} s per image ({1e3 * naive_n / n:.2f} ms per token; {how})")
-  p = PROMPT_LEN
-  grow = (p + (t_img + 1) / 2) / (p + t_img)
-  print(f"speed-up: {naive / compiled:.1f}x (against a growing-sequence naive loop, about "
-        f"{grow * naive / compiled:.1f}x: it would do {grow:.2f} of the work per token)")
-  print(f"max |compiled - naive| over the first {n} tokens: {err:.2e}")
+  out = jax.block_until_ready(call(jax.random.key(0)))
+  first = time.perf_counter() - t0
+  repeats = args.repeats if t_img * steps <= 256 * 28 else 1
+  per_image = best_of(lambda: call(jax.random.key(1)), repeats)
+  per_token = per_image / t_img
+  print(f"sampler: {per_image:.3f} s per image, {1e3 * per_token:.2f} ms per token (best of {repeats}; first "
+        f"call {first:.1f} s with compilation)")
+  print(f"floor:   {1e3 * floor_token:.2f} ms per token = {sum(parts[k] for k in parts if k != 'per_eval') / 1e6:.1f}"
+        f" MB (head {parts['head'] / 1e6:.1f} = {steps} x {parts['per_eval'] / 1e6:.2f}, layers "
+        f"{parts['layers'] / 1e6:.1f}, projectors {(parts['projectors'] + parts['cond']) / 1e6:.1f}, cache "
+        f"{parts['cache'] / 1e6:.1f}) at {bandwidth / 1e9:.1f} GB/s; sampler / floor = {per_token / floor_token:.2f}")
+
+  h_tokens = max(2, min(64, 2048 // steps))
+  fast, stacked = time_head(model, steps, h_tokens, args.repeats)
+  print(f"head:    {1e3 * fast:.3f} ms per evaluation (training layout {1e3 * stacked:.3f} ms: "
+        f"{stacked / fast:.2f}x); floor {1e3 * floor_eval:.3f} ms ({fast / floor_eval:.2f}x)")
+  d_fast, d_stacked = time_decode(model, slots, min(32, t_img - 1), args.repeats)
+  print(f"decode:  {1e3 * d_fast:.3f} ms per step (training layout {1e3 * d_stacked:.3f} ms: "
+        f"{d_stacked / d_fast:.2f}x); in the token: head {steps * fast / per_token:.0%}, decode "
+        f"{d_fast / per_token:.0%}")
+
+  if args.naive_tokens:
+    n = min(args.naive_tokens, t_img)
+    sampling.sample_images_naive(model, [cond, neg], side, side, jax.random.key(1), cfg=args.cfg, steps=steps,
+                                 max_tokens=1)  # compiles
+    t0 = time.perf_counter()
+    ref = sampling.sample_images_naive(model, [cond, neg], side, side, jax.random.key(0), cfg=args.cfg,
+                                       steps=steps, max_tokens=n)
+    naive = (time.perf_counter() - t0) / n
+    err = float(np.abs(np.asarray(out)[:, :n] - ref).max())
+    print(f"naive:   {naive * t_img:.2f} s per image ({1e3 * naive:.1f} ms per token over {n} tokens); sampler "
+          f"{naive / per_token:.1f}x faster; max |sampler - naive| {err:.1e}")
+
+  if run in args.batch_runs.split(","):
+    rates = {}
+    for b in [int(v) for v in args.batches.split(",")]:
+      cond_b, neg_b = prompts(model.config.backbone.vocab_size, b)
+      keys = jax.random.split(jax.random.key(5), b)
+      fn = lambda: sampling.sample_images(model, cond_b, neg_b, side, side, keys, cfg=args.cfg, steps=steps)
+      jax.block_until_ready(fn())
+      rates[b] = b / best_of(fn, 2 if b <= 16 else 1)
+    print("batch:   " + ", ".join(f"{b}: {r:.2f} images/s ({r / rates[1]:.1f}x)" for b, r in rates.items()))
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--models", default="demo,100m")
+  ap.add_argument("--runs", default="demo@4,4.6m@16,126m@16,126m@32")
   ap.add_argument("--steps", type=int, default=28)
   ap.add_argument("--cfg", type=float, default=7.5)
-  ap.add_argument("--naive_tokens", type=int, default=4, help="naive tokens timed for the 100m model")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--naive_tokens", type=int, default=2)
+  ap.add_argument("--batches", default="1,4,16,64")
+  ap.add_argument("--batch_runs", default="demo@4,4.6m@16")
   args = ap.parse_args()
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs visible, "
-        f"{jax.device_count()} devices")
-  for name in args.models.split(","):
-    if name not in MODELS:
-      raise SystemExit(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    bench(name, args.steps, args.cfg, None if name == "demo" else args.naive_tokens)
+  for run in args.runs.split(","):
+    if run.split("@")[0] not in MODELS or "@" not in run:
+      raise SystemExit(f"unknown run {run!r}; expected MODEL@SIDE with MODEL one of {sorted(MODELS)}")
+  bandwidth = read_bandwidth()
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s")
+  for run in args.runs.split(","):
+    bench(run, args, bandwidth)
 
 
 if __name__ == "__main__":

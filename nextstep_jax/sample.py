@@ -1,6 +1,7 @@
 """Sample images from a trained run:
 
   python -m nextstep_jax.sample --workdir=W --prompt="a handwritten digit 7" --num=4 --out=DIR
+  python -m nextstep_jax.sample --workdir=W --prompt="a handwritten digit 7" --num=64 --batch=16     # 4 calls
   python -m nextstep_jax.sample --workdir=W --prompt="invert the colours" --image=in.png --out=DIR   # editing
   python -m nextstep_jax.sample --workdir=W --unconditional --num=4                                 # no caption
 
@@ -9,7 +10,9 @@ editing uses three ([image + instruction, image + negative, negative only]) with
 ``--cfg_img`` and the editing time shift. The defaults are the official pipeline's documented usage:
 the SDE head sampler, 50 steps, cfg 7.5 (cfg_img 2.0 for editing), use_norm, a constant schedule,
 time shift 1.0 for text-to-image and 3.2 for editing. Writes one PNG per sample and ``grid.png``, and prints the
-time per image (the first call includes compilation; it is reported apart). A mistake in the flags (an
+time per image (the first call includes compilation; it is reported apart). ``--batch`` images go into
+one sampler call; image n draws its noise from ``fold_in(key(seed), n)``, so the images do not depend on
+``--batch``. A mistake in the flags (an
 empty prompt, a negative guidance scale, a prompt longer than the run's context, a missing image) is
 answered with one ``error:`` line and exit status 2 before anything compiles.
 """
@@ -42,6 +45,7 @@ flags.DEFINE_string("mesh", "", "axis=size pairs, e.g. fsdp=2,tensor=4 (data tak
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and backbone compute dtype (the head's "
                   "integration and guidance stay fp32)")
 flags.DEFINE_integer("num", 4, "images to sample (>= 1)")
+flags.DEFINE_integer("batch", 0, "images per sampler call (0: all --num in one); the images do not depend on it")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("size", 0, "image side in pixels (0: the config's data.image_size)")
 flags.DEFINE_bool("use_ema", True, "use the EMA weights when the run kept them")
@@ -56,7 +60,7 @@ def main(argv) -> None:
       cfg=FLAGS.cfg, cfg_img=FLAGS.cfg_img, steps=FLAGS.steps, time_shift=FLAGS.time_shift, sde=FLAGS.sde,
       seed=FLAGS.seed, size=FLAGS.size, use_ema=FLAGS.use_ema, step=None if FLAGS.step == -1 else FLAGS.step,
       unconditional=FLAGS.unconditional, use_norm=FLAGS.use_norm, cfg_schedule=FLAGS.cfg_schedule,
-      dtype=FLAGS.dtype, mesh=FLAGS.mesh)
+      dtype=FLAGS.dtype, mesh=FLAGS.mesh, batch=FLAGS.batch)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ def test_sample_run_checks_and_unconditional(tiny_run, tmp_path):
          (dict(prompt="x", steps=0, sde=False), "--steps=0 must be >= 1"),
          (dict(prompt="x", cfg_schedule="cosine"), "--cfg_schedule='cosine'"),
          (dict(prompt="x", dtype="float16"), "--dtype='float16'"), (dict(prompt="x", num=0), "--num=0"),
+         (dict(prompt="x", batch=-2), "--batch=-2 must be >= 0"),
          (dict(prompt="x", mesh="fsdp=3"), "--mesh=fsdp=3: .*does not divide"),
          (dict(prompt="x", mesh="pipeline=2"), "--mesh='pipeline=2': expected axis=size pairs"),
          (dict(prompt="x", time_shift=0.0), "--time_shift"), (dict(prompt="x", size=20), "--size=20")]

@@ -87,10 +87,18 @@ def test_sampling_uses_ema_weights_when_asked(run_dir):
 
 def test_sample_cli_writes_images_and_edits(run_dir, tmp_path):
   root, _, _ = run_dir
-  stats = runner.sample_run(root, "a handwritten digit 5", out=str(tmp_path / "t2i"), num=2, steps=4)
-  assert stats["images"] == 2 and "seconds_per_image" in stats  # reported; timings are not asserted
-  assert sorted(os.listdir(tmp_path / "t2i")) == ["grid.png", "sample_000.png", "sample_001.png"]
   from PIL import Image
+  stats = runner.sample_run(root, "a handwritten digit 5", out=str(tmp_path / "t2i"), num=3, steps=4)
+  assert stats["images"] == 3 and stats["batch"] == 3 and "first_call_s" in stats  # timings are not asserted
+  names = ["sample_000.png", "sample_001.png", "sample_002.png"]
+  assert sorted(os.listdir(tmp_path / "t2i")) == ["grid.png"] + names
+  # Two per call (the last call filled up to two): the same images, since image n draws from its own key.
+  stats = runner.sample_run(root, "a handwritten digit 5", out=str(tmp_path / "t2i_b2"), num=3, steps=4, batch=2)
+  assert stats["batch"] == 2 and stats["images_per_second"] > 0
+  read = lambda d, n: np.asarray(Image.open(tmp_path / d / n), np.int16)
+  for n in names:
+    assert np.abs(read("t2i", n) - read("t2i_b2", n)).max() <= 1  # fp32 rounding may move a pixel one level
+  assert len({read("t2i", n).tobytes() for n in names}) == 3
   src = tmp_path / "src.png"
   Image.fromarray(np.zeros((28, 28), np.uint8)).save(src)  # grayscale 28x28: converted and resized
   runner.sample_run(root, "invert the colours", image=str(src), out=str(tmp_path / "edit"), num=1, steps=4)

@@ -79,34 +79,53 @@ class FlowHead(nnx.Module):
     self.final_kernel = p(z, (d, c.token_dim), ("fm_embed", None))
     self.final_bias = p(z, (c.token_dim,), (None,))
 
+  def _w(self, name: str) -> jax.Array:
+    return getattr(self, name)[...].astype(L.dtype_of(self.config.dtype))
+
+  def time_embed(self, t: jax.Array) -> jax.Array:
+    """(N,) raw t -> the time MLP's output (N, D) in the compute dtype."""
+    temb = parallel.constrain(timestep_embedding(t).astype(L.dtype_of(self.config.dtype)), ("batch", None))
+    temb = temb @ self._w("time_in_kernel") + self._w("time_in_bias")
+    return jax.nn.silu(temb) @ self._w("time_out_kernel") + self._w("time_out_bias")
+
+  def cond_embed(self, cond: jax.Array) -> jax.Array:
+    """(N, cond_dim) -> (N, D): the condition's projection, added to the time embedding."""
+    return cond.astype(L.dtype_of(self.config.dtype)) @ self._w("cond_kernel") + self._w("cond_bias")
+
   def __call__(self, x_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
     """x_t (N, token_dim), t (N,), cond (N, cond_dim) -> velocity (N, token_dim) in fp32."""
     c = self.config
     dt = L.dtype_of(c.dtype)
-    w = lambda name: getattr(self, name)[...].astype(dt)
-    temb = parallel.constrain(timestep_embedding(t).astype(dt), ("batch", None))
-    temb = temb @ w("time_in_kernel") + w("time_in_bias")
-    temb = jax.nn.silu(temb) @ w("time_out_kernel") + w("time_out_bias")
-    y = parallel.constrain(temb + cond.astype(dt) @ w("cond_kernel") + w("cond_bias"), ("batch", "fm_embed"))
-    x = parallel.constrain(x_t.astype(dt) @ w("input_kernel") + w("input_bias"), ("batch", "fm_embed"))
+    y = parallel.constrain(self.time_embed(t) + self.cond_embed(cond), ("batch", "fm_embed"))
+    x = parallel.constrain(x_t.astype(dt) @ self._w("input_kernel") + self._w("input_bias"), ("batch", "fm_embed"))
     sy = jax.nn.silu(y)
     blocks = {name: getattr(self, name)[...].astype(dt) for name in _BLOCK_SPECS}
 
     def block(x, p):
       s = parallel.constrain(sy, ("batch", "fm_embed"))  # a scan constant: pin it inside the loop too
       shift, scale, gate = jnp.split(s @ p["ada_kernel"] + p["ada_bias"], 3, axis=-1)
-      h = L.layer_norm(x, p["ln_scale"], p["ln_bias"], eps=1e-6) * (1 + scale) + shift
-      h = jax.nn.silu(h @ p["mlp_in_kernel"] + p["mlp_in_bias"]) @ p["mlp_out_kernel"] + p["mlp_out_bias"]
-      return parallel.constrain(x + gate * h, ("batch", "fm_embed")), None
+      return parallel.constrain(ada_block(x, p, shift, scale, gate), ("batch", "fm_embed")), None
 
     policy = L.remat_policy(c.remat)
     if policy is not None:
       block = jax.checkpoint(block, policy=policy, prevent_cse=False)
     x, _ = jax.lax.scan(block, x, blocks)
-    shift, scale = jnp.split(sy @ w("final_ada_kernel") + w("final_ada_bias"), 2, axis=-1)
-    x = L.layer_norm(x, eps=1e-6) * (1 + scale) + shift
-    out = x @ w("final_kernel") + w("final_bias")
-    return out.astype(jnp.float32)
+    shift, scale = jnp.split(sy @ self._w("final_ada_kernel") + self._w("final_ada_bias"), 2, axis=-1)
+    return final_layer(x, shift, scale, self._w("final_kernel"), self._w("final_bias"))
+
+
+def ada_block(x: jax.Array, p: dict, shift: jax.Array, scale: jax.Array, gate: jax.Array) -> jax.Array:
+  """One residual block given its adaLN (shift, scale, gate): x + gate * MLP(LN(x) (1 + scale) + shift)."""
+  h = L.layer_norm(x, p["ln_scale"], p["ln_bias"], eps=1e-6) * (1 + scale) + shift
+  h = jax.nn.silu(h @ p["mlp_in_kernel"] + p["mlp_in_bias"]) @ p["mlp_out_kernel"] + p["mlp_out_bias"]
+  return x + gate * h
+
+
+def final_layer(x: jax.Array, shift: jax.Array, scale: jax.Array, kernel: jax.Array, bias: jax.Array
+                ) -> jax.Array:
+  """The adaLN final layer (LN without affine) and the output projection; fp32 out."""
+  x = L.layer_norm(x, eps=1e-6) * (1 + scale) + shift
+  return (x @ kernel + bias).astype(jnp.float32)
 
 
 def num_params(dim: int, num_layers: int, cond_dim: int, token_dim: int) -> int:

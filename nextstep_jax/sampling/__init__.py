@@ -26,9 +26,10 @@ score s(x, t) = (t v - x) / (1 - t), the drift is v + w s = (1 + t) v - x and th
 the grid is linspace(0, 1 - 0.04, N) shifted, N - 1 Euler–Maruyama steps, then one deterministic
 step of the drift to t = 1 (size 0.04 unshifted). Both use N head evaluations per token.
 
-Randomness: token i uses ``k_i = fold_in(key, i)``; ``k_init, k_sde = split(k_i)``; the start noise
-is ``normal(k_init, (B, d))`` and SDE step j's noise ``normal(fold_in(k_sde, j), (B, d))``. The
-compiled sampler and ``sample_images_naive`` draw the same numbers.
+Randomness: token i draws ``normal(fold_in(key, i), (N, B, d))`` (``flow.token_noise``; one slice for the
+ODE): slice 0 is the start noise, slice j the noise of SDE step j. With one key per image (B,), image
+j draws from its own key as a one-image call would (``flow.row_noise``), so a batch samples what each
+prompt sampled alone samples. The compiled sampler and ``sample_images_naive`` draw the same numbers.
 
 Prompts are left-padded: a ``Prompt`` holds tokens (B, P) and a mask (B, P) (1 on real tokens);
 RoPE positions restart at 0 at each row's first real token; padding gets segment id 0, so it is

@@ -4,7 +4,8 @@ the bytes each takes per device (``benchmarks/aot_sampler.py`` prints the table)
 Three programs make a sample (``sampling/sampler.py``): the prefill of the prompt rows into a fresh KV
 cache, one KV-cached decode step (an image token in-projected and fed back into every row; the cache
 donated), and one head integration (the condition out-projected, then the SDE of ``steps`` guided head
-evaluations for one token). Each is lowered on abstract inputs under the mesh, the params placed by the
+evaluations for one token), each on the sampler's weight layout (``sampling/layout.py``: the per-layer
+copy of the weights it makes counts in the program's scratch, as it stays resident through a sample). Each is lowered on abstract inputs under the mesh, the params placed by the
 config's logical rules (``run.param_target``) and the cache's kv heads over ``tensor``, and compiled by the
 target's compiler; nothing runs and no weight is allocated. Bytes per device: the params as placed and the
 KV cache (from their shardings), each program's scratch (``memory_analysis().temp_size_in_bytes``) and the
@@ -30,7 +31,9 @@ from jax.sharding import NamedSharding
 from nextstep_jax import parallel
 from nextstep_jax import run as run_lib
 from nextstep_jax.models import nextstep as ns
-from nextstep_jax.sampling.flow import sample_token
+from nextstep_jax.sampling import layout
+from nextstep_jax.sampling.flow import eval_grid, token_noise
+from nextstep_jax.sampling.sampler import draw_token
 from nextstep_jax.training import aot as aot_lib
 
 GiB = 1024 ** 3
@@ -92,34 +95,40 @@ def _programs(config, mesh, *, rows: int, prompt_len: int, image_tokens: int, st
   sds = lambda shape, dtype, axes: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded(axes, shape))
   act = jnp.dtype(c.dtype)
   length = prompt_len + image_tokens
-  kv = (c.num_layers, rows, length, c.num_kv_heads, c.head_dim)
-  cache_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
-  cache = {"k": sds(kv, act, cache_axes), "v": sds(kv, act, cache_axes),
+  kv = (rows, length, c.num_kv_heads, c.head_dim)
+  cache_axes = ("batch", "length", "kv_heads", "head_dim")
+  cache = {"k": tuple(sds(kv, act, cache_axes) for _ in range(c.num_layers)),
+           "v": tuple(sds(kv, act, cache_axes) for _ in range(c.num_layers)),
            "segments": sds((rows, length), jnp.int32, ("batch", "length")),
            "index": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharded((), ()))}
   cache_shardings = jax.tree.map(lambda s: s.sharding, cache)
   b = rows // groups
 
+  # Each program lays the weights out as the sampler does (sampling/layout.py), so the per-layer copy
+  # (resident through the real loop) counts in its scratch.
   def prefill(params, tokens, mask):
     model = nnx.merge(graphdef, params)
-    fresh = model.backbone.init_cache(rows, length)
+    fresh = layout.init_cache(c, rows, length)
     fresh = jax.tree.map(lambda x, sh: jax.lax.with_sharding_constraint(x, sh), fresh, cache_shardings)
     seg = mask.astype(jnp.int32)
     pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
-    hs, fresh = model.backbone(model.backbone.embed(tokens), pos, seg, cache=fresh)
+    hs, fresh = layout.decode(c, layout.decoder_layout(model), model.backbone.embed(tokens), pos, seg, fresh)
     return hs[:, -1], fresh
 
   def decode_step(params, cache, token, pos):
     model = nnx.merge(graphdef, params)
     x_in = model.image_in(jnp.tile(token, (groups, 1)))[:, None]
-    hs, cache = model.backbone(x_in, pos[:, None], jnp.ones((rows, 1), jnp.int32), cache=cache)
+    hs, cache = layout.decode(c, layout.decoder_layout(model), x_in, pos[:, None], jnp.ones((rows, 1), jnp.int32),
+                              cache)
     return hs[:, 0], cache
 
   def head_sample(params, h_last, key, cfg_scale):
     model = nnx.merge(graphdef, params)
-    cond = model.image_out(h_last)
-    return sample_token(model.head, cond, key, groups=groups, steps=steps, sde=True, cfg=cfg_scale, cfg_img=2.0,
-                        time_shift=1.0)
+    head = model.head
+    x0, zs = token_noise(key, b, cfg.token_dim, steps, sde=True)
+    return draw_token(layout.head_layout(head), layout.time_table(head, eval_grid(steps, 1.0, True)),
+                      head.cond_embed(model.image_out(h_last)), x0, zs, groups=groups, steps=steps, cfg=cfg_scale,
+                      cfg_img=2.0, time_shift=1.0)
 
   tok_rows = sds((rows, prompt_len), jnp.int32, ("batch", "length"))
   hidden = sds((rows, c.hidden_size), act, ("batch", "embed"))

@@ -58,7 +58,8 @@ def scheduled(scale, i, n: int, schedule: str):
 
 def token_noise(key_i: jax.Array, b: int, d: int, steps: int, *, sde: bool, noise_repeat: int = 0
                 ) -> tuple[jax.Array, jax.Array | None]:
-  """(start noise (b, d), SDE step noises (steps - 1, b, d) or None) for one image token.
+  """(start noise (b, d), SDE step noises (steps - 1, b, d) or None) for one image token: one draw
+  ``normal(key_i, (steps, b, d))`` (one slice for the ODE), its first slice the start noise.
 
   noise_repeat=0: every row its own draws. noise_repeat=n (n divides b): n draws tiled over the b rows,
   row j getting draw j % n; with rows ordered caption by caption and n images per caption, image k of
@@ -67,26 +68,40 @@ def token_noise(key_i: jax.Array, b: int, d: int, steps: int, *, sde: bool, nois
   n = noise_repeat or b
   if b % n:
     raise ValueError(f"noise_repeat={noise_repeat} does not divide the {b} rows of a prompt group")
-  k_init, k_sde = jax.random.split(key_i)
-  tile = lambda z: jnp.tile(z, (b // n,) + (1,) * (z.ndim - 1)) if n != b else z
-  x0 = tile(jax.random.normal(k_init, (n, d), jnp.float32))
-  if not sde:
-    return x0, None
-  zs = jax.vmap(lambda j: tile(jax.random.normal(jax.random.fold_in(k_sde, j), (n, d), jnp.float32)))(
-      jnp.arange(steps - 1))
-  return x0, zs
+  z = jax.random.normal(key_i, (steps if sde else 1, n, d), jnp.float32)
+  if n != b:
+    z = jnp.tile(z, (1, b // n, 1))
+  return z[0], (z[1:] if sde else None)
 
 
-def integrate(velocity, x0: jax.Array, zs: jax.Array | None, *, steps: int, time_shift) -> jax.Array:
+def eval_grid(steps: int, shift, sde: bool) -> jax.Array:
+  """(steps,) the times at which the head is evaluated, in order: the ODE grid without its end, or the
+  SDE grid (its last entry is the last step's)."""
+  return sde_grid(steps, shift) if sde else ode_grid(steps, shift)[:steps]
+
+
+def row_noise(keys_b: jax.Array, i, d: int, steps: int, *, sde: bool) -> tuple[jax.Array, jax.Array | None]:
+  """``token_noise`` with one key per row: row j draws token i's noise from ``fold_in(keys_b[j], i)``
+  exactly as a one-row call with key ``keys_b[j]`` does, so an image's noise does not depend on the
+  other rows of its batch. Returns ((b, d), (steps - 1, b, d) or None)."""
+  x0, zs = jax.vmap(lambda k: token_noise(jax.random.fold_in(k, i), 1, d, steps, sde=sde))(keys_b)
+  return x0[:, 0], (None if zs is None else jnp.moveaxis(zs[:, :, 0], 0, 1))
+
+
+def integrate(velocity, x0: jax.Array, zs: jax.Array | None, *, steps: int, time_shift,
+              indexed: bool = False) -> jax.Array:
   """One token from noise x0 (t=0) to data (t=1) with the guided `velocity(x, t)`: Euler on the ODE grid
   when `zs` is None, else the official SDE (v1 release, ``FlowMatchingHead.sample``): steps - 1
   Euler–Maruyama steps on the SDE grid with drift (1 + t) v - x and noise sqrt(2 (1 - t) dt) zs[k], then
-  one last step x + v * SDE_LAST_STEP with the guided velocity at the last grid time."""
+  one last step x + v * SDE_LAST_STEP with the guided velocity at the last grid time.
+  indexed: `velocity(x, k)` receives the evaluation's index k into ``eval_grid`` instead of its time
+  (the compiled sampler looks the time embedding up by it)."""
+  at = (lambda x, k, t: velocity(x, k)) if indexed else (lambda x, k, t: velocity(x, t))
   if zs is None:
     grid = ode_grid(steps, time_shift)
 
     def ode_step(k, x):
-      return x + (grid[k + 1] - grid[k]) * velocity(x, grid[k])
+      return x + (grid[k + 1] - grid[k]) * at(x, k, grid[k])
 
     return jax.lax.fori_loop(0, steps, ode_step, x0)
 
@@ -94,16 +109,18 @@ def integrate(velocity, x0: jax.Array, zs: jax.Array | None, *, steps: int, time
 
   def em_step(k, x):
     t, dt = grid[k], grid[k + 1] - grid[k]
-    return x + ((1.0 + t) * velocity(x, t) - x) * dt + jnp.sqrt(2.0 * (1.0 - t) * dt) * zs[k]
+    return x + ((1.0 + t) * at(x, k, t) - x) * dt + jnp.sqrt(2.0 * (1.0 - t) * dt) * zs[k]
 
   x = jax.lax.fori_loop(0, steps - 1, em_step, x0)
-  return x + velocity(x, grid[steps - 1]) * SDE_LAST_STEP
+  return x + at(x, steps - 1, grid[steps - 1]) * SDE_LAST_STEP
 
 
 def sample_token(head, cond_rd: jax.Array, key_i: jax.Array, *, groups: int, steps: int, sde: bool,
                  cfg, cfg_img, time_shift, noise_repeat: int = 0) -> jax.Array:
-  """One image token per row group member: (B, d) from the conditions of all G*B rows. The head runs in
-  its configured dtype; the noise, the guidance and the integration are fp32, as in the official code."""
+  """One image token per row group member: (B, d) from the conditions of all G*B rows, with the head's
+  training layout (``FlowHead.__call__``), as a reference for the compiled sampler's own
+  (``sampler.draw_token``). The head runs in its configured dtype; the noise, the guidance and the
+  integration are fp32, as in the official code."""
   r = cond_rd.shape[0]
   b = r // groups
   d = head.config.token_dim

@@ -12,8 +12,9 @@ import numpy as np
 from flax import nnx
 
 from nextstep_jax.models import nextstep as ns
+from nextstep_jax.sampling import layout
 from nextstep_jax.sampling.prompts import TokenizerLike, bucket_length, image_prefix_ids, pad_prompts, special_id
-from nextstep_jax.sampling.sampler import STATIC, TRACES, check_common, image_loop, prefill
+from nextstep_jax.sampling.sampler import STATIC, TRACES, check_common, image_loop
 
 
 BOT, EOT = "<|begin_of_thinking|>", "<|end_of_thinking|>"
@@ -43,8 +44,10 @@ def sample_logits(logits_nv: jax.Array, key: jax.Array, temperature, top_p, voca
 def _prefill_jit(graphdef, state, cache, tokens, mask):
   TRACES["prefill"] += 1
   model = nnx.merge(graphdef, state)
-  h_last, cache, lengths = prefill(model, cache, tokens, mask, None, None)
-  return h_last, cache, lengths
+  seg = mask.astype(jnp.int32)
+  hs, cache = model.backbone(model.backbone.embed(tokens), jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0), seg,
+                             cache=cache)
+  return hs[:, -1], cache, jnp.sum(seg, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -76,9 +79,12 @@ def _image_jit(graphdef, state, cache, h_last, next_pos, key, cfg, cfg_img, time
                sde, use_norm, cfg_schedule="constant", noise_repeat=0):
   TRACES["image"] += 1
   model = nnx.merge(graphdef, state)
-  return image_loop(model, cache, h_last, next_pos, key, groups=groups, num_tokens=h * w, steps=steps,
-                     sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
-                     cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
+  # The text steps keep the backbone's stacked cache; the image loop runs on the sampler's layout.
+  out, cache, h_last = image_loop(model, layout.decoder_layout(model), layout.per_layer_cache(cache), h_last,
+                                  next_pos, key, groups=groups, num_tokens=h * w, steps=steps, sde=sde,
+                                  use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
+                                  cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
+  return out, layout.stacked_cache(cache), h_last
 
 
 _AREA_RE = re.compile(r"^\s*(\d+)\s*\*\s*(\d+)\s*$")

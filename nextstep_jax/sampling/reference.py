@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from nextstep_jax.models import nextstep as ns
-from nextstep_jax.sampling.flow import SDE_LAST_STEP, scheduled, token_noise
+from nextstep_jax.sampling.flow import SDE_LAST_STEP, row_noise, scheduled, token_noise
 from nextstep_jax.sampling.prompts import PromptLike, as_prompt, stack_groups
 
 
@@ -83,7 +83,10 @@ def sample_images_naive(model: ns.NextStep, prompts: Sequence[PromptLike], h: in
   for i in range(n):
     hs = _naive_forward(graphdef, state, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
     cond = model.image_out(hs[:, p + i - 1])
-    x0, zs = token_noise(jax.random.fold_in(key, i), b, d, steps, sde=sde, noise_repeat=noise_repeat)
+    if jnp.ndim(key) == 1:  # one key per image
+      x0, zs = row_noise(key, i, d, steps, sde=sde)
+    else:
+      x0, zs = token_noise(jax.random.fold_in(key, i), b, d, steps, sde=sde, noise_repeat=noise_repeat)
     xt = np.asarray(x0)
     if not sde:
       for k in range(steps):

@@ -8,6 +8,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nextstep_jax import parallel
@@ -22,7 +23,7 @@ from nextstep_jax.sampling.sampler import edit_images, sample_images
 from nextstep_jax.data.images import image_grid
 
 
-def check_request(prompt: str, *, num: int = 4, image: str = "", negative: str = "", cfg: float = 7.5,
+def check_request(prompt: str, *, num: int = 4, batch: int = 0, image: str = "", negative: str = "", cfg: float = 7.5,
                   cfg_img: float = 2.0, steps: int = 50, time_shift: float = -1.0, size: int = 0,
                   step: int | None = None, unconditional: bool = False, out: str = "", sde: bool = True,
                   cfg_schedule: str = "constant", dtype: str = "float32") -> None:
@@ -41,6 +42,8 @@ def check_request(prompt: str, *, num: int = 4, image: str = "", negative: str =
                     "a caption, or --unconditional to sample without one"))
   if num < 1:
     raise UserError(f"--num={num} must be >= 1")
+  if batch < 0:
+    raise UserError(f"--batch={batch} must be >= 0 (images per sampler call; 0: all --num in one)")
   if steps < (2 if sde else 1):
     raise UserError(f"--steps={steps} must be >= {2 if sde else 1} (head steps per token; the SDE's last step "
                     "is its own)" if sde else f"--steps={steps} must be >= 1 (flow-matching ODE steps per token)")
@@ -129,9 +132,11 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
         cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 50, time_shift: float = -1.0, sde: bool = True,
         seed: int = 0, size: int = 0, use_ema: bool = True, step: int | None = None,
         unconditional: bool = False, use_norm: bool = True, cfg_schedule: str = "constant",
-        dtype: str = "float32", mesh: str = "") -> dict:
+        dtype: str = "float32", mesh: str = "", batch: int = 0) -> dict:
   """Samples `num` images of the run in `workdir` for `prompt` (editing `image` when given; no prompt
-  and no guidance when `unconditional`), writes them and ``grid.png`` to `out` (default W/samples).
+  and no guidance when `unconditional`), `batch` per call (0: all in one), and writes them and
+  ``grid.png`` to `out` (default W/samples). Image n's noise comes from ``fold_in(key(seed), n)``, so
+  the images do not depend on `batch`.
   Mistakes in the request raise UserError (or FileNotFoundError for a missing path) before anything
   compiles. Defaults follow the official pipeline's documented usage (the SDE head sampler, 50 steps,
   cfg 7.5, use_norm, constant schedule); `dtype` "bfloat16" reads the weights and runs the backbone and
@@ -139,7 +144,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   `mesh` ('fsdp=2,tensor=4'; default the run's config.mesh on several devices): the params are restored
   sharded on it and the sampler runs under it (``sampling_mesh``)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel  # optional: only to write PNGs
-  check_request(prompt, num=num, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
+  check_request(prompt, num=num, batch=batch, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
                 time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out, sde=sde,
                 cfg_schedule=cfg_schedule, dtype=dtype)
   if not os.path.isdir(workdir):
@@ -168,7 +173,11 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   if (h, w) != checked:  # the VAE's grid differs from the one the config names: check it too
     check_context(config, tokenizer, prompt, negative, h, w, image=bool(image), guided=guided,
                   unconditional=unconditional)
-  key = jax.random.key(seed)
+  # Image n draws from fold_in(key(seed), n) whatever the batch and --num (``flow.row_noise``): --batch
+  # changes the speed, never the images.
+  base = jax.random.key(seed)
+  keys = jax.vmap(lambda n: jax.random.fold_in(base, n))(jnp.arange(num))
+  batch = min(batch or num, num)
   if image:
     try:
       pixels = load_image(image, size)
@@ -176,34 +185,43 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
       raise UserError(str(e)) from e
     src = vae_tokens.make_encode_fn(vae)(pixels[None])[0]
     groups = edit_prompts(tokenizer, np.asarray(src), prompt, negative, h, w)
-    groups = [Prompt(np.repeat(g.tokens, num, 0), np.repeat(g.mask, num, 0),
-                              None if g.image_tokens is None else np.repeat(g.image_tokens, num, 0),
-                              None if g.image_index is None else np.repeat(g.image_index, num, 0)) for g in groups]
+    groups = [Prompt(np.repeat(g.tokens, batch, 0), np.repeat(g.mask, batch, 0),
+                              None if g.image_tokens is None else np.repeat(g.image_tokens, batch, 0),
+                              None if g.image_index is None else np.repeat(g.image_index, batch, 0)) for g in groups]
     shift = 3.2 if time_shift < 0 else time_shift
     fn = lambda k: edit_images(model, *groups, h, w, k, cfg=cfg, cfg_img=cfg_img, steps=steps, time_shift=shift,
                                sde=sde, pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
-                               noise_repeat=num, mesh=devices, rules=rules)
+                               mesh=devices, rules=rules)
   else:
     text = "" if unconditional else prompt
-    cond, neg = image_prompts(tokenizer, [text] * num, h, w,
+    cond, neg = image_prompts(tokenizer, [text] * batch, h, w,
                               negative=negative if guided and not unconditional else None)
     shift = 1.0 if time_shift < 0 else time_shift
     fn = lambda k: sample_images(model, cond, neg, h, w, k, cfg=cfg, steps=steps, time_shift=shift, sde=sde,
                                  pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
-                                 noise_repeat=num, mesh=devices, rules=rules)
-  t0 = time.perf_counter()
-  tokens = jax.block_until_ready(fn(key))
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  tokens = jax.block_until_ready(fn(jax.random.fold_in(key, 1)))
-  warm = time.perf_counter() - t0
-  images = to_uint8(vae_tokens.decode_tokens(vae, tokens, h, w))
+                                 mesh=devices, rules=rules)
   out = out or os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)
-  for i, im in enumerate(images):
-    Image.fromarray(im).save(os.path.join(out, f"sample_{i:03d}.png"))
-  Image.fromarray(image_grid(images)).save(os.path.join(out, "grid.png"))
-  stats = {"images": int(num), "first_call_s": first, "seconds_per_image": warm / num, "out": out}
-  print(f"{num} images of {size}x{size} ({h * w} tokens) in {warm:.2f} s: {warm / num:.3f} s per image "
-        f"(first call with compilation {first:.1f} s) -> {out}", flush=True)
+  images, times = [], []
+  calls = -(-num // batch)
+  for c in range(calls):
+    idx = list(range(c * batch, min((c + 1) * batch, num)))
+    rows = idx + [idx[-1]] * (batch - len(idx))  # the last call filled up to the compiled batch
+    t0 = time.perf_counter()
+    tokens = jax.block_until_ready(fn(keys[np.asarray(rows)]))[:len(idx)]
+    times.append(time.perf_counter() - t0)
+    for n, im in zip(idx, to_uint8(vae_tokens.decode_tokens(vae, tokens, h, w))):
+      Image.fromarray(im).save(os.path.join(out, f"sample_{n:03d}.png"))
+      images.append(im)
+    if calls > 1:
+      print(f"call {c + 1}/{calls}: images {idx[0]}..{idx[-1]} in {times[-1]:.2f} s", flush=True)
+  Image.fromarray(image_grid(np.stack(images))).save(os.path.join(out, "grid.png"))
+  # After the first call (it compiles), every call samples `batch` images.
+  warm = sum(times[1:]) / (batch * (calls - 1)) if calls > 1 else None
+  stats = {"images": int(num), "batch": int(batch), "first_call_s": times[0], "seconds_per_image": warm,
+           "images_per_second": None if warm is None else 1.0 / warm, "out": out}
+  speed = (f"{warm:.3f} s per image after the first call ({1.0 / warm:.2f} images/s at --batch={batch})"
+           if warm is not None else "one call: more than --batch images time the sampler without compilation")
+  print(f"{num} images of {size}x{size} ({h * w} tokens) in {sum(times):.2f} s, first call with compilation "
+        f"{times[0]:.1f} s; {speed} -> {out}", flush=True)
   return stats

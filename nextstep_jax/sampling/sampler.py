@@ -13,7 +13,8 @@ from flax import nnx
 
 from nextstep_jax import parallel
 from nextstep_jax.models import nextstep as ns
-from nextstep_jax.sampling.flow import CFG_SCHEDULES, sample_token, scheduled
+from nextstep_jax.sampling import layout
+from nextstep_jax.sampling.flow import CFG_SCHEDULES, eval_grid, guide, integrate, row_noise, scheduled, token_noise
 from nextstep_jax.sampling.prompts import PromptLike, as_prompt, stack_groups
 
 
@@ -38,34 +39,58 @@ def embed_prompt(model: ns.NextStep, tokens, img_tokens, img_index) -> jax.Array
   return model.embed_inputs(tokens, seq, img_index >= 0)
 
 
-def prefill(model: ns.NextStep, cache, tokens, mask, img_tokens, img_index):
-  """Runs left-padded prompts (R, P) into the cache. Returns (h_last (R, D), cache, lengths (R,))."""
+def prefill(model: ns.NextStep, dec: dict, cache, tokens, mask, img_tokens, img_index):
+  """Runs left-padded prompts (R, P) into the per-layer cache (``layout``). Returns (h_last (R, D), cache,
+  lengths (R,))."""
   seg = mask.astype(jnp.int32)
   pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
   x = embed_prompt(model, tokens, img_tokens, img_index)
-  hs, cache = model.backbone(x, pos, seg, cache=cache)
+  hs, cache = layout.decode(model.config.backbone, dec, x, pos, seg, cache)
   return hs[:, -1], cache, jnp.sum(seg, axis=1)
 
 
-def image_loop(model: ns.NextStep, cache, h_last, next_pos, key, *, groups: int, num_tokens: int,
-                steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift, cfg_schedule: str = "constant",
-                noise_repeat: int = 0):
-  """h*w image tokens, each fed back into every row. Returns (tokens (B, T, d), cache, h_last)."""
+def draw_token(hl: dict, ttable: jax.Array, cy_rd: jax.Array, x0: jax.Array, zs: jax.Array | None, *,
+               groups: int, steps: int, cfg, cfg_img, time_shift) -> jax.Array:
+  """One token (B, d) from its noise (x0, zs), each row's condition projection cy (G*B, D) and the grid's
+  time embeddings `ttable` (``layout.time_table``): ``flow.integrate`` over ``layout.head_velocity``."""
+  b, d = x0.shape
+  ada = layout.head_ada(hl, ttable[:, None, :] + cy_rd[None])  # (steps, G*B, (3n + 2) D), once per token
+
+  def velocity(x_bd, k):
+    v = layout.head_velocity(hl, x_bd, ada[k], groups)
+    return guide(v.reshape(groups, b, d), cfg, cfg_img)
+
+  return integrate(velocity, x0, zs, steps=steps, time_shift=time_shift, indexed=True)
+
+
+def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, groups: int, num_tokens: int,
+               steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift, cfg_schedule: str = "constant",
+               noise_repeat: int = 0):
+  """h*w image tokens, each fed back into every row. `key`: one key (rows drawn together,
+  ``flow.token_noise``) or one per image (B,) (``flow.row_noise``). Returns (tokens (B, T, d), cache,
+  h_last)."""
   r = h_last.shape[0]
   b, d = r // groups, model.config.token_dim
+  hl = layout.head_layout(model.head)
+  ttable = layout.time_table(model.head, eval_grid(steps, time_shift, sde))
+  per_row = key.ndim == 1
 
   def body(i, carry):
     cache, h_last, out = carry
-    cond = model.image_out(h_last)
-    tok = sample_token(model.head, cond, jax.random.fold_in(key, i), groups=groups, steps=steps, sde=sde,
-                       cfg=scheduled(cfg, i, num_tokens, cfg_schedule),
-                       cfg_img=scheduled(cfg_img, i, num_tokens, cfg_schedule), time_shift=time_shift,
-                       noise_repeat=noise_repeat)
+    cy = model.head.cond_embed(model.image_out(h_last))
+    if per_row:
+      x0, zs = row_noise(key, i, d, steps, sde=sde)
+    else:
+      x0, zs = token_noise(jax.random.fold_in(key, i), b, d, steps, sde=sde, noise_repeat=noise_repeat)
+    tok = draw_token(hl, ttable, cy, x0, zs, groups=groups, steps=steps,
+                     cfg=scheduled(cfg, i, num_tokens, cfg_schedule),
+                     cfg_img=scheduled(cfg_img, i, num_tokens, cfg_schedule), time_shift=time_shift)
     if use_norm:
       tok = ns.normalize_tokens(tok)
     out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
     x_in = model.image_in(jnp.tile(tok, (groups, 1)))[:, None]  # (R, 1, D)
-    hs, cache = model.backbone(x_in, (next_pos + i)[:, None], jnp.ones((r, 1), jnp.int32), cache=cache)
+    hs, cache = layout.decode(model.config.backbone, dec, x_in, (next_pos + i)[:, None],
+                              jnp.ones((r, 1), jnp.int32), cache)
     return cache, hs[:, 0], out
 
   out0 = jnp.zeros((b, num_tokens, d), jnp.float32)
@@ -82,9 +107,10 @@ def _sample_jit(graphdef, state, tokens, mask, img_tokens, img_index, key, cfg, 
   TRACES["sample_images"] += 1
   model = nnx.merge(graphdef, state)
   r, p = tokens.shape
-  cache = model.backbone.init_cache(r, p + h * w)
-  h_last, cache, lengths = prefill(model, cache, tokens, mask, img_tokens, img_index)
-  out, _, _ = image_loop(model, cache, h_last, lengths, key, groups=groups, num_tokens=h * w, steps=steps,
+  dec = layout.decoder_layout(model)
+  cache = layout.init_cache(model.config.backbone, r, p + h * w)
+  h_last, cache, lengths = prefill(model, dec, cache, tokens, mask, img_tokens, img_index)
+  out, _, _ = image_loop(model, dec, cache, h_last, lengths, key, groups=groups, num_tokens=h * w, steps=steps,
                           sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
                           cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
   return out
@@ -109,8 +135,11 @@ def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: 
 
   sde: the official pipeline's Euler–Maruyama head sampler (the default); False: the Euler ODE.
   cfg_schedule: "constant" or the official "linear" decay towards 1 over the image's tokens.
-  noise_repeat: 0 draws every row's noise apart; n shares draws as the official pipeline does with
-  n images per caption (``flow.token_noise``).
+  key: one key (every row's noise drawn from it together) or one key per image (B,): image j's noise then
+  depends on its key only (``flow.row_noise``), so a batch of prompts samples what each prompt sampled
+  alone with its key would.
+  noise_repeat: with one key, 0 draws every row's noise apart; n shares draws as the official pipeline
+  does with n images per caption (``flow.token_noise``).
   mesh: the model's params placed on it (``run.load_run(..., mesh=...)``; by the logical rules `rules`,
   default ``parallel.DEFAULT_RULES``): the sampler is traced under it (``jax.set_mesh``), activations
   pinned by the same rules, so the weights stay sharded (FSDP and tensor) and no device holds them all."""
@@ -124,6 +153,12 @@ def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: 
   if s["image_tokens"] is not None and s["image_tokens"].shape[2] != model.config.token_dim:
     raise ValueError(f"prompt image tokens have dim {s['image_tokens'].shape[2]}, the model's token_dim "
                      f"is {model.config.token_dim}")
+  key = jnp.asarray(key)
+  rows = s["tokens"].shape[0] // len(ps)
+  if key.ndim > 1 or (key.ndim == 1 and key.shape[0] != rows):
+    raise ValueError(f"key: one key, or one per image ({rows}); got shape {key.shape}")
+  if key.ndim == 1 and noise_repeat:
+    raise ValueError("noise_repeat shares one key's draws across rows; with one key per image it has no use")
   graphdef, state = nnx.split(model)
   args = (graphdef, state, jnp.asarray(s["tokens"]), jnp.asarray(s["mask"]),
           None if s["image_tokens"] is None else jnp.asarray(s["image_tokens"]),
