@@ -2,7 +2,8 @@
 status 2, never with a traceback; anything else (a bug) keeps its traceback.
 
 Every entry point ends with ``cli.run(main)`` (absl flags) or ``cli.run(main, absl_flags=False)`` (its own
-argparse parser). User errors are ``config.UserError`` (``ConfigError`` is one), ``FileNotFoundError``,
+argparse parser; ``ArgumentParser`` below turns argparse's errors into user errors). User errors are
+``config.UserError`` (``ConfigError`` is one), ``FileNotFoundError``,
 ``IsADirectoryError``, ``NotADirectoryError``, ``PermissionError`` and the errors of flag parsing: an
 unknown flag, a value of the wrong type, a missing required flag, a ``--config`` file that does not exist,
 an unknown ``--config.x.y`` key (named with the closest valid keys, ``overrides.unknown_key_message``).
@@ -13,6 +14,7 @@ This is a library module: entry points import it, it imports no entry point.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -149,6 +151,18 @@ def _define_debug_flag(flag_values) -> None:
   if "debug" not in flag_values:
     flags.DEFINE_bool("debug", False, f"show the full traceback of a user error (or set {DEBUG_ENV}=1)",
                       flag_values=flag_values, module_name=sys.argv[0])  # listed by --helpshort
+
+
+# ------------------------------------------------------------------------------------------------
+# argparse: its errors as user errors
+# ------------------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose parsing errors (an unknown or missing flag, a bad value or choice) raise
+  UserError, answered by ``run`` in one line with status 2 instead of argparse's usage block."""
+
+  def error(self, message: str) -> NoReturn:
+    raise UserError(f"{message} (--help lists the flags)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -116,6 +116,9 @@ def base_config(backbone: str = "tiny", head: str = "tiny") -> ml_collections.Co
   c.data.micro_batch_per_device = 0   # rows per data-parallel device per micro-batch (optim.grad_accum=0)
   c.data.seq_len = 128
   c.data.ratios = ml_collections.ConfigDict(dict(text=0.2, pair=0.6, edit=0.0, interleaved=0.2))
+  # True: the ratios are shared out over the kinds data.source holds records of (a kind with a
+  # positive ratio but no records is otherwise refused); they need not sum to 1 then.
+  c.data.renormalize = False
   c.data.image_size = 256
   c.data.min_image_tokens = 256
   c.data.max_image_tokens = 256
@@ -401,8 +404,11 @@ def _check_data(ck: _Checks) -> None:
   negative = {k: v for k, v in ratios.items() if not isinstance(v, (int, float)) or v < 0}
   if negative:
     ck.err(f"data.ratios must be >= 0, got {negative}")
-  elif abs(sum(ratios.values()) - 1.0) > 1e-6:
-    ck.err(f"data.ratios sum to {sum(ratios.values()):.6g}, not 1: {ratios}")
+  elif d.renormalize and sum(ratios.values()) <= 0:
+    ck.err(f"data.ratios must have a positive entry, got {ratios}")
+  elif not d.renormalize and abs(sum(ratios.values()) - 1.0) > 1e-6:
+    ck.err(f"data.ratios sum to {sum(ratios.values()):.6g}, not 1: {ratios} (or set "
+           "data.renormalize=True to use them as relative weights)")
   if d.min_image_tokens > d.max_image_tokens:
     ck.err(f"data.min_image_tokens={d.min_image_tokens} > data.max_image_tokens={d.max_image_tokens}")
   if d.max_image_tokens > d.max_row_image_tokens:
@@ -476,7 +482,7 @@ def check_paths(config) -> None:
                     "--config.tokenizer.path=/path/to/tokenizer.json")
   if not c.data.source:
     problems.append("data.source is empty: set --config.data.source=DIR (ArrayRecord records written by "
-                    "the converters in nextstep_jax/data/formats.py) or --config.data.source=digits")
+                    "python -m nextstep_jax.data prepare) or --config.data.source=digits")
   if c.data.payload == "images" and not c.vae.checkpoint:
     problems.append("vae.checkpoint is empty: data.payload='images' encodes pixels with a trained VAE; set "
                     "--config.vae.checkpoint=<train_vae work directory> (python -m nextstep_jax.train_vae "

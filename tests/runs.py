@@ -21,6 +21,22 @@ def jit_build(make):
   return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
 
 
+def demo_assets(root: str) -> dict[str, str]:
+  """A random demo VAE (a train_vae work directory's layout) in root/vae and the demo tokenizer at
+  vocabulary 128 in root/tokenizer: what `shrink`-ed demo trainings point at."""
+  from nextstep_jax.data import digits
+  from nextstep_jax.data import tokenizer as tok_lib
+  from nextstep_jax.interop.vae import export_vae
+  from nextstep_jax.models import vae as vae_lib
+  from nextstep_jax.training import vae_trainer
+  vae = jit_build(lambda: vae_lib.build_vae("demo", seed=0))
+  export_vae(vae, os.path.join(root, "vae", vae_trainer.EXPORT_DIR))
+  with open(os.path.join(root, "vae", vae_trainer.VAE_CONFIG_FILE), "w") as f:
+    f.write(vae.config.to_json())
+  tok_lib.train_sentencepiece(digits.demo_texts(), 128).save(os.path.join(root, "tokenizer"))
+  return {"vae": os.path.join(root, "vae"), "tokenizer": os.path.join(root, "tokenizer")}
+
+
 def make_base_run(root: str, config, *, step: int = 7, seed: int = 3) -> tuple[str, dict]:
   """A stand-in for a demo run's work directory: a random demo VAE in root/vae, the demo tokenizer
   recipe on the digit texts in root/tokenizer, and a randomly initialised model (`config`, `seed`)

@@ -43,7 +43,7 @@ def demo_config(workdir, ratios=None, **data):
            ratios=ratios or dict(text=0.1, pair=0.6, edit=0.1, interleaved=0.2),
            image_size=32, min_image_tokens=16, max_image_tokens=16, max_images=5,
            max_row_image_tokens=80, drop_text_prob=0.3, payload="images", num_workers=0, num_threads=0,
-           pack_open_rows=8, loss_on_prompt=True, seed=0)
+           pack_open_rows=8, loss_on_prompt=True, renormalize=False, seed=0)
   d.update(data)
   return ml_collections.ConfigDict(dict(
       seed=0, workdir=str(workdir), data=d,

@@ -147,18 +147,8 @@ def _cli(assets, workdir: Path, steps: int, every: int) -> tuple[list[str], dict
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A random demo VAE (a train_vae workdir layout) and the demo tokenizer at vocabulary 128."""
-  from nextstep_jax.data import digits
-  from nextstep_jax.data import tokenizer as tok_lib
-  from nextstep_jax.interop.vae import export_vae
-  from nextstep_jax.models import vae as vae_lib
-  from nextstep_jax.training import vae_trainer
   from tests import runs
-  root = tmp_path_factory.mktemp("safety_assets")
-  vae = runs.jit_build(lambda: vae_lib.build_vae("demo", seed=0))
-  export_vae(vae, str(root / "vae" / vae_trainer.EXPORT_DIR))
-  (root / "vae" / vae_trainer.VAE_CONFIG_FILE).write_text(vae.config.to_json())
-  tok_lib.train_sentencepiece(digits.demo_texts(), 128).save(str(root / "tokenizer"))
-  return {"vae": str(root / "vae"), "tokenizer": str(root / "tokenizer")}
+  return runs.demo_assets(str(tmp_path_factory.mktemp("safety_assets")))
 
 
 def _tiny_config(assets, workdir: Path, steps: int = 2):

@@ -97,7 +97,7 @@ def test_image_folder_bad_records(tmp_path):
     if caption is not None:
       (folder / (name.rsplit(".", 1)[0] + ".txt")).write_bytes(caption)
   counters = F.convert_image_folder(str(folder), str(tmp_path / "root"),
-                                    F.ConvertOptions(max_pixels=1_000_000, **OPTS))
+                                    F.ConvertOptions(max_pixels=1_000_000, small="drop", **OPTS))
   assert counters["written"] == 7
   assert counters["skipped/decode_error"] == 2
   assert counters["skipped/empty_file"] == 1

@@ -69,6 +69,7 @@ from nextstep_jax.data.schedule import (MixItem, MixSchedule, NamedMixMapDataset
                                         Stream, reshard)
 from nextstep_jax.data.sequences import Image, Sample, SequenceBuilder
 from nextstep_jax.data.settings import DataSettings, data_settings
+from nextstep_jax.errors import UserError
 
 STATE_VERSION = 1
 # The key of an elastic envelope: the states of all M processes of a checkpoint, in process order
@@ -492,9 +493,11 @@ def build_record_sources(settings: DataSettings, split: str = "train",
       continue
     if not settings.pixel and image_encoder is None and name != "text":
       if not list(src[0].get("latents", [])):
-        raise ValueError(f"data.source {root}: {name} records carry no latents, needed by "
-                         "data.payload='image_tokens' (convert with ConvertOptions.latent_fn, or "
-                         "pass an image_encoder, or use data.payload='images')")
+        raise UserError(f"data.source {root}: {name} records carry no latents, needed by "
+                        "data.payload='image_tokens': train on their pixels with "
+                        "data.payload='images' and vae.checkpoint set (python -m "
+                        "nextstep_jax.data prepare writes pixels), or write latents with "
+                        "ConvertOptions.latent_fn, or pass an image_encoder")
     out[name] = (src, sources_lib.RecordDecoder(name, settings.unit, settings.sides,
                                                 settings.pixel))
   return out

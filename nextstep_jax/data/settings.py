@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from nextstep_jax.data import sources as sources_lib
 from nextstep_jax.data.packing import RowSpec
+from nextstep_jax.errors import UserError
 
 
 COMPONENTS = ("text", "pair", "edit", "interleaved")
@@ -64,6 +66,36 @@ def normalise_ratios(ratios) -> dict[str, float]:
   return {n: float(ratios[n]) / total for n in COMPONENTS if ratios.get(n, 0) > 0}
 
 
+def present_ratios(ratios, source: str, renormalize: bool = False) -> dict[str, float]:
+  """The shares of the kinds with a positive ratio (``normalise_ratios``), checked against the
+  records under a data directory `source` (its train split): a kind with a positive ratio but no
+  records is refused, naming the kind and the directory, unless `renormalize` (data.renormalize),
+  which shares the ratios out over the kinds present instead."""
+  shares = normalise_ratios(ratios)
+  if source == "digits":
+    return shares
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f"data.source {source} is not a directory (nor 'digits'); write one "
+                            "with python -m nextstep_jax.data prepare --input=... --out=DIR")
+  present = sources_lib.available_kinds(source, "train")
+  absent = [k for k in shares if k not in present]
+  if not absent:
+    return shares
+  found = ", ".join(present) or "none"
+  if not renormalize:
+    k = absent[0]
+    raise UserError(
+        f"data.ratios.{k}={dict(ratios)[k]} but data.source {source} holds no {k} records "
+        f"({sources_lib.record_dir(source, k)}; kinds found: {found}): prepare them "
+        f"(python -m nextstep_jax.data prepare --kind={k} ...), set data.ratios.{k}=0, or set "
+        "data.renormalize=True to share the ratios out over the kinds present")
+  kept = {k: v for k, v in dict(ratios).items() if k in present and v > 0}
+  if not kept:
+    raise UserError(f"data.source {source} holds records of none of the kinds with a positive "
+                    f"ratio ({', '.join(shares)}; kinds found: {found})")
+  return normalise_ratios(kept)
+
+
 def data_settings(config, process_count: int = 1, workdir: str | None = None) -> DataSettings:
   """Reads and validates config.data / config.image (errors name the field; the fields and their
   defaults: ``nextstep_jax/config.py:base_config``). `workdir`: the run's work directory, which holds
@@ -81,7 +113,8 @@ def data_settings(config, process_count: int = 1, workdir: str | None = None) ->
   if d.payload not in ("images", "image_tokens"):
     raise ValueError(f"data.payload must be 'images' or 'image_tokens', got {d.payload!r}")
   if not d.source:
-    raise ValueError("data.source is empty: 'digits' or a directory written by data/formats.py")
+    raise ValueError("data.source is empty: 'digits' or a directory written by python -m "
+                     "nextstep_jax.data prepare")
   sides = sources_lib.area_sides(int(d.min_image_tokens), int(d.max_image_tokens))
   if d.source == "digits" or d.payload == "images":
     if d.image_size % unit:
@@ -96,7 +129,8 @@ def data_settings(config, process_count: int = 1, workdir: str | None = None) ->
   return DataSettings(
       source=str(d.source), batch_size=int(d.batch_size),
       local_batch=int(d.batch_size) // process_count, seq_len=int(d.seq_len),
-      ratios=normalise_ratios(d.ratios), image_size=int(d.image_size), unit=unit,
+      ratios=present_ratios(d.ratios, str(d.source), bool(d.renormalize)),
+      image_size=int(d.image_size), unit=unit,
       token_dim=token_dim, min_image_tokens=int(d.min_image_tokens),
       max_image_tokens=int(d.max_image_tokens), sides=sides, payload=str(d.payload),
       max_images=int(d.max_images), max_row_image_tokens=int(d.max_row_image_tokens),

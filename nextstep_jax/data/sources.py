@@ -1,6 +1,6 @@
 """Data on disk: the ArrayRecord datasets (TFDS, no tensorflow) the converters write, and their readers.
 
-One TFDS builder, ``NextstepRecords``, writes every kind with one schema (a BuilderConfig per
+One TFDS dataset, ``NextstepRecords``, holds every kind with one schema (a BuilderConfig per
 kind: "pair", "edit", "interleaved", "text") under ``{root}/nextstep_records/{kind}/1.0.0``;
 ``data.source = root`` then feeds the mixture. A record is a small document:
 
@@ -11,11 +11,15 @@ kind: "pair", "edit", "interleaved", "text") under ``{root}/nextstep_records/{ki
   latents  [bytes]      optional precomputed patch tokens, float16 (h, w, d) per image
   latent_shapes [(h, w, d)]
 
-The converters (``data/formats.py``) read image folders, webdataset tar shards and jsonl files;
-every image is decoded, converted to RGB, checked and resized into an aspect bucket of the stage's
-area range by the helpers here. The same checks run again when records are read for training
-(``RecordDecoder``), so a corrupt record in a shard is skipped and counted by the pipeline instead
-of stopping training.
+A split is a list of ArrayRecord shard files (``nextstep_records-{split}.array_record-{i}-of-{n}``)
+and its entry in ``dataset_info.json``. Records are serialised deterministically (``ShardWriter``):
+the same records give the same shard bytes, which is what makes ``prepare``'s resume and its
+multi-process output exact. ``python -m nextstep_jax.data prepare`` (``data/prepare.py``) and the
+converters (``data/formats.py``) read image folders, jsonl/csv indexes, webdataset tar shards and
+TFDS datasets; every image is decoded, converted to RGB, checked and resized into an aspect bucket
+of the stage's area range by the helpers here. The same checks run again when records are read for
+training (``RecordDecoder``), so a corrupt record in a shard is skipped and counted by the pipeline
+instead of stopping training.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import io
 import math
 import os
 import shutil
+import socket
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -39,11 +44,12 @@ DEFAULT_MAX_PIXELS = 64_000_000   # larger inputs are skipped as "too_large" bef
 
 
 class BadRecord(Exception):
-  """A record that cannot be used; `reason` names the counter it is counted under."""
+  """A record that cannot be used; `reason` names the counter it is counted under, `file` the
+  offending input file where one is known (a summary names it)."""
 
-  def __init__(self, reason: str, detail: str = ""):
+  def __init__(self, reason: str, detail: str = "", file: str = ""):
     super().__init__(f"{reason}: {detail}" if detail else reason)
-    self.reason = reason
+    self.reason, self.file = reason, file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,14 +164,24 @@ def fit_image(img, grid: tuple[int, int], unit: int, notes: list[str]) -> np.nda
   return arr
 
 
+SMALL_POLICIES = ("upscale", "drop")
+
+
 def prepare_image(data: bytes, sides: Sequence[int], unit: int, notes: list[str],
                   max_pixels: int = DEFAULT_MAX_PIXELS, min_area_ratio: float = 0.9,
-                  grid: tuple[int, int] | None = None) -> np.ndarray:
-  """Encoded bytes -> uint8 RGB image of a bucket of the area range (or of `grid` when given)."""
+                  grid: tuple[int, int] | None = None, small: str = "drop") -> np.ndarray:
+  """Encoded bytes -> uint8 RGB image of a bucket of the area range (or of `grid` when given).
+  `small`: an image below the smallest area is resized up into its nearest bucket ("upscale",
+  noted "upscaled_small") or refused as "too_small" ("drop")."""
+  if small not in SMALL_POLICIES:
+    raise ValueError(f"small must be one of {SMALL_POLICIES}, got {small!r}")
   img = open_image(data, max_pixels)
   w, h = img.size
   if grid is None:
     grid = choose_bucket(h, w, sides, unit, min_area_ratio)
+    if grid is None and small == "upscale":
+      grid = choose_bucket(h, w, (min(sides),), unit, 0.0)
+      notes.append("upscaled_small")
     if grid is None:
       raise BadRecord("too_small", f"{w}x{h} px < {(min(sides) * unit) ** 2} px area")
     if w * h > 4 * (grid[0] * grid[1] * unit * unit):
@@ -208,11 +224,12 @@ def decode_text(value: Any, field: str, notes: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The TFDS builder (ArrayRecord, no tensorflow).
+# The TFDS dataset (ArrayRecord, no tensorflow): shards and dataset_info.json.
 # ---------------------------------------------------------------------------------------------
 
 def _builder_class():
-  """NextstepRecords, defined lazily so importing this module does not import TFDS."""
+  """NextstepRecords, defined lazily so importing this module does not import TFDS. It only
+  describes the datasets (features, splits); the shards are written by ``ShardWriter``."""
   global _BUILDER  # pylint: disable=global-statement
   if _BUILDER is not None:
     return _BUILDER
@@ -227,33 +244,21 @@ def _builder_class():
     # package's resources (which needs the optional importlib_resources backport).
     code_path = None
 
-    def __init__(self, *, examples: dict[str, Iterable[dict]] | None = None, **kwargs):
-      self._examples = examples or {}
-      super().__init__(**kwargs)
-
     def _info(self):
-      f = tfds.features
-      return tfds.core.DatasetInfo(builder=self, features=f.FeaturesDict({
-          "layout": f.Text(),
-          "texts": f.Sequence(f.Text()),
-          "images": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
-          "latents": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
-          "latent_shapes": f.Sequence(f.Tensor(shape=(3,), dtype=np.int32)),
-      }))
+      return tfds.core.DatasetInfo(builder=self, features=_features())
 
     def _split_generators(self, dl_manager):
-      del dl_manager
-      return {split: self._generate_examples(it) for split, it in self._examples.items()}
+      raise NotImplementedError("records are written with sources.ShardWriter, not by TFDS")
 
-    def _generate_examples(self, examples):
-      for i, ex in enumerate(examples):
-        yield i, ex
+    def _generate_examples(self, **kwargs):
+      raise NotImplementedError("records are written with sources.ShardWriter, not by TFDS")
 
   _BUILDER = NextstepRecords
   return NextstepRecords
 
 
 _BUILDER = None
+SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"   # TFDS's default file names
 
 
 def record_dir(root: str, kind: str) -> str:
@@ -263,20 +268,110 @@ def record_dir(root: str, kind: str) -> str:
   return os.path.join(root, BUILDER_NAME, kind, VERSION)
 
 
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  """The file name of shard `index` of `num_shards` of a split (TFDS's SHARD_TEMPLATE)."""
+  return f"{BUILDER_NAME}-{split}.array_record-{index:05d}-of-{num_shards:05d}"
+
+
+def _builder(root: str, kind: str):
+  return _builder_class()(data_dir=root, config=kind, file_format="array_record")
+
+
+class ShardWriter:
+  """Writes records (schema in the module docstring) into one ArrayRecord shard file.
+
+  Serialisation is deterministic (tf.Example with its feature map in sorted order): the same
+  records in the same order give the same bytes. ``count`` and ``num_bytes`` (serialised sizes,
+  what dataset_info.json records) are known once closed."""
+
+  def __init__(self, path: str):
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core import example_serializer  # pylint: disable=import-outside-toplevel
+    self.path, self.count, self.num_bytes = path, 0, 0
+    self._features = _features()
+    self._serializer = example_serializer.ExampleSerializer(self._features.get_serialized_info())
+    self._writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1")
+
+  def write(self, record: dict) -> None:
+    example = self._serializer.get_tf_example(self._features.encode_example(record))
+    data = example.SerializeToString(deterministic=True)
+    self._writer.write(data)
+    self.count += 1
+    self.num_bytes += len(data)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def __enter__(self) -> "ShardWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+_FEATURES = None
+
+
+def _features():
+  """The records' tfds FeaturesDict (the same for every kind; schema in the module docstring)."""
+  global _FEATURES  # pylint: disable=global-statement
+  if _FEATURES is None:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    f = tfds.features
+    _FEATURES = f.FeaturesDict({
+        "layout": f.Text(),
+        "texts": f.Sequence(f.Text()),
+        "images": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
+        "latents": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
+        "latent_shapes": f.Sequence(f.Tensor(shape=(3,), dtype=np.int32)),
+    })
+  return _FEATURES
+
+
+def write_dataset_info(root: str, kind: str, splits: dict[str, tuple[Sequence[int], int]]) -> str:
+  """Writes dataset_info.json and features.json of `kind` (replacing them): `splits` maps each
+  split to (records per shard, in shard order; serialised bytes), its shards named by
+  ``shard_name``. Each file is written aside and moved into place, so readers never see half a
+  file and two processes writing the same content do not collide."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  out = record_dir(root, kind)
+  builder = _builder(root, kind)
+  infos = []
+  for split, (lengths, num_bytes) in sorted(splits.items()):
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=out, template=SHARD_TEMPLATE, dataset_name=BUILDER_NAME, split=split,
+        filetype_suffix="array_record")
+    infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[int(n) for n in lengths],
+                                     num_bytes=int(num_bytes), filename_template=template))
+  builder.info.set_splits(tfds.core.SplitDict(infos))
+  aside = os.path.join(out, f".info-{socket.gethostname()}-{os.getpid()}")
+  os.makedirs(aside, exist_ok=True)
+  builder.info.features.save_config(aside)      # features.json
+  builder.info.write_dataset_info_json(aside)   # dataset_info.json (nothing else: same bytes)
+  for name in sorted(os.listdir(aside)):
+    os.replace(os.path.join(aside, name), os.path.join(out, name))
+  os.rmdir(aside)
+  return out
+
+
 def write_records(root: str, kind: str, splits: dict[str, Iterable[dict]],
                   overwrite: bool = False) -> str:
-  """Writes record dicts (schema in the module docstring) of each split as ArrayRecord files."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  """Writes record dicts (schema in the module docstring) of each split as one ArrayRecord shard."""
   out = record_dir(root, kind)
   if os.path.exists(out):
     if not overwrite:
       raise FileExistsError(f"{out} already holds {kind} records; pass overwrite=True to replace")
     shutil.rmtree(out)
-  tfds.disable_progress_bar()
-  builder = _builder_class()(examples=splits, data_dir=root, config=kind,
-                             file_format="array_record")
-  builder.download_and_prepare()
-  return out
+  os.makedirs(out)
+  written = {}
+  for split, records in splits.items():
+    with ShardWriter(os.path.join(out, shard_name(split, 0, 1))) as w:
+      for record in records:
+        w.write(record)
+    written[split] = ([w.count], w.num_bytes)
+  return write_dataset_info(root, kind, written)
 
 
 def open_records(root: str, kind: str, split: str = "train"):
@@ -284,16 +379,26 @@ def open_records(root: str, kind: str, split: str = "train"):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   path = record_dir(root, kind)
   if not os.path.exists(os.path.join(path, "dataset_info.json")):
-    raise FileNotFoundError(f"no {kind} records at {path} (write them with the converters in "
-                            "nextstep_jax/data/formats.py)")
+    raise FileNotFoundError(f"no {kind} records at {path} (write them with python -m "
+                            "nextstep_jax.data prepare)")
   builder = tfds.builder_from_directory(path)
   if split not in builder.info.splits:
     return None
   return builder.as_data_source(split)
 
 
-def available_kinds(root: str) -> list[str]:
-  return [k for k in KINDS if os.path.exists(os.path.join(record_dir(root, k), "dataset_info.json"))]
+def available_kinds(root: str, split: str | None = None) -> list[str]:
+  """The kinds with records under `root` (with at least one record in `split`, when given)."""
+  out = []
+  for kind in KINDS:
+    if not os.path.exists(os.path.join(record_dir(root, kind), "dataset_info.json")):
+      continue
+    if split is not None:
+      src = open_records(root, kind, split)
+      if src is None or len(src) == 0:
+        continue
+    out.append(kind)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

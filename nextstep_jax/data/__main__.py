@@ -1,0 +1,143 @@
+"""The data command: your own images and texts -> the ArrayRecord records training reads.
+
+  python -m nextstep_jax.data prepare --input=PATH [--input=PATH ...] --out=ROOT [--kind=pair]
+      [--format=auto] [--config=configs/<stage>.py] [--split=train] [--small=upscale]
+      [--shard_size=1000] [--process_index=I --process_count=N] [--overwrite] ...
+
+then ``python -m nextstep_jax.train --config=... --config.data.source=ROOT``. Inputs (the format is
+told from the path unless --format): a folder of images with ``.txt`` captions; a jsonl of records
+of --kind (pair, edit, interleaved, text) or a csv index of image paths and captions; webdataset
+tar shards, plain or in the official NextStep layout; ``tfds:NAME`` (a prepared TFDS dataset, read
+as ArrayRecord, never downloaded). Images are fitted into the aspect buckets of --config's area
+range (or of --unit, --min_image_tokens, --max_image_tokens). Progress goes to stderr, the summary
+(kept and skipped records per reason, naming the first offending files) to stdout and to
+ROOT/prepare-KIND-SPLIT.json. Run the same command again to resume; several processes (or hosts)
+each convert their own share of the shards. Details: nextstep_jax/data/prepare.py, formats.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from nextstep_jax import cli
+from nextstep_jax import overrides as overrides_lib
+from nextstep_jax.data import formats
+from nextstep_jax.data import prepare as prepare_lib
+from nextstep_jax.data import sources
+from nextstep_jax.errors import UserError
+
+PROG = "python -m nextstep_jax.data"
+# Without --config: the stage configs' token unit (vae_factor 8 * patch 2) and area range.
+DEFAULT_UNIT, DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS = 16, 256, 1024
+
+
+def _parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog=PROG, description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True, metavar="prepare")
+  q = sub.add_parser("prepare", help="convert inputs into ROOT (the data.source of training)",
+                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  q.add_argument("--input", action="append", required=True,
+                 help="a folder, .jsonl, .csv, .tar (globs allowed) or tfds:NAME; repeatable")
+  q.add_argument("--out", required=True, help="the data root to write (data.source of training)")
+  q.add_argument("--kind", default="pair", choices=sources.KINDS, help="records to write")
+  q.add_argument("--format", default="auto", choices=("auto",) + formats.FORMATS)
+  q.add_argument("--split", default="train", help="the split to write (train or heldout)")
+  q.add_argument("--config", default=None,
+                 help="a training config (configs/<name>.py[:arg]) whose image buckets to fit")
+  q.add_argument("--unit", type=int, default=None,
+                 help=f"pixels per token side (default: the config's, else {DEFAULT_UNIT})")
+  q.add_argument("--min_image_tokens", type=int, default=None,
+                 help="smallest image area in tokens (default: the config's, else "
+                 f"{DEFAULT_MIN_TOKENS})")
+  q.add_argument("--max_image_tokens", type=int, default=None,
+                 help="largest image area in tokens (default: the config's, else "
+                 f"{DEFAULT_MAX_TOKENS})")
+  q.add_argument("--small", default="upscale", choices=sources.SMALL_POLICIES,
+                 help="images below the smallest area: resized up into a bucket, or skipped")
+  q.add_argument("--image_format", default="jpeg", choices=("jpeg", "png"))
+  q.add_argument("--quality", type=int, default=95, help="JPEG quality")
+  q.add_argument("--max_pixels", type=int, default=sources.DEFAULT_MAX_PIXELS,
+                 help="larger images are skipped before decoding")
+  q.add_argument("--image_root", default=None,
+                 help="jsonl/csv image paths are relative to it (default: the index file's folder)")
+  q.add_argument("--image_key", default=None, help="the image field (jsonl, csv, tfds)")
+  q.add_argument("--caption_key", default=None, help="the caption field (jsonl, csv, tfds)")
+  q.add_argument("--text_key", default=None, help="the text field of --kind=text (jsonl, tfds)")
+  q.add_argument("--tfds_split", default="train", help="the split of a tfds: input to read")
+  q.add_argument("--tfds_data_dir", default=None, help="where tfds: inputs are prepared")
+  q.add_argument("--shard_size", type=int, default=1000,
+                 help="input records per shard (a webdataset tar is one shard)")
+  q.add_argument("--process_index", type=int, default=None,
+                 help="this process (default: JAX_PROCESS_ID or SLURM_PROCID, else 0)")
+  q.add_argument("--process_count", type=int, default=None,
+                 help="processes sharing the work (default: JAX_NUM_PROCESSES or SLURM_NTASKS, "
+                 "else 1)")
+  q.add_argument("--progress_every", type=float, default=10.0,
+                 help="seconds between progress lines")
+  q.add_argument("--overwrite", action="store_true",
+                 help="replace what ROOT holds of this kind and split (one process only)")
+  q.add_argument("--debug", action="store_true",
+                 help=f"show the full traceback of a user error (or set {cli.DEBUG_ENV}=1)")
+  return p
+
+
+def _convert_options(args) -> formats.ConvertOptions:
+  unit, lo, hi = DEFAULT_UNIT, DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS
+  if args.config:
+    config = overrides_lib.load_config(args.config)
+    unit = int(config.image.vae_factor) * int(config.image.patch_size)
+    lo, hi = int(config.data.min_image_tokens), int(config.data.max_image_tokens)
+  unit = args.unit if args.unit is not None else unit
+  lo = args.min_image_tokens if args.min_image_tokens is not None else lo
+  hi = args.max_image_tokens if args.max_image_tokens is not None else hi
+  if unit < 1 or args.shard_size < 1:
+    raise UserError(f"--unit ({unit}) and --shard_size ({args.shard_size}) must be positive")
+  try:
+    sides = sources.area_sides(lo, hi)
+  except ValueError as e:
+    raise UserError(f"--min_image_tokens / --max_image_tokens: {e}") from e
+  return formats.ConvertOptions(unit=unit, sides=sides, max_pixels=args.max_pixels,
+                                small=args.small, image_format=args.image_format,
+                                quality=args.quality)
+
+
+def prepare(args) -> None:
+  index, count = prepare_lib.process_from_env()
+  index = args.process_index if args.process_index is not None else index
+  count = args.process_count if args.process_count is not None else count
+  job = prepare_lib.Job(args.out, args.split, index, count, args.progress_every, args.overwrite)
+  options = _convert_options(args)
+  keys = {k: v for k, v in (("image", args.image_key), ("caption", args.caption_key),
+                            ("text", args.text_key)) if v}
+  source = formats.open_inputs(args.input, args.kind, args.format, shard_size=args.shard_size,
+                               image_root=args.image_root, keys=keys, tfds_split=args.tfds_split,
+                               tfds_data_dir=args.tfds_data_dir)
+  summary = prepare_lib.prepare(source, job, options)
+  if summary is None:
+    print(f"process {index} of {count}: its shards are written; the last process to finish "
+          "writes the dataset and the summary")
+    return
+  for line in prepare_lib.describe(summary, args.out):
+    print(line)
+  present = sources.available_kinds(args.out)
+  hint = "" if len(present) == len(sources.KINDS) else " --config.data.renormalize=True"
+  print(f"kinds in {args.out}: {', '.join(present)}; train on their pixels: python -m "
+        f"nextstep_jax.train --config=configs/<stage>.py --config.data.source={args.out} "
+        f"--config.data.payload=images --config.vae.checkpoint=<VAE>{hint}")
+
+
+def main(argv: Sequence[str]) -> None:
+  args = _parser().parse_args(argv)
+  try:
+    prepare(args)
+  except KeyboardInterrupt:
+    print("interrupted: the same command run again resumes (finished shards are kept)",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  cli.run(main, absl_flags=False)
