@@ -1,11 +1,15 @@
-"""Per-channel latent statistics of a dataset, and its image tokens precomputed to ArrayRecord.
+"""Per-channel latent statistics of a VAE over a dataset (the digits or a folder of images).
 
 CLI: python -m nextstep_jax.latents --vae_workdir=WORKDIR (a train_vae workdir) | --vae_dir=DIR
      (an exported / imported VAE directory) --out_dir=DIR [--split=train] [--source=digits]
-     [--image_size=32] [--batch_size=100] [--stats_only]
+     [--image_size=32] [--batch_size=100]
 
-Files written into ``--out_dir``: ``{split}_tokens.array_record``, ``{split}_latent_stats.json``,
-``{split}_tokens_meta.json``. The record format and the functions: ``nextstep_jax/vae_tokens.py``.
+Writes ``--out_dir/{split}_latent_stats.json`` (``vae_tokens.latent_stats``: per token dimension and
+per channel of the tokens, and of the encoder's raw posterior mean, the figures to choose scaling
+and shift factors by). The latent tokens training reads are written by the data command, into the
+records themselves: ``python -m nextstep_jax.data prepare --input=... --out=ROOT --vae=VAE`` (with
+the same statistics of what it stored in ``ROOT/latent_stats.json``), then ``python -m
+nextstep_jax.train ... --config.data.source=ROOT --config.data.payload=image_tokens``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from nextstep_jax import run as run_lib
 from nextstep_jax import vae_tokens
 from nextstep_jax.data.images import load_images
 
+PREPARE_HINT = ("latent tokens for training: python -m nextstep_jax.data prepare --input=... "
+                "--out=ROOT --vae=VAE, then train with --config.data.source=ROOT "
+                "--config.data.payload=image_tokens")
+
 
 def main(argv=None) -> None:
   del argv
@@ -30,7 +38,7 @@ def main(argv=None) -> None:
     raise cli.UserError("give exactly one of --vae_workdir (train_vae output) or --vae_dir "
                         "(exported VAE directory)")
   vae = run_lib.load_vae(f.vae_workdir or f.vae_dir)
-  images, labels = load_images(f.source, f.split, f.image_size)
+  images, _ = load_images(f.source, f.split, f.image_size)
   os.makedirs(f.out_dir, exist_ok=True)
   t0 = time.time()
   stats = vae_tokens.latent_stats(vae, images, f.batch_size)
@@ -40,27 +48,17 @@ def main(argv=None) -> None:
   print(f"latent stats of {len(images)} images -> {stats_path} ({time.time() - t0:.1f} s); "
         f"channel mean {np.round(stats['channel_mean'], 3).tolist()}, "
         f"std {np.round(stats['channel_std'], 3).tolist()}")
-  if f.stats_only:
-    return
-  t0 = time.time()
-  meta = vae_tokens.write_token_records(vae, images, labels,
-                             os.path.join(f.out_dir, f"{f.split}_tokens.array_record"), f.batch_size)
-  meta.update(source=f.source, split=f.split, image_size=f.image_size)
-  with open(os.path.join(f.out_dir, f"{f.split}_tokens_meta.json"), "w") as fh:
-    json.dump(meta, fh, indent=2)
-  print(f"{meta['num_records']} token records ({meta['tokens_per_image']} x {meta['token_dim']}) "
-        f"-> {meta['path']} ({time.time() - t0:.1f} s)")
+  print(PREPARE_HINT)
 
 
 def _define_flags() -> None:
   flags.DEFINE_string("vae_workdir", "", "train_vae workdir to load the VAE from")
   flags.DEFINE_string("vae_dir", "", "exported VAE directory (config.json + weights)")
-  flags.DEFINE_string("out_dir", None, "where to write tokens and statistics", required=True)
+  flags.DEFINE_string("out_dir", None, "where to write the statistics", required=True)
   flags.DEFINE_string("source", "digits", "'digits' or a folder of images")
   flags.DEFINE_string("split", "train", "'train', 'heldout' or 'all'")
   flags.DEFINE_integer("image_size", 32, "image side in pixels")
   flags.DEFINE_integer("batch_size", 100, "images per encoder call")
-  flags.DEFINE_bool("stats_only", False, "only compute the latent statistics")
 
 
 if __name__ == "__main__":

@@ -1,44 +1,41 @@
 """Image tokens from the frozen VAE: the functions the transformer and the sampler call, and the
-precomputed token records (``python -m nextstep_jax.latents`` writes them).
+encoder of precomputed latents (``python -m nextstep_jax.data prepare --vae=...`` stores them in
+the records training reads).
 
 Two ways for the transformer to get its image tokens, both kept:
   * on the fly: ``encode_tokens(vae, images_bhwc)`` inside the jitted train step (pixel payload);
     the sampler calls ``decode_tokens(vae, tokens, h, w)`` and ``normalize_tokens``.
-  * precomputed: ``python -m nextstep_jax.latents`` encodes a dataset once and writes the tokens to
-    ArrayRecord (token payload), plus per-channel latent statistics.
+  * precomputed: ``pixel_encoder(vae)`` encodes the data command's fitted uint8 images in batches
+    on the devices, once, and the records carry the tokens (token payload,
+    ``data.payload=image_tokens``); ``vae_identity`` names the VAE in the command's plan.
 
 Token convention (SPEC §2): latent (B, H/f, W/f, C) -> ``(z - shift_factor) * scaling_factor`` ->
 ``patchify`` with p = ``vae.config.patch_size`` -> (B, T, d), T = (H/(f p)) * (W/(f p)) in raster
 order, d = C p^2 with channel order (c, pi, pj), c-major. With ``token_norm`` (NextStep's encoder
 norm) each token of the posterior mean already has mean 0 and variance 1 over its d values.
 
-Record format (one ArrayRecord record per image, msgpack via flax.serialization, no pickle):
-  {"tokens": float32 (T, d), "label": int, "index": int (row in the source split),
-   "grid": int32 [h, w] (token grid)}; ``decode_token_record(bytes)`` reads one, and
-   ``token_source(path)`` gives a grain-compatible random-access source of raw records.
-Files written by the tool into ``--out_dir``: ``{split}_tokens.array_record``,
-``{split}_latent_stats.json``, ``{split}_tokens_meta.json``.
+``latent_stats`` gives the statistics of a VAE's latents over a set of images (``python -m
+nextstep_jax.latents`` prints and writes them).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable
+import hashlib
+from typing import Any, Callable, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
-from flax import nnx, serialization
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextstep_jax.batch import padded_chunks
 from nextstep_jax.models.vae import (AutoencoderKL, VAEConfig, normalize_tokens, patchify,
                                      unpatchify, validate_images)
 
 __all__ = ["patchify", "unpatchify", "normalize_tokens", "encode_tokens", "decode_tokens",
-           "token_grid", "token_encoder", "token_decoder", "make_encode_fn", "latent_stats", "write_token_records",
-           "decode_token_record", "token_source"]
+           "token_grid", "token_encoder", "token_decoder", "make_encode_fn", "pixel_encoder",
+           "vae_identity", "latent_stats"]
 
 Array = jax.Array
 
@@ -123,6 +120,50 @@ def make_encode_fn(vae: AutoencoderKL) -> Callable[[Array], Array]:
   return lambda images: fn(state, images)
 
 
+def pixel_encoder(vae: AutoencoderKL, devices: Sequence[jax.Device] | None = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 images (B, H, W, 3) -> float32 patch tokens (B, H/s, W/s, d) (s = pixels per token):
+  ``encode_tokens`` of the pixels in [-1, 1] (``batch.from_uint8``), the posterior mean, jitted
+  (once per image shape), the batch split over `devices` (default: this process's local devices;
+  padded to a multiple of their count) and the VAE's parameters replicated on them."""
+  cfg = vae.config
+  devices = list(devices or jax.local_devices())
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  rows = NamedSharding(mesh, PartitionSpec("batch"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  graphdef, state = nnx.split(vae)
+  state = jax.device_put(state, replicated)
+
+  @jax.jit
+  def fn(state, images_u8):
+    x = images_u8.astype(jnp.float32) / 127.5 - 1.0   # batch.from_uint8, on the devices
+    return encode_tokens(nnx.merge(graphdef, state), x)
+
+  def encode(images_u8: np.ndarray) -> np.ndarray:
+    b, height, width = images_u8.shape[:3]
+    h, w = token_grid(cfg, height, width)
+    x = np.asarray(images_u8, np.uint8)
+    pad = -b % len(devices)
+    if pad:
+      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    tokens = fn(state, jax.device_put(x, rows))   # (B + pad, T, d)
+    return np.asarray(tokens, np.float32)[:b].reshape(b, h, w, cfg.token_dim)
+
+  return encode
+
+
+def vae_identity(vae: AutoencoderKL) -> dict[str, Any]:
+  """What names a VAE: its config and the SHA-256 of its parameters (each leaf's path, dtype,
+  shape and bytes, in tree order)."""
+  digest = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
+  for path, leaf in leaves:
+    arr = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)} {arr.dtype} {arr.shape}".encode())
+    digest.update(np.ascontiguousarray(arr).tobytes())
+  return {"config": vae.config.to_dict(), "weights_sha256": digest.hexdigest()}
+
+
 def _check_dataset(vae: AutoencoderKL, images: np.ndarray) -> None:
   cfg = vae.config
   validate_images(images, cfg, cfg.pixels_per_token, "dataset images")
@@ -175,50 +216,3 @@ def latent_stats(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 100) 
       "token_mean_abs_max": mean_abs_max, "token_var_range": [var_lo, var_hi],
       "token_norm": cfg.token_norm,
   }
-
-
-def write_token_records(vae: AutoencoderKL, images: np.ndarray, labels: np.ndarray | None,
-                        path: str, batch_size: int = 100) -> dict[str, Any]:
-  """Encodes ``images`` and writes one record per image to the ArrayRecord file ``path``."""
-  _check_dataset(vae, images)
-  if labels is not None and len(labels) != len(images):
-    raise ValueError(f"{len(labels)} labels for {len(images)} images")
-  cfg = vae.config
-  grid = token_grid(cfg, images.shape[1], images.shape[2])
-  encode = make_encode_fn(vae)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  writer = ArrayRecordWriter(path, "group_size:1")
-  index = 0
-  try:
-    for real, chunk in padded_chunks(images, batch_size):
-      tok = np.asarray(encode(jnp.asarray(chunk)), np.float32)[:real]
-      for row in tok:
-        rec = {"tokens": row, "label": int(labels[index]) if labels is not None else -1,
-               "index": index, "grid": np.asarray(grid, np.int32)}
-        writer.write(serialization.msgpack_serialize(rec))
-        index += 1
-  finally:
-    writer.close()
-  return {"path": path, "num_records": index, "grid": list(grid), "token_dim": cfg.token_dim,
-          "tokens_per_image": grid[0] * grid[1], "vae": cfg.to_dict()}
-
-
-def decode_token_record(record: bytes) -> dict[str, Any]:
-  """One record -> {"tokens": float32 (T, d), "label": int, "index": int, "grid": (h, w)}."""
-  rec = serialization.msgpack_restore(record)
-  missing = {"tokens", "label", "index", "grid"} - set(rec)
-  if missing:
-    raise ValueError(f"token record lacks fields {sorted(missing)}")
-  rec["tokens"] = np.asarray(rec["tokens"], np.float32)
-  rec["grid"] = tuple(int(g) for g in rec["grid"])
-  return rec
-
-
-def token_source(path: str | list[str]):
-  """A grain ``ArrayRecordDataSource`` over token files (items are raw bytes: map
-  ``decode_token_record`` over them)."""
-  paths = [path] if isinstance(path, str) else list(path)
-  for p in paths:
-    if not os.path.isfile(p):
-      raise FileNotFoundError(f"token file {p} does not exist")
-  return grain.sources.ArrayRecordDataSource(paths)

@@ -30,7 +30,8 @@ MAY_IMPORT_ENTRY_POINTS = (f"{PACKAGE}.demo",)
 
 # (rule, the importing modules: these modules or packages, the forbidden targets: these modules or
 # packages; PACKAGE itself means anything of the project). A name covers the module, or the package
-# and everything below it.
+# and everything below it. The rules hold the library: an entry point inside a package (the data
+# command, data.__main__) wires the library together as the others do (it loads the VAE with run).
 FORBIDDEN = (
     ("models are independent of data, training, sampling, evaluation, interop, run, config",
      (f"{PACKAGE}.models",),
@@ -157,7 +158,7 @@ def violations(edges) -> list[str]:
     if e.target in ENTRY_POINTS and e.source not in MAY_IMPORT_ENTRY_POINTS:
       out.append(f"{ENTRY_POINT_RULE}: {e}")
     for rule, sources, targets in FORBIDDEN:
-      if _covers(sources, e.source) and _covers(targets, e.target):
+      if e.source not in ENTRY_POINTS and _covers(sources, e.source) and _covers(targets, e.target):
         out.append(f"{rule}: {e}")
     if not e.module_level:
       out.append(f"{FUNCTION_LEVEL_RULE}: {e}")
@@ -233,6 +234,7 @@ def test_checker_flags_synthetic_forbidden_edges():
           edge("nextstep_jax.training.loop", "nextstep_jax.run"),
           edge("nextstep_jax.models.nextstep", "nextstep_jax.batch"),
           edge("nextstep_jax.data.mixture", "nextstep_jax.parallel"),
+          edge("nextstep_jax.data.__main__", "nextstep_jax.run"),   # an entry point, not data's library
           edge("nextstep_jax.train", "nextstep_jax.training.loop")]
   assert violations(fine) == []
 

@@ -279,13 +279,14 @@ def test_latent_records_feed_the_latent_path(tmp_path):
   write_jsonl(tmp_path / "pairs.jsonl",
               [{"image": f"img/{i}.png", "caption": f"image {i}"} for i in range(3)])
 
-  def latent_fn(img):   # (H, W, 3) -> (H/16, W/16, 16): a fake encoder, mean colour per patch
-    h, w = img.shape[0] // 16, img.shape[1] // 16
-    x = img.reshape(h, 16, w, 16, 3).mean(axis=(1, 3)) / 255.0
+  def encode(img):   # (B, H, W, 3) -> (B, H/16, W/16, 16): a fake encoder, mean colour per patch
+    b, h, w = img.shape[0], img.shape[1] // 16, img.shape[2] // 16
+    x = img.reshape(b, h, 16, w, 16, 3).mean(axis=(2, 4)) / 255.0
     return np.concatenate([x] * 5 + [x[..., :1]], axis=-1)
   root = tmp_path / "root"
+  latents = F.LatentEncoder(encode, batch_size=2)
   counters = F.convert_pairs_jsonl(str(tmp_path / "pairs.jsonl"), str(root),
-                                   F.ConvertOptions(latent_fn=latent_fn, **OPTS))
+                                   F.ConvertOptions(latents=latents, **OPTS))
   assert counters["written"] == 3
   config = demo_config(tmp_path, dict(pair=1.0), source=str(root), payload="image_tokens",
                        image_size=64, min_image_tokens=16, max_image_tokens=64,

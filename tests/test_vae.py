@@ -331,8 +331,8 @@ def test_config_json_fields():
 # Latent tool.
 
 
-def test_latent_stats_and_token_records(tiny_vae, digits32, tmp_path):
-  x, labels = digits32
+def test_latent_stats(tiny_vae, digits32):
+  x, _ = digits32
   stats = vae_tokens.latent_stats(tiny_vae, x, batch_size=8)  # 20 = 8 + 8 + 4 (padded batch)
   assert stats["num_images"] == 20 and stats["num_tokens"] == 20 * 16
   assert len(stats["channel_mean"]) == 4 and len(stats["token_std"]) == 16
@@ -345,18 +345,6 @@ def test_latent_stats_and_token_records(tiny_vae, digits32, tmp_path):
   assert_close_fp32(stats["channel_std"], ch.transpose(2, 0, 1, 3).reshape(4, -1).std(-1), rtol=1e-5)
   raw = np.asarray(tiny_vae.encode_raw_moments(jnp.asarray(x))[0], np.float64)
   assert_close_fp32(stats["raw_channel_mean"], raw.mean((0, 1, 2)), rtol=1e-5)
-
-  path = str(tmp_path / "tok.array_record")
-  meta = vae_tokens.write_token_records(tiny_vae, x, labels, path, batch_size=8)
-  assert meta["num_records"] == 20 and meta["grid"] == [4, 4] and meta["token_dim"] == 16
-  src = vae_tokens.token_source(path)
-  assert len(src) == 20
-  for i in (0, 7, 19):
-    rec = vae_tokens.decode_token_record(src[i])
-    assert rec["index"] == i and rec["label"] == labels[i] and rec["grid"] == (4, 4)
-    assert_close_fp32(rec["tokens"], tok[i], rtol=1e-5)
-  with pytest.raises(ValueError, match="labels"):
-    vae_tokens.write_token_records(tiny_vae, x, labels[:3], path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,27 +2,37 @@
 
   python -m nextstep_jax.data prepare --input=PATH [--input=PATH ...] --out=ROOT [--kind=pair]
       [--format=auto] [--config=configs/<stage>.py] [--split=train] [--small=upscale]
+      [--vae=VAE_DIR [--latent_batch=16] [--latent_dtype=float16]]
       [--shard_size=1000] [--process_index=I --process_count=N] [--overwrite] ...
 
-then ``python -m nextstep_jax.train --config=... --config.data.source=ROOT``. Inputs (the format is
-told from the path unless --format): a folder of images with ``.txt`` captions; a jsonl of records
-of --kind (pair, edit, interleaved, text) or a csv index of image paths and captions; webdataset
-tar shards, plain or in the official NextStep layout; ``tfds:NAME`` (a prepared TFDS dataset, read
-as ArrayRecord, never downloaded). Images are fitted into the aspect buckets of --config's area
-range (or of --unit, --min_image_tokens, --max_image_tokens). Progress goes to stderr, the summary
-(kept and skipped records per reason, naming the first offending files) to stdout and to
-ROOT/prepare-KIND-SPLIT.json. Run the same command again to resume; several processes (or hosts)
-each convert their own share of the shards. Details: nextstep_jax/data/prepare.py, formats.py.
+then ``python -m nextstep_jax.train --config=... --config.data.source=ROOT`` (with --vae, the
+records carry the VAE's latent tokens too: ``--config.data.payload=image_tokens``, no VAE in the
+step; without, ``--config.data.payload=images --config.vae.checkpoint=VAE_DIR``). Inputs (the
+format is told from the path unless --format): a folder of images with ``.txt`` captions; a jsonl
+of records of --kind (pair, edit, interleaved, text) or a csv index of image paths and captions;
+webdataset tar shards, plain or in the official NextStep layout; ``tfds:NAME`` (a prepared TFDS
+dataset, read as ArrayRecord, never downloaded). Images are fitted into the aspect buckets of
+--config's area range (or of --unit, --min_image_tokens, --max_image_tokens). Progress goes to
+stderr, the summary (kept and skipped records per reason, naming the first offending files) to
+stdout and to ROOT/prepare-KIND-SPLIT.json. --vae (a train_vae work directory or an exported
+VAE directory, as vae.checkpoint takes it) encodes every fitted image on this process's devices, in
+batches of --latent_batch images of one bucket shape, and writes the per-channel mean and std of
+the stored tokens to ROOT/latent_stats.json. Run the same command again to resume (with the same
+VAE); several processes (or hosts) each convert their own share of the shards. Details:
+nextstep_jax/data/prepare.py, formats.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from nextstep_jax import cli
 from nextstep_jax import overrides as overrides_lib
+from nextstep_jax import run as run_lib
+from nextstep_jax import vae_tokens
 from nextstep_jax.data import formats
 from nextstep_jax.data import prepare as prepare_lib
 from nextstep_jax.data import sources
@@ -68,6 +78,13 @@ def _parser() -> cli.ArgumentParser:
   q.add_argument("--text_key", default=None, help="the text field of --kind=text (jsonl, tfds)")
   q.add_argument("--tfds_split", default="train", help="the split of a tfds: input to read")
   q.add_argument("--tfds_data_dir", default=None, help="where tfds: inputs are prepared")
+  q.add_argument("--vae", default=None,
+                 help="a VAE (train_vae work directory or exported VAE directory): store its "
+                 "latent tokens of every image too, for data.payload=image_tokens")
+  q.add_argument("--latent_batch", type=int, default=16,
+                 help="images per VAE call, split over this process's devices")
+  q.add_argument("--latent_dtype", default="float16", choices=formats.LATENT_DTYPES,
+                 help="how the latent tokens are stored")
   q.add_argument("--shard_size", type=int, default=1000,
                  help="input records per shard (a webdataset tar is one shard)")
   q.add_argument("--process_index", type=int, default=None,
@@ -84,12 +101,50 @@ def _parser() -> cli.ArgumentParser:
   return p
 
 
+def _load_vae(path: str):
+  if not os.path.isdir(path):
+    raise UserError(f"--vae={path} is not a directory (a train_vae work directory or an exported "
+                    "VAE directory)")
+  try:
+    return run_lib.load_vae(path)
+  except (OSError, ValueError, KeyError) as e:   # no checkpoint, a bad config.json, ...
+    raise UserError(f"--vae={path}: {cli.user_error_message(e)[len('error: '):]}") from e
+
+
+def _latent_encoder(args, vae, unit: int, config) -> formats.LatentEncoder:
+  """The --vae encoder, checked against the token unit and --config: one line naming the flag."""
+  cfg = vae.config
+  px = cfg.pixels_per_token
+  if args.kind == "text":
+    raise UserError("--vae with --kind=text: text records hold no images to encode")
+  if unit != px:
+    where = "--unit" if args.unit is not None else f"--config={args.config}"
+    raise UserError(f"--vae={args.vae} makes a token of {px} px (factor {cfg.factor} x patch "
+                    f"{cfg.patch_size}), but {where} asks {unit} px per token")
+  if config is not None and (cfg.token_dim != int(config.image.token_dim) or
+                             cfg.patch_size != int(config.image.patch_size)):
+    raise UserError(f"--vae={args.vae} makes {cfg.token_dim}-d tokens with patch {cfg.patch_size}, "
+                    f"--config={args.config} expects image.token_dim={config.image.token_dim} "
+                    f"with patch {config.image.patch_size}")
+  if unit % cfg.encode_multiple:
+    raise UserError(f"--vae={args.vae}: its token norm covers {cfg.norm_patch}x{cfg.norm_patch} "
+                    f"latent patches, which {unit} px tokens do not tile")
+  if args.latent_batch < 1:
+    raise UserError(f"--latent_batch={args.latent_batch} must be positive")
+  return formats.LatentEncoder(
+      encode=vae_tokens.pixel_encoder(vae), batch_size=args.latent_batch,
+      patch_size=cfg.patch_size, identity=vae_tokens.vae_identity(vae), dtype=args.latent_dtype)
+
+
 def _convert_options(args) -> formats.ConvertOptions:
-  unit, lo, hi = DEFAULT_UNIT, DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS
+  unit, lo, hi, config = DEFAULT_UNIT, DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS, None
+  vae = _load_vae(args.vae) if args.vae else None
   if args.config:
     config = overrides_lib.load_config(args.config)
     unit = int(config.image.vae_factor) * int(config.image.patch_size)
     lo, hi = int(config.data.min_image_tokens), int(config.data.max_image_tokens)
+  elif vae is not None:
+    unit = vae.config.pixels_per_token
   unit = args.unit if args.unit is not None else unit
   lo = args.min_image_tokens if args.min_image_tokens is not None else lo
   hi = args.max_image_tokens if args.max_image_tokens is not None else hi
@@ -99,9 +154,10 @@ def _convert_options(args) -> formats.ConvertOptions:
     sides = sources.area_sides(lo, hi)
   except ValueError as e:
     raise UserError(f"--min_image_tokens / --max_image_tokens: {e}") from e
+  latents = _latent_encoder(args, vae, unit, config) if vae is not None else None
   return formats.ConvertOptions(unit=unit, sides=sides, max_pixels=args.max_pixels,
                                 small=args.small, image_format=args.image_format,
-                                quality=args.quality)
+                                quality=args.quality, latents=latents)
 
 
 def prepare(args) -> None:
@@ -124,9 +180,14 @@ def prepare(args) -> None:
     print(line)
   present = sources.available_kinds(args.out)
   hint = "" if len(present) == len(sources.KINDS) else " --config.data.renormalize=True"
-  print(f"kinds in {args.out}: {', '.join(present)}; train on their pixels: python -m "
-        f"nextstep_jax.train --config=configs/<stage>.py --config.data.source={args.out} "
-        f"--config.data.payload=images --config.vae.checkpoint=<VAE>{hint}")
+  train = (f"python -m nextstep_jax.train --config=configs/<stage>.py "
+           f"--config.data.source={args.out}")
+  if args.vae:
+    print(f"kinds in {args.out}: {', '.join(present)}; train on their latents: {train} "
+          f"--config.data.payload=image_tokens{hint}")
+  else:
+    print(f"kinds in {args.out}: {', '.join(present)}; train on their pixels: {train} "
+          f"--config.data.payload=images --config.vae.checkpoint=<VAE>{hint}")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -24,8 +24,15 @@ input is skipped and counted (``skipped/<reason>``, the first FIRST_NAMES by nam
 ``index.jsonl:LINE (file)``, ``shard.tar:KEY``, ``tfds:NAME/SPLIT[i]``); conversions are counted
 as ``converted/<what>``; nothing raises for a bad record.
 
-The ``convert_*`` functions write one kind from one input in a single process (one shard per
-split, ``sources.write_records``) and return the counters.
+Latents (``ConvertOptions.latents``, a ``LatentEncoder``: the VAE enters as a plain batch function,
+since ``data/`` imports no model): every fitted image is also encoded into patch tokens, in fixed
+batches of one bucket shape (``LatentBatcher``; the last batch of a shape padded, so a jitted
+encoder compiles once per shape), and the records come out in input order with their latents; the
+stored values' sums per token dimension (``LatentSums``) give the per-channel statistics.
+
+``build_records`` turns items into records (with their latents); the ``convert_*`` functions write
+one kind from one input in a single process (one shard per split, ``sources.write_records``) and
+return the counters.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import os
 import re
 import shutil
 import tarfile
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -58,16 +65,45 @@ FORMATS = ("folder", "jsonl", "csv", "webdataset", "tfds")
 FORMAT_KINDS = {"folder": ("pair",), "csv": ("pair",), "jsonl": KINDS, "webdataset": KINDS,
                 "tfds": ("pair", "text")}
 FIRST_NAMES = 5       # offending items named per skip reason
+PIXELS = "_pixels"    # a record's fitted images, awaiting their latents (LatentBatcher)
 _PLACEHOLDER = re.compile(r"<image_(\d+)>")
 _NUMBERED = re.compile(r"(.+)-(\d+)")   # the official layout's image n of a sample: key-{n}
+
+
+LATENT_DTYPES = ("float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentEncoder:
+  """How converters compute latents. `encode`: uint8 (B, H, W, 3) images of one shape, B ==
+  `batch_size` -> float (B, H/unit, W/unit, d) patch tokens (e.g. a jitted VAE encoder on the
+  devices). `patch_size`: the token's latent patch side p (d = channels * p * p, channel-major),
+  for the per-channel statistics. `identity`: what names the encoder in a prepare's plan (a resume
+  with another one is refused); `dtype`: how the tokens are stored (sources.py)."""
+  encode: Callable[[np.ndarray], np.ndarray]
+  batch_size: int
+  patch_size: int = 1
+  identity: dict = dataclasses.field(default_factory=dict)
+  dtype: str = "float16"
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.patch_size < 1:
+      raise ValueError(f"batch_size ({self.batch_size}) and patch_size ({self.patch_size}) must be "
+                       "positive")
+    if self.dtype not in LATENT_DTYPES:
+      raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {self.dtype!r}")
+
+  def plan(self) -> dict:
+    """What a prepare's plan records of the encoder."""
+    return dict(identity=self.identity, batch_size=self.batch_size, patch_size=self.patch_size,
+                dtype=self.dtype)
 
 
 @dataclasses.dataclass
 class ConvertOptions:
   """How converters fit images: token unit in px (vae_factor * patch_size), the stage's base grid
   sides (area_sides(min_tokens, max_tokens)), what happens to images below the smallest area
-  ("upscale" or "drop"), the storage format, and optional latents (latent_fn: uint8 (H, W, 3) ->
-  float (h, w, d) patch tokens, stored as float16)."""
+  ("upscale" or "drop"), the storage format, and optional latents (``LatentEncoder``)."""
   unit: int = 16
   sides: tuple[int, ...] = (16,)
   max_pixels: int = DEFAULT_MAX_PIXELS
@@ -75,7 +111,7 @@ class ConvertOptions:
   small: str = "upscale"
   image_format: str = "jpeg"
   quality: int = 95
-  latent_fn: Callable[[np.ndarray], np.ndarray] | None = None
+  latents: LatentEncoder | None = None
 
 
 # An image of a record: (encoded bytes, its file name), or a function that reads them (so a
@@ -158,17 +194,11 @@ class Converter:
       blob, arr = self.image(data, file, grid)
       blobs.append(blob)
       arrays.append(arr)
-    latents, shapes = [], []
-    if self.opt.latent_fn is not None:
-      for arr in arrays:
-        lat = np.asarray(self.opt.latent_fn(arr), np.float16)
-        if lat.ndim != 3 or lat.shape[:2] != (arr.shape[0] // self.opt.unit,
-                                               arr.shape[1] // self.opt.unit):
-          raise ValueError(f"latent_fn returned shape {lat.shape} for an image of {arr.shape}")
-        latents.append(lat.tobytes())
-        shapes.append(np.asarray(lat.shape, np.int32))
-    return dict(layout=layout, texts=texts, images=blobs, latents=latents,
-                latent_shapes=np.asarray(shapes, np.int32).reshape(-1, 3))
+    record = dict(layout=layout, texts=texts, images=blobs, latents=[],
+                  latent_shapes=np.zeros((0, 3), np.int32))
+    if self.opt.latents is not None:
+      record[PIXELS] = arrays   # encoded by a LatentBatcher, which removes them
+    return record
 
   # The kinds. Texts are checked before any image is read or decoded.
   def pair(self, caption, image: ImageRef) -> dict:
@@ -190,6 +220,166 @@ class Converter:
   def plain_text(self, value) -> dict:
     return dict(layout="T", texts=[self.text(value, "text")], images=[], latents=[],
                 latent_shapes=np.zeros((0, 3), np.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Latents: encoded in batches of one shape, statistics of what is stored.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LatentSums:
+  """Sums over stored latent tokens per token dimension (float64): images, tokens, sum, sum of
+  squares. They add up over shards and processes (``add``; in a fixed order they give the same
+  floats), and ``stats`` turns them into the per-dimension and per-channel mean and standard
+  deviation."""
+  images: int = 0
+  tokens: int = 0
+  total: np.ndarray | None = None     # (d,) sum of the tokens' values
+  squares: np.ndarray | None = None   # (d,) sum of their squares
+
+  def update(self, tokens_nd: np.ndarray) -> None:
+    """Adds the tokens (N, d) of one image."""
+    x = np.asarray(tokens_nd, np.float64)
+    self.add(LatentSums(1, x.shape[0], x.sum(0), np.square(x).sum(0)))
+
+  def add(self, other: "LatentSums") -> None:
+    if not other.tokens:
+      return
+    if not self.tokens:
+      self.total, self.squares = np.array(other.total), np.array(other.squares)
+    elif len(other.total) != len(self.total):
+      raise ValueError(f"latents of {len(other.total)} and {len(self.total)} dimensions")
+    else:
+      self.total, self.squares = self.total + other.total, self.squares + other.squares
+    self.images += other.images
+    self.tokens += other.tokens
+
+  def to_dict(self) -> dict:
+    return dict(images=self.images, tokens=self.tokens,
+                total=[] if self.total is None else self.total.tolist(),
+                squares=[] if self.squares is None else self.squares.tolist())
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "LatentSums":
+    if not d["tokens"]:
+      return cls()
+    return cls(int(d["images"]), int(d["tokens"]), np.asarray(d["total"], np.float64),
+               np.asarray(d["squares"], np.float64))
+
+  def stats(self, patch_size: int) -> dict:
+    """num_images, num_tokens, token_dim; token_mean / token_std per token dimension (d values);
+    channel_mean / channel_std per latent channel (d / p^2 values; a token's dimension c*p*p +
+    pi*p + pj belongs to channel c), the names ``vae_tokens.latent_stats`` uses."""
+    if not self.tokens:
+      raise ValueError("no latent tokens")
+    n, pp = self.tokens, patch_size * patch_size
+    mean, sq = self.total / n, self.squares / n
+    if mean.size % pp:
+      raise ValueError(f"{mean.size}-d tokens do not split into channels of {patch_size}x"
+                       f"{patch_size} patches")
+    ch_mean, ch_sq = mean.reshape(-1, pp).mean(-1), sq.reshape(-1, pp).mean(-1)
+    return dict(num_images=self.images, num_tokens=n, token_dim=int(mean.size),
+                token_mean=mean.tolist(), token_std=np.sqrt(np.maximum(sq - mean ** 2, 0)).tolist(),
+                channel_mean=ch_mean.tolist(),
+                channel_std=np.sqrt(np.maximum(ch_sq - ch_mean ** 2, 0)).tolist())
+
+
+class _Pending:
+  """A record waiting for the latents of its images."""
+  __slots__ = ("record", "latents", "missing")
+
+  def __init__(self, record: dict, n: int):
+    self.record, self.latents, self.missing = record, [None] * n, n
+
+
+class LatentBatcher:
+  """Fills records' latents with a LatentEncoder, in batches of `batch_size` images of one shape.
+
+  ``add(record)`` takes a record whose fitted images wait under PIXELS and returns the records now
+  complete, in the order they were added; ``flush()`` encodes what is left (each shape's last
+  batch padded by repeating its last image) and returns the rest. At most `max_pending` records
+  wait (default 4 batches): past it, the batch of the oldest waiting image is encoded, padded. The
+  batches depend only on the sequence of records, so the same records give the same latents.
+  ``sums``: LatentSums of the stored tokens."""
+
+  def __init__(self, encoder: LatentEncoder, unit: int, max_pending: int | None = None):
+    self.enc, self.unit = encoder, unit
+    self.max_pending = max_pending or 4 * encoder.batch_size
+    self.queue: collections.deque[_Pending] = collections.deque()
+    self.groups: dict[tuple, list[tuple[_Pending, int, np.ndarray]]] = {}
+    self.sums = LatentSums()
+    self.batches = 0
+
+  def add(self, record: dict) -> list[dict]:
+    pixels = record.pop(PIXELS)
+    entry = _Pending(record, len(pixels))
+    self.queue.append(entry)
+    for i, px in enumerate(pixels):
+      group = self.groups.setdefault(px.shape, [])
+      group.append((entry, i, px))
+      if len(group) == self.enc.batch_size:
+        self._encode(px.shape)
+    out = self._ready()
+    while len(self.queue) > self.max_pending:
+      oldest = self.queue[0]
+      shape = next(shape for shape, group in self.groups.items()
+                   if any(e is oldest for e, _, _ in group))
+      self._encode(shape)
+      out += self._ready()
+    return out
+
+  def flush(self) -> list[dict]:
+    for shape in list(self.groups):
+      self._encode(shape)
+    return self._ready()
+
+  def _encode(self, shape: tuple) -> None:
+    group = self.groups.pop(shape)
+    real, b = len(group), self.enc.batch_size
+    x = np.stack([px for _, _, px in group] + [group[-1][2]] * (b - real))   # (B, H, W, 3)
+    lat = np.asarray(self.enc.encode(x))
+    grid = (shape[0] // self.unit, shape[1] // self.unit)
+    if lat.ndim != 4 or lat.shape[:3] != (b,) + grid:
+      raise ValueError(f"the latent encoder returned shape {lat.shape} for images {x.shape} "
+                       f"(expected ({b}, {grid[0]}, {grid[1]}, d) at {self.unit} px per token)")
+    lat = lat[:real].astype(self.enc.dtype)
+    self.batches += 1
+    for (entry, i, _), tokens in zip(group, lat):
+      entry.latents[i] = tokens
+      entry.missing -= 1
+      self.sums.update(tokens.reshape(-1, tokens.shape[-1]))
+
+  def _ready(self) -> list[dict]:
+    out = []
+    while self.queue and not self.queue[0].missing:
+      entry = self.queue.popleft()
+      entry.record["latents"] = [np.ascontiguousarray(t).tobytes() for t in entry.latents]
+      entry.record["latent_shapes"] = np.asarray([t.shape for t in entry.latents],
+                                                 np.int32).reshape(-1, 3)
+      out.append(entry.record)
+    return out
+
+
+def build_records(items: Iterable[Item], conv: Converter,
+                  on_item: Callable[[bool], None] | None = None,
+                  batcher: LatentBatcher | None = None) -> Iterator[dict]:
+  """The records of `items` in order (skipped ones counted by `conv`; `on_item(kept)` after each
+  item); with latents (conv's options), their latents filled by `batcher` (default: a new
+  LatentBatcher), flushed at the end."""
+  if conv.opt.latents is not None and batcher is None:
+    batcher = LatentBatcher(conv.opt.latents, conv.opt.unit)
+  for item in items:
+    record = conv.build(item)
+    if on_item is not None:
+      on_item(record is not None)
+    if record is None:
+      continue
+    if batcher is None:
+      yield record
+    else:
+      yield from batcher.add(record)
+  if batcher is not None:
+    yield from batcher.flush()
 
 
 def read_file(path: str, missing: str = "missing_file") -> bytes:
@@ -685,15 +875,8 @@ def convert(source: Input, root: str, options: ConvertOptions | None = None,
   """Writes every record of `source` as one shard of `split`; the counters (module doc). Raises
   NoRecords, naming the counts, when no record was kept (and leaves nothing behind)."""
   conv = Converter(options)
-
-  def records():
-    for unit in range(source.num_units):
-      for item in source.items(unit, conv):
-        record = conv.build(item)
-        if record is not None:
-          yield record
-
-  out = write_records(root, source.kind, {split: records()}, overwrite)
+  items = (item for unit in range(source.num_units) for item in source.items(unit, conv))
+  out = write_records(root, source.kind, {split: build_records(items, conv)}, overwrite)
   if not conv.counters["written"]:
     shutil.rmtree(out)
     raise NoRecords(f"no {source.kind} records kept; skipped: "

@@ -111,11 +111,16 @@ class ElementBuilder:
     self.builder, self.decoders, self.settings = builder, decoders, settings
     self.image_encoder = image_encoder
 
-  def _prepare(self, img: np.ndarray, latent: np.ndarray | None) -> Image:
+  def _prepare(self, img: np.ndarray | None, latent: np.ndarray | None) -> Image:
+    """An image as the row needs it: pixels (pixel path) or tokens (latent path: the stored
+    latents, whose grid the decoder checked when it left `img` None, else `img` encoded)."""
     s = self.settings
-    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] % s.unit or img.shape[1] % s.unit:
+    if img is None:
+      grid = (int(latent.shape[0]), int(latent.shape[1]))
+    elif img.ndim != 3 or img.shape[2] != 3 or img.shape[0] % s.unit or img.shape[1] % s.unit:
       raise sources_lib.BadRecord("bad_image_shape", f"{img.shape} (unit {s.unit} px)")
-    grid = (img.shape[0] // s.unit, img.shape[1] // s.unit)
+    else:
+      grid = (img.shape[0] // s.unit, img.shape[1] // s.unit)
     if s.pixel:
       return Image(img, grid)
     if latent is None:
@@ -492,15 +497,25 @@ def build_record_sources(settings: DataSettings, split: str = "train",
                          f"records in split {split!r}")
       continue
     if not settings.pixel and image_encoder is None and name != "text":
-      if not list(src[0].get("latents", [])):
-        raise UserError(f"data.source {root}: {name} records carry no latents, needed by "
-                        "data.payload='image_tokens': train on their pixels with "
-                        "data.payload='images' and vae.checkpoint set (python -m "
-                        "nextstep_jax.data prepare writes pixels), or write latents with "
-                        "ConvertOptions.latent_fn, or pass an image_encoder")
+      _check_latents(root, name, src[0], settings.token_dim)
     out[name] = (src, sources_lib.RecordDecoder(name, settings.unit, settings.sides,
                                                 settings.pixel))
   return out
+
+
+def _check_latents(root: str, name: str, first: dict, token_dim: int) -> None:
+  """The latent path reads a kind's stored latents: refuses records without them, or with tokens
+  of another size than image.token_dim (another VAE), naming the directory and the command."""
+  shapes = np.asarray(first.get("latent_shapes", np.zeros((0, 3))))
+  if not list(first.get("latents", [])) or not shapes.size:
+    raise UserError(f"data.source {root}: {name} records carry no latents, needed by "
+                    "data.payload='image_tokens': write them with python -m nextstep_jax.data "
+                    "prepare --vae=VAE_DIR, or train on the pixels with data.payload='images' and "
+                    "vae.checkpoint set")
+  if int(shapes.reshape(-1, 3)[0, 2]) != token_dim:
+    raise UserError(f"data.source {root}: {name} latents are {int(shapes.reshape(-1, 3)[0, 2])}-d "
+                    f"tokens, the config's image.token_dim is {token_dim}: prepared with another "
+                    f"VAE ({os.path.join(root, 'latent_stats.json')} names it)")
 
 
 def _mixture(settings: DataSettings, sources: dict[str, tuple[Any, Callable]],

@@ -11,10 +11,19 @@ What it leaves (training reads it with ``data.source=ROOT``):
     prepare/{split}/unit-{u:05d}.json      a finished unit: records, bytes, counters, first skips
   ROOT/prepare-{kind}-{split}.json         the summary: records read and kept, per skip reason
                                            its count and first offending items, conversions
+  ROOT/latent_stats.json                   with latents (ConvertOptions.latents): the encoder and
+                                           the per-dimension and per-channel mean and std of the
+                                           stored tokens, over the train splits of every kind
+                                           (and each kind's and split's own under "splits")
 
 Work units are the input's (``formats.Input``): fixed runs of ``shard_size`` items, a whole tar for
 WebDataset. A unit's records depend on its items alone and are serialised deterministically
 (``sources.ShardWriter``), so every shard's bytes are a function of the input and the options.
+
+With latents, a unit's images are encoded in batches within the unit (``formats.LatentBatcher``),
+so its latents too depend on its items alone (on one kind of device), and its marker holds the
+sums of its stored tokens (``formats.LatentSums``), which add up, unit by unit, to the statistics.
+Every kind with latents in a root must come from the same encoder (its identity in the plan).
 
 Resume: a unit is done when its marker exists and its shard has the recorded size. A shard is
 written aside (``.partial``) and moved into place before its marker is written, so an interrupted
@@ -39,14 +48,15 @@ import shutil
 import socket
 import sys
 import time
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from nextstep_jax.data import formats
-from nextstep_jax.data.sources import (BUILDER_NAME, ShardWriter, record_dir, shard_name,
+from nextstep_jax.data.sources import (BUILDER_NAME, KINDS, ShardWriter, record_dir, shard_name,
                                        write_dataset_info)
 from nextstep_jax.errors import UserError
 
 PLAN_VERSION = 1
+LATENT_STATS_FILE = "latent_stats.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +95,10 @@ def summary_path(root: str, kind: str, split: str) -> str:
   return os.path.join(root, f"prepare-{kind}-{split}.json")
 
 
+def latent_stats_path(root: str) -> str:
+  return os.path.join(root, LATENT_STATS_FILE)
+
+
 def _state_dir(root: str, kind: str, split: str) -> str:
   return os.path.join(record_dir(root, kind), "prepare", split)
 
@@ -111,8 +125,9 @@ def _read_json(path: str):
 
 
 def _plan(source: formats.Input, options: formats.ConvertOptions, split: str) -> dict:
-  opts = {k: v for k, v in dataclasses.asdict(options).items() if k != "latent_fn"}
-  opts["latents"] = options.latent_fn is not None
+  opts = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+          if f.name != "latents"}
+  opts["latents"] = options.latents.plan() if options.latents is not None else False
   return json.loads(json.dumps(dict(version=PLAN_VERSION, kind=source.kind, split=split,
                                     units=source.num_units, input=source.describe(),
                                     options=opts)))
@@ -157,10 +172,36 @@ def _start(source: formats.Input, job: Job, plan: dict) -> str:
     for name in ("dataset_info.json", "features.json"):
       if os.path.exists(os.path.join(out, name)):
         os.remove(os.path.join(out, name))
+  _check_same_encoder(job.root, kind, job.split, plan)
   os.makedirs(state, exist_ok=True)
   if _read_json(os.path.join(state, "plan.json")) != plan:
     _write_json(os.path.join(state, "plan.json"), plan)
   return state
+
+
+def _plans(root: str) -> Iterator[tuple[str, str, dict]]:
+  """(kind, split, plan) of every prepare under `root`."""
+  for kind in KINDS:
+    base = os.path.join(record_dir(root, kind), "prepare")
+    for split in sorted(os.listdir(base)) if os.path.isdir(base) else ():
+      plan = _read_json(os.path.join(base, split, "plan.json"))
+      if plan is not None:
+        yield kind, split, plan
+
+
+def _check_same_encoder(root: str, kind: str, split: str, plan: dict) -> None:
+  """Refuses latents from another encoder than those already in `root` (training reads every
+  kind's tokens as one space)."""
+  mine = plan["options"]["latents"]
+  if not isinstance(mine, dict):
+    return
+  for k, s, other in _plans(root):
+    theirs = other["options"].get("latents")
+    if (k, s) != (kind, split) and isinstance(theirs, dict) and \
+        theirs["identity"] != mine["identity"]:
+      raise UserError(f"{root} holds {k}/{s} latents of another encoder "
+                      f"({_first_difference(theirs['identity'], mine['identity'])}): prepare "
+                      "every kind of a data root with the same VAE, or use another --out")
 
 
 def _done(out: str, state: str, unit: int) -> dict | None:
@@ -202,17 +243,19 @@ def _convert_unit(source: formats.Input, options: formats.ConvertOptions, out: s
   path = os.path.join(out, name)
   conv = formats.Converter(options)
   where = f"unit {unit + 1}/{source.num_units}"
+  batcher = (formats.LatentBatcher(options.latents, options.unit)
+             if options.latents is not None else None)
   with ShardWriter(path + ".partial") as writer:
-    for item in source.items(unit, conv):
-      record = conv.build(item)
-      if record is not None:
-        writer.write(record)
-      progress.record(record is not None, where)
+    for record in formats.build_records(source.items(unit, conv), conv,
+                                        lambda kept: progress.record(kept, where), batcher):
+      writer.write(record)
   os.replace(path + ".partial", path)
   marker = dict(unit=unit, shard=name, shard_bytes=os.path.getsize(path), records=writer.count,
                 num_bytes=writer.num_bytes, read=writer.count + sum(
                     v for k, v in conv.counters.items() if k.startswith("skipped/")),
                 counters=dict(sorted(conv.counters.items())), first=conv.first)
+  if batcher is not None:
+    marker["latent_sums"] = batcher.sums.to_dict()
   _write_json(_marker_path(state, unit), marker)
   return marker
 
@@ -268,6 +311,12 @@ def _finish(source: formats.Input, job: Job, plan: dict, markers: list[dict]) ->
                for k, n in sorted(counters.items()) if k.startswith("skipped/")},
       converted={k[len("converted/"):]: n for k, n in sorted(counters.items())
                  if k.startswith("converted/")})
+  if isinstance(plan["options"]["latents"], dict):
+    sums = _latent_sums(markers)
+    summary["latents"] = dict(images=sums.images, tokens=sums.tokens,
+                              token_dim=0 if sums.total is None else len(sums.total),
+                              dtype=plan["options"]["latents"]["dtype"],
+                              stats=LATENT_STATS_FILE)   # in the root
   _write_json(summary_path(job.root, kind, job.split), summary)
   if not kept:
     raise formats.NoRecords(
@@ -275,7 +324,38 @@ def _finish(source: formats.Input, job: Job, plan: dict, markers: list[dict]) ->
         f"{formats.describe_skips(counters, first)}\n"
         f"(details in {summary_path(job.root, kind, job.split)})")
   write_dataset_info(job.root, kind, _complete_splits(job.root, kind))
+  if "latents" in summary:
+    _write_json(latent_stats_path(job.root), _latent_stats(job.root))
   return summary
+
+
+def _latent_sums(markers: list[dict]) -> formats.LatentSums:
+  sums = formats.LatentSums()
+  for m in markers:   # in unit order: the same floats however many processes wrote the units
+    sums.add(formats.LatentSums.from_dict(m["latent_sums"]))
+  return sums
+
+
+def _latent_stats(root: str) -> dict:
+  """ROOT/latent_stats.json (module doc): from the markers of every complete split with latents."""
+  total, splits, encoder = formats.LatentSums(), {}, None
+  for kind, split, plan in _plans(root):
+    latents = plan["options"].get("latents")
+    state = _state_dir(root, kind, split)
+    markers = [_done(record_dir(root, kind), state, u) for u in range(plan["units"])]
+    if not isinstance(latents, dict) or any(m is None for m in markers):
+      continue
+    sums = _latent_sums(markers)
+    if not sums.tokens:
+      continue
+    encoder = latents
+    splits[f"{kind}/{split}"] = sums.stats(latents["patch_size"])
+    if split == "train":
+      total.add(sums)
+  out = dict(encoder=encoder, splits=splits)
+  if total.tokens:
+    out.update(total.stats(encoder["patch_size"]))
+  return out
 
 
 def _complete_splits(root: str, kind: str) -> dict[str, tuple[list[int], int]]:
@@ -305,5 +385,10 @@ def describe(summary: dict, root: str) -> list[str]:
       lines.append(f"  {reason} {s['count']:,}: {', '.join(s['first'])}{more}")
   if summary["converted"]:
     lines.append("converted: " + ", ".join(f"{k} {n:,}" for k, n in summary["converted"].items()))
+  if "latents" in summary:
+    lat = summary["latents"]
+    lines.append(f"latents: {lat['images']:,} images, {lat['tokens']:,} tokens of "
+                 f"{lat['token_dim']} values ({lat['dtype']}); per-channel mean and std: "
+                 f"{os.path.join(root, lat['stats'])}")
   lines.append(f"summary: {summary_path(root, summary['kind'], summary['split'])}")
   return lines

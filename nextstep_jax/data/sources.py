@@ -8,7 +8,8 @@ kind: "pair", "edit", "interleaved", "text") under ``{root}/nextstep_records/{ki
                   (sources, instruction, target), interleaved any, text "T"
   texts    [text]       the text segments in order
   images   [bytes]      encoded images (JPEG or PNG), already resized into an aspect bucket
-  latents  [bytes]      optional precomputed patch tokens, float16 (h, w, d) per image
+  latents  [bytes]      optional precomputed patch tokens (h, w, d) per image, float16 or float32
+                        (told by the size); (h, w) is the image's token grid
   latent_shapes [(h, w, d)]
 
 A split is a list of ArrayRecord shard files (``nextstep_records-{split}.array_record-{i}-of-{n}``)
@@ -19,7 +20,9 @@ converters (``data/formats.py``) read image folders, jsonl/csv indexes, webdatas
 TFDS datasets; every image is decoded, converted to RGB, checked and resized into an aspect bucket
 of the stage's area range by the helpers here. The same checks run again when records are read for
 training (``RecordDecoder``), so a corrupt record in a shard is skipped and counted by the pipeline
-instead of stopping training.
+instead of stopping training. On the latent path, a record's stored latents are used as they are:
+its images are opened only to check that their token grid is the latents' and one of the stage's
+buckets (latents cannot be re-fitted), never decoded.
 """
 
 from __future__ import annotations
@@ -408,11 +411,26 @@ def available_kinds(root: str, split: str | None = None) -> list[str]:
 @dataclasses.dataclass
 class DecodedRecord:
   """A record ready for SequenceBuilder.from_record: texts decoded, images as uint8 RGB arrays
-  (or latent tokens), plus notes of what was converted."""
+  (None on the latent path where the record's latents are used), their latent tokens (h, w, d)
+  where stored, plus notes of what was converted."""
   record: dict
-  images: list[np.ndarray]
+  images: list[np.ndarray | None]
   latents: list[np.ndarray | None]
   notes: list[str]
+
+
+LATENT_DTYPES = (np.float16, np.float32)
+
+
+def decode_latent(blob: bytes, shape) -> np.ndarray:
+  """Stored latent bytes -> (h, w, d) array; float16 or float32 by the byte count. BadRecord
+  ("bad_latents") when the bytes fit neither."""
+  shape = tuple(int(v) for v in shape)
+  n = int(np.prod(shape))
+  for dtype in LATENT_DTYPES:
+    if len(blob) == n * np.dtype(dtype).itemsize:
+      return np.frombuffer(bytes(blob), dtype).reshape(shape)
+  raise BadRecord("bad_latents", f"{len(blob)} bytes for latents of shape {shape}")
 
 
 class RecordDecoder:
@@ -457,24 +475,31 @@ class RecordDecoder:
     if layout.count("T") != len(texts) or layout.count("I") != len(blobs) or \
         set(layout) - {"T", "I"}:
       raise BadRecord("bad_layout", f"layout {layout!r} with {len(texts)} texts, {len(blobs)} images")
-    images: list[np.ndarray] = []
+    record = _record_from_layout(self.kind, layout, texts)
+    if not self.pixel and latent_blobs:   # the latent path reads the stored latents
+      if len(latent_blobs) != len(blobs) or len(latent_shapes) != len(blobs):
+        raise BadRecord("bad_latents", "latents do not match the images")
+      latents = [decode_latent(b, shape) for b, shape in zip(latent_blobs, latent_shapes)]
+      for blob, lat in zip(blobs, latents):
+        self._check_latent_grid(blob, lat)
+      return DecodedRecord(record, [None] * len(blobs), list(latents), notes)
+    images: list[np.ndarray | None] = []
     for blob in blobs:
       grid = None
       if self.pixel and images:
         grid = (images[0].shape[0] // self.unit, images[0].shape[1] // self.unit)
       images.append(self._image(blob, notes, grid))
-    latents: list[np.ndarray | None] = [None] * len(images)
-    if latent_blobs:
-      if len(latent_blobs) != len(blobs) or len(latent_shapes) != len(blobs):
-        raise BadRecord("bad_latents", "latents do not match the images")
-      for i, (blob, shape) in enumerate(zip(latent_blobs, latent_shapes)):
-        shape = tuple(int(v) for v in shape)
-        arr = np.frombuffer(bytes(blob), np.float16)
-        if arr.size != int(np.prod(shape)):
-          raise BadRecord("bad_latents", f"{arr.size} values for shape {shape}")
-        latents[i] = arr.reshape(shape)
-    record = _record_from_layout(self.kind, layout, texts)
-    return DecodedRecord(record, images, latents, notes)
+    return DecodedRecord(record, images, [None] * len(images), notes)
+
+  def _check_latent_grid(self, data: bytes, latent: np.ndarray) -> None:
+    """The image's token grid (its header only) is the latents' and a bucket of the stage."""
+    w, h = open_image(bytes(data), self.max_pixels).size
+    grid = (h // self.unit, w // self.unit)
+    if h % self.unit or w % self.unit or tuple(latent.shape[:2]) != grid:
+      raise BadRecord("bad_latents", f"latents {latent.shape} for an image of {w}x{h} px at "
+                      f"{self.unit} px per token")
+    if grid not in self.buckets:
+      raise BadRecord("latents_off_bucket", f"token grid {grid} is not a bucket of the area range")
 
 
 def _record_from_layout(kind: str, layout: str, texts: list[str]) -> dict:
