@@ -8,6 +8,9 @@ patches, 256 tokens; 32: 512², 1024 tokens). Models (random weights; the cost d
   demo   the demo preset: hidden 128, 4 layers, head 2 x 128, tokens of dim 16 (its images are 4 x 4)
   4.6m   hidden 256, 4 layers (4 heads, 2 KV), MLP 768, vocab 1024, head 2 x 256 (a 1M-parameter head)
   126m   hidden 768, 12 layers (12 heads, 4 KV), MLP 2048, vocab 16384, head 6 x 768 (20.4M parameters)
+  1.5b   the Qwen2.5-1.5B backbone, head 6 x 1024, for an accelerator:
+         python benchmarks/sampler.py --runs=1.5b@32 --batch_runs=1.5b@32 --batches=1,64 --dtype=bfloat16 \
+             --naive_tokens=0
 Every image is sampled with classifier-free guidance (a conditional and an unconditional row per image)
 from a 46-position prompt pair, with the official SDE head sampler (--steps evaluations per token).
 
@@ -25,12 +28,14 @@ Per run it prints:
   the read bandwidth of this machine measured at start (the best of a compiled sum over 1 GiB and two
   numpy threads summing its halves), and the sampler's ratio to it;
 - batch: images per second with N images (2N rows) per call, for N in --batches (--batch_runs says
-  which runs), and the ratio to N = 1.
+  which runs), the ratio to N = 1 and the matmul FLOP/s it reaches, against a dense fp32 matmul's
+  rate measured at start (the compute bound a large batch meets).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import threading
@@ -47,6 +52,7 @@ from nextstep_jax import sampling  # noqa: E402
 from nextstep_jax.models import backbone as bb  # noqa: E402
 from nextstep_jax.models import fm_head  # noqa: E402
 from nextstep_jax.models import nextstep as ns  # noqa: E402
+from nextstep_jax.models import presets  # noqa: E402
 from nextstep_jax.sampling import flow, layout  # noqa: E402
 from nextstep_jax.sampling import sampler as sampler_lib  # noqa: E402
 
@@ -62,20 +68,25 @@ MODELS = {
     "126m": dict(backbone=bb.BackboneConfig(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12,
                                             num_kv_heads=4, head_dim=64, intermediate_size=2048, rope_theta=1e4),
                  head=(6, 768), token_dim=64),
+    # The GPU run's 1B-class model: the Qwen2.5-1.5B backbone with the paper's small head (6 x 1024).
+    "1.5b": dict(backbone=bb.BackboneConfig(**presets.BACKBONES["qwen2.5-1.5b"]),
+                 head=(presets.HEADS["small"]["num_layers"], presets.HEADS["small"]["dim"]), token_dim=64),
 }
 
 
-def build(name: str) -> ns.NextStep:
-  """A model of the named size with random weights (numpy-filled, so nothing compiles per init op)."""
+def build(name: str, dtype: str = "float32") -> ns.NextStep:
+  """A model of the named size with random weights (numpy-filled, so nothing compiles per init op), its
+  weights and compute in `dtype`."""
   m = MODELS[name]
-  c = m["backbone"]
+  c = dataclasses.replace(m["backbone"], dtype=dtype, param_dtype=dtype)
   layers, dim = m["head"]
-  cfg = ns.NextStepConfig(backbone=c, head=fm_head.HeadConfig(dim=dim, num_layers=layers, cond_dim=c.hidden_size,
-                                                              token_dim=m["token_dim"]), token_dim=m["token_dim"])
+  head = fm_head.HeadConfig(dim=dim, num_layers=layers, cond_dim=c.hidden_size, token_dim=m["token_dim"],
+                            dtype=dtype, param_dtype=dtype)
+  cfg = ns.NextStepConfig(backbone=c, head=head, token_dim=m["token_dim"])
   model = nnx.eval_shape(lambda: ns.NextStep(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(0)
   state = nnx.state(model, nnx.Param)
-  params = jax.tree.map(lambda x: (rng.standard_normal(x.shape, np.float32) * 0.02).astype(np.float32),
+  params = jax.tree.map(lambda x: (rng.standard_normal(x.shape, np.float32) * 0.02).astype(x.dtype),
                         nnx.to_pure_dict(state))
   for scale in (params["backbone"]["final_norm_scale"], params["backbone"]["layers"]["input_norm_scale"],
                 params["backbone"]["layers"]["post_norm_scale"], params["head"]["ln_scale"]):
@@ -103,12 +114,16 @@ def best_of(fn, repeats: int) -> float:
 
 
 def read_bandwidth() -> float:
-  """Bytes per second of the best of: a compiled sum over 1 GiB, and two numpy threads summing halves."""
-  a = np.ones(2 ** 28, np.float32)
-  x = jnp.asarray(a)
+  """Bytes per second of the best of: a compiled sum over 1 GiB (4 GiB on an accelerator, in its memory),
+  and on the CPU two numpy threads summing its halves."""
+  cpu = jax.default_backend() == "cpu"
+  x = jnp.ones(2 ** (28 if cpu else 30), jnp.float32)
   total = jax.jit(jnp.sum)
   total(x).block_until_ready()
   t_xla = best_of(lambda: total(x), 5)
+  if not cpu:
+    return x.nbytes / t_xla
+  a = np.ones(2 ** 28, np.float32)
   halves = a.reshape(2, -1)
 
   def two_threads():
@@ -131,11 +146,33 @@ def token_bytes(model: ns.NextStep, steps: int, rows: int, mean_slots: float) ->
   head = model.head
   per_eval = nbytes(layout.head_layout(head))  # input projection, adaLN, blocks, final layer
   c = model.config.backbone
-  cache = c.num_layers * rows * mean_slots * c.num_kv_heads * c.head_dim * 2 * np.dtype(c.dtype).itemsize
+  cache = c.num_layers * rows * mean_slots * c.num_kv_heads * c.head_dim * 2 * jnp.dtype(c.dtype).itemsize
   return {"head": steps * per_eval, "cond": nbytes([head.cond_kernel[...], head.cond_bias[...]]),
           "layers": nbytes(model.backbone.layers.stacked()),
           "projectors": nbytes([model.image_in_kernel[...], model.image_out_kernel[...]]), "cache": cache,
           "per_eval": per_eval}
+
+
+def flops_per_image(model: ns.NextStep, steps: int, t_img: int) -> float:
+  """Matmul FLOPs of one guided image (2 rows): the prompt's prefill, and per token the head's `steps`
+  evaluations (its adaLN for every step, the blocks' MLPs, input and output projections), the condition
+  and the projectors, and one decode step (layer weights and attention over the filled cache)."""
+  c, hc = model.config.backbone, model.config.head
+  layers = sum(x.size for x in jax.tree.leaves(model.backbone.layers.stacked()))
+  attn = lambda slots: 4 * c.num_layers * slots * c.num_heads * c.head_dim
+  d, n, td = hc.dim, hc.num_layers, hc.token_dim
+  head = steps * 2 * ((3 * n + 2) * d * d + 2 * n * d * d + 2 * d * td) + 2 * hc.cond_dim * d
+  per_token = head + 2 * (layers + td * c.hidden_size + c.hidden_size ** 2) + attn(PROMPT_LEN + t_img / 2)
+  prefill = PROMPT_LEN * (2 * layers + attn(PROMPT_LEN / 2))
+  return 2 * (prefill + t_img * per_token)
+
+
+def matmul_rate() -> float:
+  """FLOP/s of a compiled 2048 x 2048 fp32 matmul (the dense peak the batched sampler works against)."""
+  a = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  return 2 * 2048 ** 3 / best_of(lambda: mm(a), 5)
 
 
 def time_head(model: ns.NextStep, steps: int, tokens: int, repeats: int) -> tuple[float, float]:
@@ -207,11 +244,12 @@ def bench(run: str, args, bandwidth: float) -> None:
   name, side = run.split("@")
   side = int(side)
   t_img, steps = side * side, args.steps
-  model = build(name)
-  n_params = nbytes(nnx.state(model, nnx.Param)) // 4
-  head_params = nbytes(nnx.state(model.head, nnx.Param)) // 4
+  model = build(name, args.dtype)
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  head_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.head, nnx.Param)))
   print(f"\n== {run}: {n_params / 1e6:.1f}M parameters (head {head_params / 1e6:.2f}M), {t_img} tokens "
-        f"({side}x{side}) of dim {model.config.token_dim}, {steps} head evaluations per token, cfg {args.cfg}")
+        f"({side}x{side}) of dim {model.config.token_dim}, {steps} head evaluations per token, cfg {args.cfg}, "
+        f"{args.dtype}")
   cond, neg = prompts(model.config.backbone.vocab_size, 1)
   slots = PROMPT_LEN + t_img
   parts = token_bytes(model, steps, 2, PROMPT_LEN + t_img / 2)
@@ -261,7 +299,11 @@ def bench(run: str, args, bandwidth: float) -> None:
       fn = lambda: sampling.sample_images(model, cond_b, neg_b, side, side, keys, cfg=args.cfg, steps=steps)
       jax.block_until_ready(fn())
       rates[b] = b / best_of(fn, 2 if b <= 16 else 1)
-    print("batch:   " + ", ".join(f"{b}: {r:.2f} images/s ({r / rates[1]:.1f}x)" for b, r in rates.items()))
+    work = flops_per_image(model, steps, t_img)
+    print("batch:   " + ", ".join(f"{b}: {r:.2f} images/s ({r / rates[1]:.1f}x, {r * work / 1e9:.0f} GFLOP/s)"
+                                  for b, r in rates.items()))
+    print(f"         {work / 1e9:.2f} GFLOP per image; a 2048^2 matmul runs at {args.peak / 1e9:.0f} GFLOP/s here, "
+          f"at which rate a batch would make at most {args.peak / work:.1f} images/s")
 
 
 def main() -> None:
@@ -273,13 +315,15 @@ def main() -> None:
   ap.add_argument("--naive_tokens", type=int, default=2)
   ap.add_argument("--batches", default="1,4,16,64")
   ap.add_argument("--batch_runs", default="demo@4,4.6m@16")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute")
   args = ap.parse_args()
   for run in args.runs.split(","):
     if run.split("@")[0] not in MODELS or "@" not in run:
       raise SystemExit(f"unknown run {run!r}; expected MODEL@SIDE with MODEL one of {sorted(MODELS)}")
   bandwidth = read_bandwidth()
+  args.peak = matmul_rate()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s")
+        f"{bandwidth / 1e9:.1f} GB/s; fp32 matmul {args.peak / 1e9:.0f} GFLOP/s")
   for run in args.runs.split(","):
     bench(run, args, bandwidth)
 

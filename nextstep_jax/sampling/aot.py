@@ -4,8 +4,9 @@ the bytes each takes per device (``benchmarks/aot_sampler.py`` prints the table)
 Three programs make a sample (``sampling/sampler.py``): the prefill of the prompt rows into a fresh KV
 cache, one KV-cached decode step (an image token in-projected and fed back into every row; the cache
 donated), and one head integration (the condition out-projected, then the SDE of ``steps`` guided head
-evaluations for one token), each on the sampler's weight layout (``sampling/layout.py``: the per-layer
-copy of the weights it makes counts in the program's scratch, as it stays resident through a sample). Each is lowered on abstract inputs under the mesh, the params placed by the
+evaluations for one token), each on the sampler's weight layout (``sampling/layout.py``). Alone, each
+program reads its per-layer slices in place; the whole sampler splits them once before its token loop and
+holds that copy (the layer and head weights once more) through a call, which these figures leave out. Each is lowered on abstract inputs under the mesh, the params placed by the
 config's logical rules (``run.param_target``) and the cache's kv heads over ``tensor``, and compiled by the
 target's compiler; nothing runs and no weight is allocated. Bytes per device: the params as placed and the
 KV cache (from their shardings), each program's scratch (``memory_analysis().temp_size_in_bytes``) and the
@@ -104,8 +105,7 @@ def _programs(config, mesh, *, rows: int, prompt_len: int, image_tokens: int, st
   cache_shardings = jax.tree.map(lambda s: s.sharding, cache)
   b = rows // groups
 
-  # Each program lays the weights out as the sampler does (sampling/layout.py), so the per-layer copy
-  # (resident through the real loop) counts in its scratch.
+  # Each program lays the weights out as the sampler does (sampling/layout.py).
   def prefill(params, tokens, mask):
     model = nnx.merge(graphdef, params)
     fresh = layout.init_cache(c, rows, length)

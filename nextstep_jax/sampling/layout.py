@@ -5,7 +5,9 @@ Training keeps the decoder's and the head's weights stacked along a ``layers`` a
 each layer's weights out of the stack and, with a cache, restacks the whole cache, so a decode step
 reads and writes far more bytes than the weights and the cache it needs. Here the sampler splits the
 stacks once, before its loop, into one array per layer (the same weights; the training layout is
-untouched), runs the layers unrolled, and keeps one (k, v) pair per layer, written in place.
+untouched), runs the layers unrolled, and keeps one (k, v) pair per layer, written in place. The cost:
+during a call the device holds the layer and head weights twice (XLA keeps the split slices as the
+loop's own buffers), and compile time grows with depth.
 
 The flow-matching head is laid out for its inner loop (``head_layout``): per-block weights, all
 adaLN projections (every block's and the final layer's) fused into one matmul, since they share one
