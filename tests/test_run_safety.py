@@ -177,6 +177,7 @@ def test_locked_workdir_is_refused_before_anything_is_written(assets, tmp_path):
   work.mkdir()
   _fake_lock(work, os.getppid())
   before = _tree(work)
+  handler = signal.getsignal(signal.SIGINT)  # the default one, or SIG_IGN under a background shell
   with pytest.raises(WorkdirLockedError, match=str(work)):
     loop.train(_tiny_config(assets, work), str(work))
   vcfg = vae_demo.get_config()
@@ -184,7 +185,7 @@ def test_locked_workdir_is_refused_before_anything_is_written(assets, tmp_path):
     vae_trainer.train_and_evaluate(vcfg, str(work))
   assert _tree(work) == before
   # The stop-signal handler was put back.
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_stop_before_the_first_step_saves_nothing_and_releases_everything(assets, tmp_path, monkeypatch,
@@ -206,17 +207,18 @@ def test_stop_before_the_first_step_saves_nothing_and_releases_everything(assets
     return wrapper
 
   monkeypatch.setattr(loop.mixture, "build_train_iterator", interrupted(loop.mixture.build_train_iterator))
+  handler = signal.getsignal(signal.SIGINT)  # the default one, or SIG_IGN under a background shell
   work = tmp_path / "lm"
   assert loop.train(_tiny_config(assets, work, steps=50), str(work)) == {}
   assert "stop requested (SIGINT) before the first step" in capsys.readouterr().out
   assert not (work / "checkpoints").exists() and not (work / workdir_lock.LOCK_FILE).exists()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is handler
 
   monkeypatch.setattr(vae_trainer, "load_images", interrupted(vae_trainer.load_images))
   vwork = tmp_path / "vae"
   assert vae_trainer.train_and_evaluate(vae_demo.get_config(), str(vwork)) == {"stopped": "SIGINT"}
   assert sorted(os.listdir(vwork)) == []  # no config.json, vae_config.json, checkpoints or lock
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_a_swallowed_keyboard_interrupt_still_stops_the_run():
