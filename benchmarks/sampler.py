@@ -28,8 +28,8 @@ Per run it prints:
   the read bandwidth of this machine measured at start (the best of a compiled sum over 1 GiB and two
   numpy threads summing its halves), and the sampler's ratio to it;
 - batch: images per second with N images (2N rows) per call, for N in --batches (--batch_runs says
-  which runs), the ratio to N = 1 and the matmul FLOP/s it reaches, against a dense fp32 matmul's
-  rate measured at start (the compute bound a large batch meets).
+  which runs), the ratio to N = 1 and the matmul FLOP/s it reaches, against a dense matmul's
+  rate in the run's dtype, measured at start (the compute bound a large batch meets).
 """
 
 from __future__ import annotations
@@ -167,22 +167,25 @@ def flops_per_image(model: ns.NextStep, steps: int, t_img: int) -> float:
   return 2 * (prefill + t_img * per_token)
 
 
-def matmul_rate() -> float:
-  """FLOP/s of a compiled 2048 x 2048 fp32 matmul (the dense peak the batched sampler works against)."""
-  a = jnp.ones((2048, 2048), jnp.float32)
+def matmul_rate(dtype: str) -> float:
+  """FLOP/s of a compiled 2048 x 2048 matmul in `dtype` (the dense peak the batched sampler works against)."""
+  a = jnp.ones((2048, 2048), dtype)
   mm = jax.jit(lambda a: a @ a)
   mm(a).block_until_ready()
   return 2 * 2048 ** 3 / best_of(lambda: mm(a), 5)
 
 
 def time_head(model: ns.NextStep, steps: int, tokens: int, repeats: int) -> tuple[float, float]:
-  """Seconds per head evaluation (sampler layout, training layout) inside a compiled token loop."""
-  head, d = model.head, model.config.token_dim
+  """Seconds per head evaluation (sampler layout, training layout) inside a compiled token loop. The
+  weights are arguments (closed over, they would be baked into the program as constants)."""
+  graphdef, state = nnx.split(model.head)
+  d = model.config.token_dim
   cond = jax.random.normal(jax.random.key(2), (2, model.config.backbone.hidden_size), jnp.float32)
   grid = flow.eval_grid(steps, 1.0, True)
 
   @jax.jit
-  def fast(cond, key):
+  def fast(state, cond, key):
+    head = nnx.merge(graphdef, state)
     hl, ttable = layout.head_layout(head), layout.time_table(head, grid)
 
     def body(i, acc):
@@ -193,7 +196,9 @@ def time_head(model: ns.NextStep, steps: int, tokens: int, repeats: int) -> tupl
     return jax.lax.fori_loop(0, tokens, body, jnp.zeros((1, d)))
 
   @jax.jit
-  def stacked(cond, key):
+  def stacked(state, cond, key):
+    head = nnx.merge(graphdef, state)
+
     def body(i, acc):
       return acc + flow.sample_token(head, cond + 1e-3 * acc[0, 0], jax.random.fold_in(key, i), groups=2,
                                      steps=steps, sde=True, cfg=7.5, cfg_img=1.0, time_shift=1.0)
@@ -201,20 +206,22 @@ def time_head(model: ns.NextStep, steps: int, tokens: int, repeats: int) -> tupl
 
   out = []
   for fn in (fast, stacked):
-    fn(cond, jax.random.key(0)).block_until_ready()
-    out.append(best_of(lambda fn=fn: fn(cond, jax.random.key(1)), repeats) / (tokens * steps))
+    fn(state, cond, jax.random.key(0)).block_until_ready()
+    out.append(best_of(lambda fn=fn: fn(state, cond, jax.random.key(1)), repeats) / (tokens * steps))
   return out[0], out[1]
 
 
 def time_decode(model: ns.NextStep, slots: int, n: int, repeats: int) -> tuple[float, float]:
-  """Seconds per one-token decode step (2 rows) over a cache of `slots` (sampler layout, training layout)."""
+  """Seconds per one-token decode step (2 rows) over a cache of `slots` (sampler layout, training layout);
+  the weights are arguments."""
+  graphdef, state = nnx.split(model)
   c = model.config.backbone
-  x = jax.random.normal(jax.random.key(3), (2, 1, c.hidden_size), jnp.float32)
+  x = jax.random.normal(jax.random.key(3), (2, 1, c.hidden_size), jnp.float32).astype(c.dtype)
   start = slots - n - 1
 
   @jax.jit
-  def fast(x):
-    dec = layout.decoder_layout(model)
+  def fast(state, x):
+    dec = layout.decoder_layout(nnx.merge(graphdef, state))
     cache = dict(layout.init_cache(c, 2, slots), index=jnp.int32(start))
 
     def body(i, carry):
@@ -224,19 +231,20 @@ def time_decode(model: ns.NextStep, slots: int, n: int, repeats: int) -> tuple[f
     return jax.lax.fori_loop(0, n, body, (cache, x))[1]
 
   @jax.jit
-  def stacked(x):
-    cache = dict(model.backbone.init_cache(2, slots), index=jnp.int32(start))
+  def stacked(state, x):
+    backbone = nnx.merge(graphdef, state).backbone
+    cache = dict(backbone.init_cache(2, slots), index=jnp.int32(start))
 
     def body(i, carry):
       cache, x = carry
-      h, cache = model.backbone(x, jnp.full((2, 1), start + i), jnp.ones((2, 1), jnp.int32), cache=cache)
+      h, cache = backbone(x, jnp.full((2, 1), start + i), jnp.ones((2, 1), jnp.int32), cache=cache)
       return cache, h
     return jax.lax.fori_loop(0, n, body, (cache, x))[1]
 
   out = []
   for fn in (fast, stacked):
-    fn(x).block_until_ready()
-    out.append(best_of(lambda fn=fn: fn(x), repeats) / n)
+    fn(state, x).block_until_ready()
+    out.append(best_of(lambda fn=fn: fn(state, x), repeats) / n)
   return out[0], out[1]
 
 
@@ -321,9 +329,9 @@ def main() -> None:
     if run.split("@")[0] not in MODELS or "@" not in run:
       raise SystemExit(f"unknown run {run!r}; expected MODEL@SIDE with MODEL one of {sorted(MODELS)}")
   bandwidth = read_bandwidth()
-  args.peak = matmul_rate()
+  args.peak = matmul_rate(args.dtype)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s; fp32 matmul {args.peak / 1e9:.0f} GFLOP/s")
+        f"{bandwidth / 1e9:.1f} GB/s; {args.dtype} matmul {args.peak / 1e9:.0f} GFLOP/s")
   for run in args.runs.split(","):
     bench(run, args, bandwidth)
 
