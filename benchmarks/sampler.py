@@ -186,7 +186,7 @@ def time_head(model: ns.NextStep, steps: int, tokens: int, repeats: int) -> tupl
   @jax.jit
   def fast(state, cond, key):
     head = nnx.merge(graphdef, state)
-    hl, ttable = layout.head_layout(head), layout.time_table(head, grid)
+    hl, ttable = layout.head_layout(head), head.time_embed(grid)
 
     def body(i, acc):
       cy = head.cond_embed(cond + 1e-3 * acc[0, 0])

@@ -126,7 +126,7 @@ def _programs(config, mesh, *, rows: int, prompt_len: int, image_tokens: int, st
     model = nnx.merge(graphdef, params)
     head = model.head
     x0, zs = token_noise(key, b, cfg.token_dim, steps, sde=True)
-    return draw_token(layout.head_layout(head), layout.time_table(head, eval_grid(steps, 1.0, True)),
+    return draw_token(layout.head_layout(head), head.time_embed(eval_grid(steps, 1.0, True)),
                       head.cond_embed(model.image_out(h_last)), x0, zs, groups=groups, steps=steps, cfg=cfg_scale,
                       cfg_img=2.0, time_shift=1.0)
 

@@ -11,7 +11,7 @@ loop's own buffers), and compile time grows with depth.
 
 The flow-matching head is laid out for its inner loop (``head_layout``): per-block weights, all
 adaLN projections (every block's and the final layer's) fused into one matmul, since they share one
-input; the time embeddings of the fixed grid are computed once per image (``time_table``) and the
+input; the time embeddings of the fixed grid are computed once per image (``FlowHead.time_embed`` of ``flow.eval_grid``) and the
 condition's projection once per token (``FlowHead.cond_embed``), and since the adaLN modulations depend
 on the time and the condition but not on the noisy token, those of all of a token's evaluations come
 from one matmul per token (``head_ada``). One evaluation is then the input projection and the blocks'
@@ -101,11 +101,6 @@ def head_layout(head: fm_head.FlowHead) -> dict:
   return {"blocks": blocks, "ada_kernel": parallel.constrain(ada, ("fm_embed", "fm_mlp")), "ada_bias": ada_bias,
           "input_kernel": get("input_kernel"), "input_bias": get("input_bias"),
           "final_kernel": get("final_kernel"), "final_bias": get("final_bias")}
-
-
-def time_table(head: fm_head.FlowHead, grid: jax.Array) -> jax.Array:
-  """The time embeddings (steps, D) of the grid's evaluation times, computed once per image."""
-  return head.time_embed(grid)
 
 
 def head_ada(hl: dict, y: jax.Array) -> jax.Array:

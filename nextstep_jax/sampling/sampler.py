@@ -52,7 +52,7 @@ def prefill(model: ns.NextStep, dec: dict, cache, tokens, mask, img_tokens, img_
 def draw_token(hl: dict, ttable: jax.Array, cy_rd: jax.Array, x0: jax.Array, zs: jax.Array | None, *,
                groups: int, steps: int, cfg, cfg_img, time_shift) -> jax.Array:
   """One token (B, d) from its noise (x0, zs), each row's condition projection cy (G*B, D) and the grid's
-  time embeddings `ttable` (``layout.time_table``): ``flow.integrate`` over ``layout.head_velocity``."""
+  time embeddings `ttable` (``FlowHead.time_embed`` of ``flow.eval_grid``): ``flow.integrate`` over ``layout.head_velocity``."""
   b, d = x0.shape
   ada = layout.head_ada(hl, ttable[:, None, :] + cy_rd[None])  # (steps, G*B, (3n + 2) D), once per token
 
@@ -72,7 +72,7 @@ def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, g
   r = h_last.shape[0]
   b, d = r // groups, model.config.token_dim
   hl = layout.head_layout(model.head)
-  ttable = layout.time_table(model.head, eval_grid(steps, time_shift, sde))
+  ttable = model.head.time_embed(eval_grid(steps, time_shift, sde))  # once per image
   per_row = key.ndim == 1
 
   def body(i, carry):
