@@ -8,9 +8,12 @@ device each: the multi-host path of a pod).
 Each process measures its own peak resident memory (``ru_maxrss``) before and after the work; the figure is
 the growth, in one process for the import and in a fresh set of processes for the export. The import reads
 each device's shard of every param from the files (``hf.load_nextstep_arrays``) and the checkpoint is written
-from those shards; the export restores the shards and writes one tensor (one layer of a stacked param) at a
-time from process 0. Expected: one process holds about the whole model; N processes hold about 1/N of it each,
-plus one layer's tensor. The exported directory is checked against the source bit for bit. Never asserts.
+from those shards; the export reads the checkpoint's files one tensor (one layer of a stacked param) at a time
+(``interop.stored``) and writes it before reading the next, from process 0. Measured on a 2-core host (8 shards
+of 55 MB): import 808 MB in 1 process, 155 MB in each of 8 (each holds its 1/N of the model, up to twice while
+orbax saves it, plus jax's per-process cost); export 53 MB in 1 process, 58 MB in 8 (one tensor and the
+reader's buffers, whatever the model's size). The exported directory is checked against the source bit for
+bit. Never asserts.
 """
 
 from __future__ import annotations

@@ -375,7 +375,7 @@ def _params_of(model_or_params: Any) -> dict:
 
 def export_nextstep(model_or_params: Any, cfg: ns.NextStepConfig, out_dir: str, meta: ImageMeta, *,
                     dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    tokenizer: Any = None, vae: Any = None) -> dict:
+                    tokenizer: Any = None, vae: Any = None, fetch: Callable | None = None) -> dict:
   """Writes a NextStep-1 Hugging Face directory. Returns the shard index.
 
   model_or_params: a NextStep module or its pure params dict (numpy or jax arrays, possibly sharded, over
@@ -384,6 +384,9 @@ def export_nextstep(model_or_params: Any, cfg: ns.NextStepConfig, out_dir: str, 
   bitwise; the release stores bfloat16). tokenizer: a directory/file to copy, or an object with
   ``save(dir)`` (``nextstep_jax.data.tokenizer.Tokenizer``) or ``save_pretrained(dir)``. vae: a directory
   (copied to ``vae/``), a file (copied into ``vae/``), or an ``AutoencoderKL`` (``interop.vae.export_vae``).
+  fetch: how process 0 alone brings each tensor (or a slice of it, ``names.host_slice``'s contract) to the host,
+  e.g. ``stored.StoredParams.fetch`` reading a checkpoint piece by piece (the leaves then need only ``shape`` and
+  ``dtype``); the other processes read nothing. Default: the leaves are arrays, gathered on every process.
   """
   if dtype not in _EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r}; expected one of {sorted(_EXPORT_DTYPES)}")
@@ -394,13 +397,15 @@ def export_nextstep(model_or_params: Any, cfg: ns.NextStepConfig, out_dir: str, 
   store = _EXPORT_DTYPES[dtype]
   shapes = _shapes_from_abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params), cfg)
   entries = {k: (s, store) for k, s in shapes.items()}
-  tensors = names.nextstep_to_tensors(params, cfg, fetch=_fetch_one, chunked=True)
+  writer = jax.process_index() == 0
+  tensors = names.nextstep_to_tensors(params, cfg, fetch=fetch or _fetch_one, chunked=True)
+  if fetch is not None and not writer:
+    tensors = iter(())  # process 0 reads and writes everything alone
   grid = meta.gen_pos_grid if meta.source is not None else (meta.gen_pos_grid or GEN_POS_GRID_V1)
   if grid:  # the official model's persistent buffer (see gen_pos_table)
     table = gen_pos_table(cfg.backbone.hidden_size, grid)
     entries[GEN_POS_EMBED] = (table.shape, store)
     tensors = itertools.chain(tensors, [(GEN_POS_EMBED, table)])
-  writer = jax.process_index() == 0
   if writer:
     os.makedirs(out_dir, exist_ok=True)
   index = save_sharded(out_dir, entries, tensors, max_shard_bytes, write=writer)
@@ -562,7 +567,7 @@ def load_nextstep_arrays(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta
   for path, leaf in flat.items():
     read = readers[path]
     arr = jax.make_array_from_callback(tuple(leaf.shape), leaf.sharding,
-                                       lambda index, r=read, dt=leaf.dtype: r(index).astype(dt))
+                                       lambda index, r=read, dt=leaf.dtype: r(index).astype(dt, copy=False))
     node = out
     for p in path[:-1]:
       node = node.setdefault(p, {})

@@ -26,9 +26,11 @@ from nextstep_jax import run as run_lib
 from nextstep_jax.config import UserError
 from nextstep_jax.data import tokenizer as tok_lib
 from nextstep_jax.interop import hf, safetensors_io
+from nextstep_jax.interop import stored as stored_lib
 from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.training import checkpoint as ckpt_lib
+from nextstep_jax.training import trainer as trainer_lib
 
 
 def parse_size(text: str) -> int:
@@ -70,9 +72,10 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
                    vae: str | None = None, use_ema: bool = True, mesh: Any = None) -> dict:
   """Writes the run's params (newest good checkpoint, or `step`) as a NextStep-1 directory. Returns the index.
 
-  The params are restored sharded over `mesh` (default: FSDP over every device of every process) and
-  written one tensor (one layer of a stacked leaf) at a time: no process holds more than its shards and the
-  tensor being written (process 0 writes).
+  The params stream from the checkpoint's files: process 0 reads each tensor (one layer of a stacked leaf, a
+  piece of rows of a vocabulary-sized one) as it writes it (``interop.stored``), so no process holds more than
+  the tensor being written; the other processes read nothing. A LoRA run's base is restored sharded over
+  `mesh` (default: FSDP over every device of every process) to merge its adapters, then written the same way.
 
   use_ema: export the EMA weights when the run kept them (config.ema_decay > 0). A LoRA run
   (config.lora.rank > 0) is exported with its adapters merged into the frozen base. The tokenizer:
@@ -85,13 +88,21 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
   src = run_lib.checkpoint_dir(workdir)
   if step is not None:
     src = os.path.join(src, str(step))
-  if mesh is None:
-    mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-  # Restored in the dtype written (the same single rounding as casting at the write), so a bf16 export holds
-  # bf16 shards.
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=s.sharding),
-                        run_lib.param_target(config, mesh))
-  _, params = run_lib.load_params(src, config, use_ema=use_ema, target=target, what=f"run {workdir}")
+  fetch = None
+  if trainer_lib.lora_config(config) is None:
+    # Streamed: process 0 reads each tensor (one layer of a stacked leaf, a piece of rows of a vocabulary-sized
+    # one) from the checkpoint's files as it writes it, read in the dtype written (orbax's cast, the same single
+    # rounding as casting at the write).
+    abstract = trainer_lib.abstract_model(config)[1]
+    _, stored = stored_lib.open_params(src, abstract, run_lib.params_key(config, use_ema), dtype,
+                                       what=f"run {workdir}")
+    params, fetch = stored.tree, stored.fetch
+  else:  # a LoRA run: the adapters merge into the whole base, restored sharded over `mesh`
+    if mesh is None:
+      mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=s.sharding),
+                          run_lib.param_target(config, mesh))
+    _, params = run_lib.load_params(src, config, use_ema=use_ema, target=target, what=f"run {workdir}")
   imported = os.path.isfile(os.path.join(workdir, IMPORT_FILE))
   try:
     tok = run_lib.load_tokenizer(config, workdir, path=tokenizer)
@@ -108,8 +119,10 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
     vae = configured if configured and os.path.exists(configured) else None
   if vae is not None and os.path.isdir(os.path.join(vae, run_lib.VAE_EXPORT_DIR)):
     vae = os.path.join(vae, run_lib.VAE_EXPORT_DIR)  # a train_vae work directory: ship its exported weights
-  return hf.export_nextstep(params, cfg, out, meta, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                            tokenizer=shipped, vae=vae)
+  index = hf.export_nextstep(params, cfg, out, meta, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                             tokenizer=shipped, vae=vae, fetch=fetch)
+  _barrier("nextstep_export_written")  # every process returns once the directory is whole
+  return index
 
 
 # A tokenizer's files at the top of a model directory (the rest there is the model's).
@@ -255,10 +268,14 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None) -> dict:
 
 
 def _save_step0(directory: str, params: dict, config) -> dict:
-  """`params` as the params-only step 0 of a checkpoint directory (with `config`); returns them."""
+  """`params` as the params-only step 0 of a checkpoint directory (with `config`); returns them. Each layer of a
+  stacked leaf is saved in zarr chunks of its own, none above ``names.CHUNK_BYTES`` (``stored.chunked_save_args``:
+  the export then reads a layer without decoding the others; every reader reads any chunking)."""
+  cfg = ns.NextStepConfig.from_config(config)
+  save_args = {"params": stored_lib.chunked_save_args(params, cfg)}
   ckpt = ckpt_lib.Checkpointer(directory, every=1, keep=1, async_save=False, config=config)
   try:
-    ckpt.save(0, {"params": params}, force=True)
+    ckpt.save(0, {"params": params}, force=True, save_args=save_args)
   finally:
     ckpt.close()
   return params

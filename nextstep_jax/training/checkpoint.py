@@ -299,11 +299,13 @@ class Checkpointer:
   # Save -----------------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, data_state: dict | bytes | None = None,
-           force: bool = False) -> bool:
+           force: bool = False, save_args: Any = None) -> bool:
     """Saves `state` (any pytree of jax.Arrays) and the iterator state when due or forced.
 
     Returns True when a save started. A step that is already saved is never saved twice.
     The arrays are copied to host before returning, so the caller may donate them next.
+    `save_args`: orbax ``SaveArgs`` per leaf of `state` (None: orbax's defaults), e.g. the import's
+    chunking; any chunking reads back the same.
     """
     if step in self._manager.all_steps():
       return False
@@ -311,7 +313,7 @@ class Checkpointer:
       return False
     if not self._config_written:
       self.write_config()
-    items = {STATE: ocp.args.StandardSave(state), DATA: DataStateSave(data_state)}
+    items = {STATE: ocp.args.StandardSave(state, save_args=save_args), DATA: DataStateSave(data_state)}
     if self._config_json is not None:
       items[CONFIG] = ocp.args.JsonSave(self._config_json)
     # One save in flight at a time (orbax waits too): the finalize callback reads _pending_step.
