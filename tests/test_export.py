@@ -433,3 +433,18 @@ def test_qwen2_import_refuses_non_finite_tensors(tmp_path):
                      match=rf"{safetensors_io.SINGLE_FILE}: tensor model\.layers\.0\.self_attn\.k_proj\.bias has "
                            r"1 non-finite values \(NaN/Inf\)"):
     hf.import_qwen2_backbone(q)
+
+
+def test_leaf_reader_pieces_own_their_memory():
+  """A device shard's piece of a checkpoint tensor is copied out (a numpy view would keep the whole tensor alive:
+  a stacked reader held every layer's whole tensor until it stacked them); the whole tensor is passed through."""
+  from nextstep_jax.interop import names  # pylint: disable=import-outside-toplevel
+  x = np.arange(24, dtype=np.float32).reshape(4, 6)
+  part = names._piece(x, (slice(0, 2), slice(None)))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(part, x[:2])
+  assert not np.shares_memory(part, x)
+  cols = names._piece(x.T, (slice(None), slice(1, 3)))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(cols, x.T[:, 1:3])
+  assert not np.shares_memory(cols, x)
+  whole = names._piece(x, (slice(None), slice(None)))  # pylint: disable=protected-access
+  assert np.shares_memory(whole, x)

@@ -167,6 +167,15 @@ def _chunks(rows: range, row_bytes: int) -> Iterator[tuple[int, int]]:
     yield a, min(a + step, rows.stop)
 
 
+def _piece(x: np.ndarray, index: tuple) -> np.ndarray:
+  """``x[index]`` holding only its own elements: a slice of part of `x` is copied out, since numpy's view would
+  keep the whole of `x` alive (a stacked reader holding every layer's whole tensor until it stacks them, or a
+  device shard aliasing the whole tensor it was cut from)."""
+  x = np.asarray(x)
+  part = x[index]
+  return np.array(part, copy=True) if part.size != x.size else part
+
+
 def nextstep_leaf_readers(get: Callable[[str], np.ndarray], cfg,
                           get_rows: Callable[[str, int, int], np.ndarray] | None = None
                           ) -> dict[tuple[str, ...], Callable]:
@@ -182,7 +191,7 @@ def nextstep_leaf_readers(get: Callable[[str], np.ndarray], cfg,
   def stacked(count: int, layer: Callable[[int], np.ndarray]) -> Callable:
     def read(index):
       rows = range(count)[index[0]]
-      return np.stack([np.asarray(layer(i))[index[1:]] for i in rows])
+      return np.stack([_piece(layer(i), index[1:]) for i in rows])
     return read
 
   for ours, suffix, _, from_ckpt in BACKBONE_LAYER_MAP:
@@ -190,22 +199,24 @@ def nextstep_leaf_readers(get: Callable[[str], np.ndarray], cfg,
         c.num_layers, lambda i, s=suffix, f=from_ckpt: f(get(f"{lay}.{i}.{s}"), c))
   row_bytes = c.hidden_size * 4
   if get_rows is None:
-    out[("backbone", "embed_tokens")] = lambda index: np.asarray(get(emb)[index])
-    out[("backbone", "lm_head_kernel")] = lambda index: np.asarray(get(head).T[index])
+    out[("backbone", "embed_tokens")] = lambda index: _piece(get(emb), index)
+    out[("backbone", "lm_head_kernel")] = lambda index: _piece(get(head).T, index)
   else:  # [vocab, hidden] tensors: only the rows the slice needs, a piece at a time
     def embed(index):
       rows = range(c.vocab_size)[index[0]]
-      return np.concatenate([get_rows(emb, a, b)[:, index[1]] for a, b in _chunks(rows, row_bytes)], axis=0)
+      return np.concatenate([_piece(get_rows(emb, a, b), (slice(None), index[1])) for a, b in _chunks(rows, row_bytes)],
+                            axis=0)
 
     def lm_head(index):  # our (hidden, vocab) kernel is the [vocab, hidden] weight transposed
       rows = range(c.vocab_size)[index[1]]
-      return np.concatenate([get_rows(head, a, b)[:, index[0]].T for a, b in _chunks(rows, row_bytes)], axis=1)
+      return np.concatenate([_piece(get_rows(head, a, b), (slice(None), index[0])).T
+                             for a, b in _chunks(rows, row_bytes)], axis=1)
 
     out[("backbone", "embed_tokens")] = embed
     out[("backbone", "lm_head_kernel")] = lm_head
-  out[("backbone", "final_norm_scale")] = lambda index: np.asarray(get(norm)[index])
+  out[("backbone", "final_norm_scale")] = lambda index: _piece(get(norm), index)
   for path, (name, (_, from_ckpt)) in NEXTSTEP_TOP_MAP.items():
-    out[path] = lambda index, n=name, f=from_ckpt: np.asarray(f(get(n))[index])
+    out[path] = lambda index, n=name, f=from_ckpt: _piece(f(get(n)), index)
   for ours, (suffix, (_, from_ckpt)) in HEAD_BLOCK_MAP.items():
     out[("head", ours)] = stacked(
         cfg.head.num_layers, lambda i, s=suffix, f=from_ckpt: f(get(f"image_head.net.res_blocks.{i}.{s}")))
