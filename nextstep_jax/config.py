@@ -188,6 +188,36 @@ def dpo_section(beta: float = 1000.0, data: str = "", reference: str = "") -> ml
                                         sft_weight=0.0, heldout_batches=2))
 
 
+def head_distill_base_config() -> ml_collections.ConfigDict:
+  """Every field of the few-step head's distillation (``nextstep_jax.training.head_distill``) with its
+  default (unlocked); ``configs/head_distill_*.py`` start here and lock it.
+
+  teacher: the trained run's work directory; out: where the head goes ("" = <teacher>/heads/k<evaluations>);
+  evaluations: K, the student's head evaluations per token; teacher_steps, cfg, time_shift, use_norm: the
+  teacher's guided ODE (the sampler the student learns, and the settings it samples with); prompts:
+  "digits" (the digit captions) or a text file of captions, one per line; num_images: teacher images
+  whose tokens' conditions train the student (a tenth held out); sample_batch: images per sampler call;
+  image_size: 0 = the run's data.image_size."""
+  c = ml_collections.ConfigDict()
+  c.teacher = ""
+  c.out = ""
+  c.overwrite = False
+  c.seed = 0
+  c.evaluations = 4
+  c.teacher_steps = 28
+  c.cfg = 3.0
+  c.time_shift = 1.0
+  c.use_norm = True
+  c.image_size = 0
+  c.prompts = "digits"
+  c.num_images = 2000
+  c.sample_batch = 100
+  c.train = ml_collections.ConfigDict(dict(steps=2000, batch_tokens=256, rollout_weight=0.0, log_every=100))
+  c.optim = ml_collections.ConfigDict(dict(lr=3e-4, min_lr=3e-5, schedule="cosine", warmup_steps=100,
+                                           weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0))
+  return c
+
+
 def _fields(c: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
   """{section: its fields} of a schema ("" = top level); dict-valued fields (ratios, axes, rules)
   count as one field."""
@@ -562,3 +592,35 @@ def validate_vae(config: ml_collections.ConfigDict, num_devices: int) -> vae_lib
   if ck.errors:
     raise ConfigError("invalid VAE config:\n  " + "\n  ".join(ck.errors))
   return cfg
+
+
+HEAD_DISTILL_MIN_IMAGES = 10
+HEAD_DISTILL_SCHEMA: dict[str, tuple[str, ...]] = _fields(head_distill_base_config())
+
+
+def validate_head_distill(config: ml_collections.ConfigDict) -> None:
+  """Checks a few-step head distillation config (``head_distill_base_config``); ConfigError listing every
+  problem, each naming its field."""
+  missing = _missing(config, HEAD_DISTILL_SCHEMA)
+  if missing:
+    raise ConfigError("head distillation config is missing fields: " + ", ".join(missing))
+  ck = _Checks(config)
+  if not config.teacher:
+    ck.err("teacher is empty: give the trained run's work directory (--config.teacher=W)")
+  elif not os.path.isdir(config.teacher):
+    ck.err(f"teacher={config.teacher!r}: no such directory")
+  ck.positive("evaluations", "teacher_steps", "time_shift", "num_images", "sample_batch", "train.steps",
+              "train.batch_tokens", "train.log_every")
+  ck.non_negative("cfg", "image_size", "train.rollout_weight")
+  if int(config.evaluations) > int(config.teacher_steps):
+    ck.err(f"evaluations={config.evaluations} is more than teacher_steps={config.teacher_steps}: nothing to distil")
+  if config.prompts != "digits" and not os.path.isfile(config.prompts):
+    ck.err(f"prompts={config.prompts!r} is neither 'digits' nor a file of captions")
+  if int(config.num_images) < HEAD_DISTILL_MIN_IMAGES:
+    ck.err(f"num_images={config.num_images} must be >= {HEAD_DISTILL_MIN_IMAGES} (a tenth is held out)")
+  try:
+    optim_lib.make_schedule(config.optim, int(config.train.steps))
+  except ValueError as e:
+    ck.err(str(e))
+  if ck.errors:
+    raise ConfigError("invalid head distillation config:\n  " + "\n  ".join(ck.errors))

@@ -2,6 +2,7 @@
 
   python -m nextstep_jax.evaluate --workdir=runs/demo [--per_digit=20 --cfg=3.0 --steps=28 --seed=0]
       [--config=configs/demo.py]  (default: the config saved with the checkpoint)
+  python -m nextstep_jax.evaluate --workdir=runs/demo --head=runs/demo/heads/k4   # a few-step head
 
 It samples every digit with the prompt "a handwritten digit {d}", judges the samples with the digit
 classifier (prompt accuracy, Fréchet distance against real digits and its real-vs-real floor), measures
@@ -30,10 +31,14 @@ def main(argv) -> None:
     raise cli.UserError(f"--cfg={f.cfg} must be >= 0 (1: no guidance)")
   if not f.time_shift > 0:
     raise cli.UserError(f"--time_shift={f.time_shift} must be > 0")
+  clash = [f"--{n}" for n in ("steps", "cfg", "time_shift") if f.head and f[n].present]
+  if clash:
+    raise cli.UserError(f"--head={f.head} samples with the settings it was distilled for (its head.json): "
+                        f"drop {', '.join(clash)}")
   result = digits.evaluate_run(f.workdir, f.config, per_digit=f.per_digit, cfg=f.cfg, steps=f.steps, seed=f.seed,
                         time_shift=f.time_shift, batch_size=f.batch_size,
                         step=None if f.step < 0 else f.step, classifier_dir=f.classifier_dir or None,
-                        vae_eval_images=f.vae_eval_images)
+                        vae_eval_images=f.vae_eval_images, head=f.head or None)
   print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
 
 
@@ -49,5 +54,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 100, "rows per sampler call")
   flags.DEFINE_integer("step", -1, "checkpoint step (-1: the newest)")
   flags.DEFINE_string("classifier_dir", "", "where the judge classifier is kept (default: WORKDIR/classifier)")
+  flags.DEFINE_string("head", "", "a few-step head directory (python -m nextstep_jax.distill): judge its samples "
+                      "(its K steps, cfg, time shift); eval.json and the grid go into that directory")
   flags.DEFINE_integer("vae_eval_images", 0, "held-out digits for the VAE's PSNR/SSIM (0: all 500)")
   cli.run(main)

@@ -4,6 +4,7 @@
   python -m nextstep_jax.sample --workdir=W --prompt="a handwritten digit 7" --num=64 --batch=16     # 4 calls
   python -m nextstep_jax.sample --workdir=W --prompt="invert the colours" --image=in.png --out=DIR   # editing
   python -m nextstep_jax.sample --workdir=W --unconditional --num=4                                 # no caption
+  python -m nextstep_jax.sample --workdir=W --prompt="a handwritten digit 7" --head=W/heads/k4      # few-step head
 
 Text-to-image uses two rows per sample (prompt, negative prompt) with guidance on the flow-matching head;
 editing uses three ([image + instruction, image + negative, negative only]) with ``--cfg`` and
@@ -51,16 +52,24 @@ flags.DEFINE_integer("size", 0, "image side in pixels (0: the config's data.imag
 flags.DEFINE_bool("use_ema", True, "use the EMA weights when the run kept them")
 flags.DEFINE_integer("step", -1, "checkpoint step (-1: newest)")
 flags.DEFINE_string("out", "", "output directory (default: W/samples)")
+flags.DEFINE_string("head", "", "a few-step head directory (python -m nextstep_jax.distill): samples with its "
+                    "weights and the settings it was distilled for (its K steps, cfg, time shift; the ODE)")
+# What a few-step head fixes (head.json): these flags cannot be given with --head.
+HEAD_FIXES = ("steps", "cfg", "sde", "time_shift", "use_norm", "cfg_schedule")
 
 
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
+  clash = [f"--{n}" for n in HEAD_FIXES if FLAGS.head and FLAGS[n].present]
+  if clash:
+    raise cli.UserError(f"--head={FLAGS.head} samples with the settings it was distilled for (its head.json): "
+                        f"drop {', '.join(clash)}")
   sample_run(FLAGS.workdir, FLAGS.prompt, out=FLAGS.out, num=FLAGS.num, image=FLAGS.image, negative=FLAGS.negative,
       cfg=FLAGS.cfg, cfg_img=FLAGS.cfg_img, steps=FLAGS.steps, time_shift=FLAGS.time_shift, sde=FLAGS.sde,
       seed=FLAGS.seed, size=FLAGS.size, use_ema=FLAGS.use_ema, step=None if FLAGS.step == -1 else FLAGS.step,
       unconditional=FLAGS.unconditional, use_norm=FLAGS.use_norm, cfg_schedule=FLAGS.cfg_schedule,
-      dtype=FLAGS.dtype, mesh=FLAGS.mesh, batch=FLAGS.batch)
+      dtype=FLAGS.dtype, mesh=FLAGS.mesh, batch=FLAGS.batch, head=FLAGS.head)
 
 
 if __name__ == "__main__":

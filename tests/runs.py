@@ -37,10 +37,11 @@ def demo_assets(root: str) -> dict[str, str]:
   return {"vae": os.path.join(root, "vae"), "tokenizer": os.path.join(root, "tokenizer")}
 
 
-def make_base_run(root: str, config, *, step: int = 7, seed: int = 3) -> tuple[str, dict]:
+def make_base_run(root: str, config, *, step: int = 7, seed: int = 3, transform=None) -> tuple[str, dict]:
   """A stand-in for a demo run's work directory: a random demo VAE in root/vae, the demo tokenizer
   recipe on the digit texts in root/tokenizer, and a randomly initialised model (`config`, `seed`)
-  saved as `step` in root/checkpoints. Returns (root, the saved params)."""
+  saved as `step` in root/checkpoints (its params through `transform(params) -> params` first, when
+  given). Returns (root, the saved params)."""
   from nextstep_jax.training import checkpoint as ckpt_lib
   from nextstep_jax.training import vae_trainer
   from nextstep_jax.data import digits
@@ -56,13 +57,15 @@ def make_base_run(root: str, config, *, step: int = 7, seed: int = 3) -> tuple[s
   tok_lib.train_sentencepiece(digits.demo_texts(), 128).save(os.path.join(root, "tokenizer"))
   model = jit_build(lambda: ns.build_model(config, seed=seed))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if transform is not None:
+    params = transform(params)
   with ckpt_lib.Checkpointer(os.path.join(root, "checkpoints"), every=1, keep=1, async_save=False,
                              config=config) as ckpt:
     ckpt.save(step, {"step": jnp.int32(step), "params": params}, force=True)
   return root, params
 
 
-def make_tiny_run(workdir: str, *, step: int, seed: int = 0) -> tuple:
+def make_tiny_run(workdir: str, *, step: int, seed: int = 0, transform=None) -> tuple:
   """A finished tiny run in `workdir` (the demo config, `shrink`-ed, its workdir and VAE pointed there;
   `make_base_run` at `step` with `seed`), as tests/test_run.py and tests/test_cli_errors.py read it.
   Returns (the config, the saved params)."""
@@ -72,7 +75,7 @@ def make_tiny_run(workdir: str, *, step: int, seed: int = 0) -> tuple:
     shrink(config)
     config.workdir = workdir
     config.vae.checkpoint = os.path.join(workdir, "vae")
-  _, params = make_base_run(workdir, config, step=step, seed=seed)
+  _, params = make_base_run(workdir, config, step=step, seed=seed, transform=transform)
   return config, params
 
 

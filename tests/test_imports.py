@@ -23,7 +23,7 @@ ROOT = REPO / PACKAGE
 # ------------------------------------------------------------------------------------------------
 # Entry points (python -m nextstep_jax.X). Everything else in the package is library.
 ENTRY_POINTS = tuple(f"{PACKAGE}.{m}" for m in (
-    "train", "train_vae", "dpo", "sample", "export", "evaluate", "latents", "aot", "demo",
+    "train", "train_vae", "dpo", "distill", "sample", "export", "evaluate", "latents", "aot", "demo",
     "data.__main__"))
 # The one entry point that may import other entry points (it chains them).
 MAY_IMPORT_ENTRY_POINTS = (f"{PACKAGE}.demo",)

@@ -43,6 +43,7 @@ import numpy as np
 
 from nextstep_jax import run as run_lib
 from nextstep_jax import sampling
+from nextstep_jax.sampling import few_step
 from nextstep_jax import vae_tokens
 from nextstep_jax.batch import padded_chunks, to_uint8
 from nextstep_jax.data import digits as digits_lib
@@ -164,16 +165,25 @@ def _write_png(path: str, image_u8: np.ndarray) -> None:
 def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float = 3.0, steps: int = 28,
                  seed: int = 0, time_shift: float = 1.0, batch_size: int = 100, step: int | None = None,
                  classifier_dir: str | None = None, vae_eval_images: int = 0, write: bool = True,
-                 log: bool = True) -> dict[str, Any]:
+                 log: bool = True, head: str | None = None) -> dict[str, Any]:
   """Generates per_digit samples of each digit, judges them, measures the VAE; writes
   ``<workdir>/eval.json`` and ``<workdir>/samples_grid.png`` (when `write`). Returns the dict.
 
   classifier_dir: where the judge is kept (default ``<workdir>/classifier``; trained there on first
-  use, ~30 s); vae_eval_images: held-out digits for PSNR/SSIM (0 = all 500)."""
+  use, ~30 s); vae_eval_images: held-out digits for PSNR/SSIM (0 = all 500).
+  head: a few-step head directory (``sampling.few_step``): the samples come from it, with the steps, cfg and
+  time shift it was distilled for (the ODE) in place of `cfg`, `steps` and `time_shift`; eval.json and the
+  grid are then written into the head's directory, not the run's."""
   t0 = time.perf_counter()
   say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if log else (lambda msg: None)
+  head_meta = few_step.read_meta(head) if head else None
   run = run_lib.load_run(workdir, config, step)
   model, config, tokenizer, vae, ckpt_step = run.model, run.config, run.tokenizer, run.vae, run.step
+  use_norm = None
+  if head:
+    model, _ = few_step.with_head(model, head)
+    k = few_step.sampling_kwargs(head_meta)
+    steps, cfg, time_shift, use_norm = k["steps"], k["cfg"], k["time_shift"], k["use_norm"]
   size = int(config.data.image_size)
   t_load = time.perf_counter() - t0
 
@@ -185,7 +195,7 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
   t0 = time.perf_counter()
   digits = list(range(digits_lib.NUM_CLASSES))
   images = generate_digits(model, config, tokenizer, vae, digits, per_digit, jax.random.key(seed), cfg, steps,
-                           batch_size=batch_size, time_shift=time_shift, image_size=size)
+                           batch_size=batch_size, time_shift=time_shift, image_size=size, use_norm=use_norm)
   labels = digit_labels(digits, per_digit)
   t_generate = time.perf_counter() - t0
   say(f"{len(images)} samples in {t_generate:.1f} s (cfg {cfg}, {steps} steps)")
@@ -225,6 +235,7 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
       "time_shift": float(time_shift),
       "seed": int(seed),
       "checkpoint_step": ckpt_step,
+      "head": head or "",
       "vae": vae_m,
       "eval_timing": {"load_s": t_load, "classifier_s": t_classifier, "generate_s": t_generate,
                       "judge_s": t_judge, "vae_s": t_vae},
@@ -232,9 +243,10 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
   say(f"prompt accuracy {result['prompt_accuracy']:.3f}, FD {result['frechet_distance']:.2f} "
       f"(real floor {fd_real:.2f}), VAE PSNR {vae_m['psnr']:.2f} dB SSIM {vae_m['ssim']:.4f}")
   if write:
-    tmp = os.path.join(workdir, f".{EVAL_FILE}.{os.getpid()}.tmp")
+    where = head or workdir
+    tmp = os.path.join(where, f".{EVAL_FILE}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
       json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, EVAL_FILE))
-    _write_png(os.path.join(workdir, GRID_FILE), samples_grid(images, per_digit))
+    os.replace(tmp, os.path.join(where, EVAL_FILE))
+    _write_png(os.path.join(where, GRID_FILE), samples_grid(images, per_digit))
   return result

@@ -17,6 +17,7 @@ from nextstep_jax import vae_tokens
 from nextstep_jax.batch import to_uint8
 from nextstep_jax.config import UserError
 from nextstep_jax.data.images import load_image
+from nextstep_jax.sampling import few_step
 from nextstep_jax.sampling.prompts import Prompt, edit_prompts, image_prefix_ids, image_prompts
 from nextstep_jax.sampling.flow import CFG_SCHEDULES
 from nextstep_jax.sampling.sampler import edit_images, sample_images
@@ -132,7 +133,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
         cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 50, time_shift: float = -1.0, sde: bool = True,
         seed: int = 0, size: int = 0, use_ema: bool = True, step: int | None = None,
         unconditional: bool = False, use_norm: bool = True, cfg_schedule: str = "constant",
-        dtype: str = "float32", mesh: str = "", batch: int = 0) -> dict:
+        dtype: str = "float32", mesh: str = "", batch: int = 0, head: str = "") -> dict:
   """Samples `num` images of the run in `workdir` for `prompt` (editing `image` when given; no prompt
   and no guidance when `unconditional`), `batch` per call (0: all in one), and writes them and
   ``grid.png`` to `out` (default W/samples). Image n's noise comes from ``fold_in(key(seed), n)``, so
@@ -142,7 +143,10 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   cfg 7.5, use_norm, constant schedule); `dtype` "bfloat16" reads the weights and runs the backbone and
   the head's network in bf16 (the head's integration and guidance stay fp32, as in the official code).
   `mesh` ('fsdp=2,tensor=4'; default the run's config.mesh on several devices): the params are restored
-  sharded on it and the sampler runs under it (``sampling_mesh``)."""
+  sharded on it and the sampler runs under it (``sampling_mesh``).
+  `head`: a few-step head directory (``python -m nextstep_jax.distill``): the head's weights are replaced by
+  its, and `steps`, `sde`, `cfg`, `time_shift` and `use_norm` by the settings it was distilled for
+  (``few_step.sampling_kwargs``; text-to-image with a constant schedule only)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel  # optional: only to write PNGs
   check_request(prompt, num=num, batch=batch, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
                 time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out, sde=sde,
@@ -151,6 +155,16 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     if os.path.exists(workdir):
       raise NotADirectoryError(f"--workdir={workdir} is a file, not a training work directory")
     raise FileNotFoundError(f"--workdir={workdir}: no such directory")
+  head_meta = None
+  if head:
+    head_meta = few_step.read_meta(head)  # before any weights load
+    if image or unconditional:
+      raise UserError(f"--head={head} is distilled for text-to-image with guidance on the negative prompt: "
+                      "drop --image / --unconditional, or --head")
+    if cfg_schedule != "constant":
+      raise UserError(f"--head={head} learnt a constant guidance scale: drop --cfg_schedule={cfg_schedule}")
+    k = few_step.sampling_kwargs(head_meta)
+    steps, sde, cfg, time_shift, use_norm = k["steps"], k["sde"], k["cfg"], k["time_shift"], k["use_norm"]
   guided = cfg != 1.0 or bool(image)
   # The prompt's length against the context, with the grid the config names, before any weights load.
   config = run_lib.saved_config(workdir)
@@ -168,6 +182,8 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   loaded = run_lib.load_run(workdir, config=config, step=step, use_ema=use_ema, mesh=devices, tokenizer=tokenizer)
   rules = config.mesh.rules
   model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
+  if head:
+    model, _ = few_step.with_head(model, head)
   cfg_vae = vae.config
   h, w = _grid(cfg_vae.pixels_per_token, size, f"VAE factor {cfg_vae.factor} x patch size {cfg_vae.patch_size}")
   if (h, w) != checked:  # the VAE's grid differs from the one the config names: check it too
@@ -218,8 +234,8 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   Image.fromarray(image_grid(np.stack(images))).save(os.path.join(out, "grid.png"))
   # After the first call (it compiles), every call samples `batch` images.
   warm = sum(times[1:]) / (batch * (calls - 1)) if calls > 1 else None
-  stats = {"images": int(num), "batch": int(batch), "first_call_s": times[0], "seconds_per_image": warm,
-           "images_per_second": None if warm is None else 1.0 / warm, "out": out}
+  stats = {"images": int(num), "batch": int(batch), "head_evaluations": int(steps), "first_call_s": times[0],
+           "seconds_per_image": warm, "images_per_second": None if warm is None else 1.0 / warm, "out": out}
   speed = (f"{warm:.3f} s per image after the first call ({1.0 / warm:.2f} images/s at --batch={batch})"
            if warm is not None else "one call: more than --batch images time the sampler without compilation")
   print(f"{num} images of {size}x{size} ({h * w} tokens) in {sum(times):.2f} s, first call with compilation "
