@@ -29,6 +29,7 @@ from flax import nnx
 
 from nextstep_jax import config as config_lib
 from nextstep_jax import parallel
+from nextstep_jax import storage
 from nextstep_jax import vae_tokens
 from nextstep_jax.data import tokenizer as tok_lib
 from nextstep_jax.interop.vae import load_vae_dir
@@ -44,6 +45,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 VAE_CONFIG_FILE = "vae_config.json"
 VAE_EXPORT_DIR = "export"
+# The files a tokenizer file's loader reads beside it (a gs:// tokenizer.json is staged with them).
+TOKENIZER_SIDECARS = (tok_lib.META_FILE, tok_lib.HF_CONFIG_FILE, tok_lib.HF_SPECIAL_MAP_FILE)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -75,7 +78,10 @@ def load_tokenizer(config, workdir: str, *, path: str | None = None, build: bool
   Checked against ``model.vocab_size``."""
   path = path or config.tokenizer.path
   if path:
-    tok = tok_lib.load_tokenizer(path, None if path != config.tokenizer.path else config.tokenizer.kind)
+    kind = None if path != config.tokenizer.path else config.tokenizer.kind
+    if storage.is_remote(path):  # copied into this host's cache (a file with the files beside it it reads)
+      path = storage.local_input(path, "tokenizer.path", siblings=TOKENIZER_SIDECARS)
+    tok = tok_lib.load_tokenizer(path, kind)
   elif build:
     if config.tokenizer.kind != "sentencepiece":
       raise config_lib.UserError(f"config tokenizer.path is empty but tokenizer.kind is {config.tokenizer.kind!r}: "
@@ -111,6 +117,8 @@ def load_vae(path: str, step: int | None = None, config=None) -> AutoencoderKL:
   if not path:
     raise config_lib.UserError("vae.checkpoint is empty: set it to a train_vae work directory or an exported VAE "
                      "directory")
+  if storage.is_remote(path):  # copied into this host's cache once, then read as a local directory
+    path = storage.local_input(path, "vae.checkpoint")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"vae.checkpoint={path!r} is not a directory (relative paths are read from the "
                             "current directory)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from nextstep_jax import storage
 from nextstep_jax.data import sources as sources_lib
 from nextstep_jax.data.packing import RowSpec
 from nextstep_jax.errors import UserError
@@ -99,7 +100,8 @@ def present_ratios(ratios, source: str, renormalize: bool = False) -> dict[str, 
 def data_settings(config, process_count: int = 1, workdir: str | None = None) -> DataSettings:
   """Reads and validates config.data / config.image (errors name the field; the fields and their
   defaults: ``nextstep_jax/config.py:base_config``). `workdir`: the run's work directory, which holds
-  the data cache (default ``config.workdir``)."""
+  the data cache (default ``config.workdir``). A remote ``data.source`` (gs://, s3://) is read from its
+  copy in this host's cache (``storage.local_input``), which ``source`` then names."""
   d, im = config.data, config.image
   unit = int(im.vae_factor) * int(im.patch_size)
   token_dim = int(im.token_dim)
@@ -115,6 +117,9 @@ def data_settings(config, process_count: int = 1, workdir: str | None = None) ->
   if not d.source:
     raise ValueError("data.source is empty: 'digits' or a directory written by python -m "
                      "nextstep_jax.data prepare")
+  source = str(d.source)
+  if storage.is_remote(source):  # the records copied into this host's cache once, read from there
+    source = storage.local_input(source, "data.source")
   sides = sources_lib.area_sides(int(d.min_image_tokens), int(d.max_image_tokens))
   if d.source == "digits" or d.payload == "images":
     if d.image_size % unit:
@@ -127,9 +132,9 @@ def data_settings(config, process_count: int = 1, workdir: str | None = None) ->
                        f"data.min_image_tokens..max_image_tokens ({d.min_image_tokens}.."
                        f"{d.max_image_tokens})")
   return DataSettings(
-      source=str(d.source), batch_size=int(d.batch_size),
+      source=source, batch_size=int(d.batch_size),
       local_batch=int(d.batch_size) // process_count, seq_len=int(d.seq_len),
-      ratios=present_ratios(d.ratios, str(d.source), bool(d.renormalize)),
+      ratios=present_ratios(d.ratios, source, bool(d.renormalize)),
       image_size=int(d.image_size), unit=unit,
       token_dim=token_dim, min_image_tokens=int(d.min_image_tokens),
       max_image_tokens=int(d.max_image_tokens), sides=sides, payload=str(d.payload),

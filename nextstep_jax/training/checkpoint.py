@@ -30,6 +30,12 @@ Faults:
     can be read, nothing is moved and the error lists every step and its reason (a changed
     config, not corruption, is the likely cause then).
   * Nothing here unpickles: arrays are tensorstore/zarr, metadata and iterator states JSON.
+
+A remote work directory (``storage.RemoteWorkdir``, the `replica`): the manager writes its local
+mirror as it writes any directory; each step, once committed, is uploaded by process 0 in a
+background thread (its files, then its marker), started at the first step boundary with no save in
+flight; a save waits for that upload first (so retention never deletes a step being uploaded), and
+``wait`` / ``close`` finish it. The remote keeps the steps the local retention keeps.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -209,10 +216,13 @@ class Checkpointer:
 
   `integrity`: what each step's ``integrity.json`` records ("auto", "crc32", "size") or "off"
   (no manifest). Restores check whatever the manifest holds.
+  `replica`: a ``storage.RemoteWorkdir`` whose mirror holds `directory`; committed steps are
+  uploaded to it (module docstring). None: nothing leaves `directory`.
   """
 
   def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
-               async_save: bool = True, config: Any = None, integrity: str = "auto"):
+               async_save: bool = True, config: Any = None, integrity: str = "auto",
+               replica: Any = None):
     if every < 1 or keep < 1:
       raise ValueError(f"checkpoint.every={every} and checkpoint.keep={keep} must be >= 1")
     if integrity not in INTEGRITY_MODES:
@@ -232,6 +242,13 @@ class Checkpointer:
       max_to_keep=int(keep), save_interval_steps=1, create=True,
       enable_async_checkpointing=self._async, async_options=async_options)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._replica = replica if jax.process_index() == 0 else None
+    self._upload: threading.Thread | None = None
+    self._upload_error: BaseException | None = None
+    # The newest step the remote holds complete; newer committed local steps are uploaded.
+    self._published = -1
+    if self._replica is not None:
+      self._published = max(self._replica.complete_steps(), default=-1)
 
   def write_config(self) -> None:
     """Writes the config to ``<directory>/config.json`` (process 0; aside, then renamed over the old
@@ -248,12 +265,13 @@ class Checkpointer:
     tmp.replace(path)
 
   @classmethod
-  def from_config(cls, config: Any, directory: str | os.PathLike | None = None) -> "Checkpointer":
+  def from_config(cls, config: Any, directory: str | os.PathLike | None = None,
+                  replica: Any = None) -> "Checkpointer":
     """From ``config.checkpoint``; the directory defaults to ``<workdir>/checkpoints``."""
     c = config.checkpoint
     directory = directory or os.path.join(config.workdir, "checkpoints")
     return cls(directory, every=c.every, keep=c.keep, async_save=c.async_save, config=config,
-               integrity=c.integrity)
+               integrity=c.integrity, replica=replica)
 
   def _report_unfinished(self) -> None:
     """Warns about saves that never finished (a writer killed mid-save) and steps moved aside."""
@@ -293,8 +311,70 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def should_save(self, step: int) -> bool:
-    """Every `every` steps, and at a preemption sync point."""
+    """Every `every` steps, and at a preemption sync point. (With a replica, also where a committed
+    step's upload starts, once no save is in flight.)"""
+    if self._replica is not None and not self._saving():
+      self._publish_committed()
     return step % self.every == 0 or self.reached_preemption(step)
+
+  # Upload to the replica ------------------------------------------------------------------
+
+  def _saving(self) -> bool:
+    """True while an asynchronous save is in flight (older orbax without the query: assumed so, and
+    the upload waits for the next save, ``wait`` or ``close``)."""
+    query = getattr(self._manager, "is_saving_in_progress", None)
+    return True if query is None else bool(query())
+
+  def _unpublished(self) -> list[int]:
+    return [s for s in sorted(self._manager.all_steps())
+            if s > self._published and self.step_dir(s).is_dir()]
+
+  def _upload_steps(self, steps: list[int]) -> None:
+    for step in steps:
+      self._replica.publish(step)
+      self._published = max(self._published, step)
+    self._replica.retain(self._manager.all_steps())
+
+  def _join_upload(self, final: bool = False) -> None:
+    """Waits for the upload in flight; its failure is a warning (retried at the next step boundary),
+    or raised when `final`."""
+    if self._upload is not None:
+      self._upload.join()
+      self._upload = None
+    err, self._upload_error = self._upload_error, None
+    if err is not None:
+      if final:
+        raise err
+      logging.warning("checkpoint: uploading to %s failed, retried at the next step: %s",
+                      self._replica.url, _first_line(err))
+
+  def _publish_committed(self, block: bool = False, final: bool = False) -> None:
+    """Starts uploading the committed steps the remote lacks (no save may be in flight); `block`:
+    uploads them now, in this thread."""
+    if self._upload is not None and self._upload.is_alive() and not block:
+      return
+    self._join_upload(final)
+    todo = self._unpublished()
+    if not todo:
+      return
+    if block:
+      self._upload_steps(todo)
+      return
+
+    def work() -> None:
+      try:
+        self._upload_steps(todo)
+      except BaseException as e:  # pylint: disable=broad-except  # reported by _join_upload
+        self._upload_error = e
+
+    self._upload = threading.Thread(target=work, name="nextstep-checkpoint-upload", daemon=True)
+    self._upload.start()
+
+  def _flush_replica(self) -> None:
+    """After every save finished: every committed step uploaded, errors raised."""
+    if self._replica is not None:
+      self._join_upload(final=True)
+      self._publish_committed(block=True, final=True)
 
   # Save -----------------------------------------------------------------------------------
 
@@ -318,12 +398,17 @@ class Checkpointer:
       items[CONFIG] = ocp.args.JsonSave(self._config_json)
     # One save in flight at a time (orbax waits too): the finalize callback reads _pending_step.
     self._manager.wait_until_finished()
+    if self._replica is not None:  # the committed steps uploaded before retention may delete one
+      self._join_upload()
+      self._publish_committed(block=True)
     self._pending_step = int(step)
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
       if not self._async and self.integrity != "off" and jax.process_index() == 0:
         self._write_integrity(self.step_dir(step), step)
+      if not self._async and self._replica is not None:
+        self._publish_committed()
     return bool(saved)
 
   def _seal_pending(self) -> None:
@@ -438,6 +523,8 @@ class Checkpointer:
       moved.append(f"{src.name} -> {dst.name}")
       if jax.process_index() == 0:
         src.rename(dst)
+    # A step saved again after being moved aside is uploaded again.
+    self._published = min(self._published, min(steps) - 1)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices("nextstep_checkpoint_quarantine")
@@ -450,12 +537,16 @@ class Checkpointer:
     return restore_params_from(path, abstract_params, key=key)
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are written."""
+    """Blocks until pending asynchronous saves are written (and, with a replica, uploaded)."""
     self._manager.wait_until_finished()
+    self._flush_replica()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._flush_replica()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self

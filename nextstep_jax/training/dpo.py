@@ -283,7 +283,8 @@ def train_dpo(config, workdir: str | None = None) -> dict[str, float]:
       raise config_lib.ConfigError("DPO needs a reference: set checkpoint.init_from (the SFT checkpoint) or "
                                    "dpo.reference")
     run.check_stop()
-    ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
+    ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS),
+                                             replica=run.mirror)
     with LoopControl(config, ckpt, run.stop) as control:
       # As in train: resume, else the policy from init_from (with LoRA the frozen base; fresh adapters).
       state = restore_or_init(trainer, ckpt, data_iter, init_from=init_from,

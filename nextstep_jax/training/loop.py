@@ -32,6 +32,7 @@ from nextstep_jax import config as config_lib
 from nextstep_jax import parallel
 from nextstep_jax import run as run_lib
 from nextstep_jax import sampling
+from nextstep_jax import storage
 from nextstep_jax import vae_tokens
 from nextstep_jax.batch import to_uint8
 from nextstep_jax.data import images as images_lib
@@ -52,6 +53,10 @@ ARCHITECTURE_FIELDS = (
   "model.intermediate_size", "model.vocab_size", "head.dim", "head.num_layers",
   "image.latent_channels", "image.patch_size", "image.token_dim",
   "lora.rank", "lora.targets", "lora.head_targets")
+# Names in a mirrored remote work directory that stay on this host: the lock, orbax's unfinished
+# saves, steps moved aside as unreadable.
+MIRROR_PRIVATE = (workdir_lock.LOCK_FILE + "*", "*" + ckpt_lib._ORBAX_TMP_MARK + "*",  # pylint: disable=protected-access
+                  "*" + ckpt_lib.QUARANTINE_SUFFIX + "*")
 
 
 class Stopped(Exception):
@@ -73,6 +78,9 @@ class Session:
     self.lock: workdir_lock.WorkdirLock | None = None
     self.workdir = ""
     self.mesh = None
+    # A remote work directory (gs://, s3://...): its local mirror is self.workdir (storage.py).
+    self.mirror: storage.RemoteWorkdir | None = None
+    self._pulled = False
 
   def guard(self, workdir: str, config, fields=ARCHITECTURE_FIELDS,
             saved_files=(os.path.join(run_lib.CHECKPOINTS, run_lib.CONFIG_FILE),)) -> None:
@@ -83,6 +91,9 @@ class Session:
     self.lock = workdir_lock.acquire(workdir, jax.process_index())
     if self.lock is not None:
       self.stop.on_force.append(self.lock.abandon)
+    if self.mirror is not None:  # the remote's newest complete step and run files, before the check
+      self.mirror.pull()
+      self._pulled = True
     workdir_lock.refuse_architecture_change(workdir, ckpt_lib.config_to_json(config), fields,
                                             saved_files=saved_files, ckpt_dir=run_lib.CHECKPOINTS)
 
@@ -92,10 +103,14 @@ class Session:
 
   def close(self) -> None:
     try:
-      if self.lock is not None:
-        self.lock.release()
+      if self.mirror is not None and self._pulled:  # the run files written last (metrics, events)
+        self.mirror.sync_files()
     finally:
-      self.stop.restore()
+      try:
+        if self.lock is not None:
+          self.lock.release()
+      finally:
+        self.stop.restore()
 
   def __enter__(self) -> "Session":
     return self
@@ -119,6 +134,10 @@ def start(config, workdir: str | None) -> Session:
     workdir = workdir or config.workdir
     config_lib.validate(config, num_devices=jax.device_count(), num_granules=parallel.num_granules())
     mesh = parallel.make_hybrid_mesh(config.mesh)
+    if storage.is_remote(workdir) and jax.process_count() == 1:
+      session.mirror = storage.RemoteWorkdir(workdir, steps_dir=run_lib.CHECKPOINTS, private=MIRROR_PRIVATE)
+      log(f"work directory {workdir}: mirrored in {session.mirror.local}")
+      workdir = session.mirror.local
     os.makedirs(workdir, exist_ok=True)
     session.guard(workdir, config)
     session.mesh = mesh
@@ -181,7 +200,8 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
     trainer = Trainer(config, mesh, vae=run_lib.vae_encoder(config))
     log(f"parameters: {count_params(trainer.abstract_params):,}")
     run.check_stop()
-    ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
+    ckpt = ckpt_lib.Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS),
+                                             replica=run.mirror)
     with LoopControl(config, ckpt, run.stop) as control:
       state = restore_or_init(trainer, ckpt, data_iter, init_from=config.checkpoint.init_from,
                               stop=run.stop)

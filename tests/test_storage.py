@@ -1,0 +1,264 @@
+"""Object storage (nextstep_jax/storage.py) through fsspec's in-memory backend, never a real bucket.
+
+The "gs" protocol is registered here as a MemoryFileSystem with a store of its own: nothing of a gs://
+path can then reach the local disk by accident (a plain open() of "gs://..." would fail, and a
+makedirs would leave a "gs:" folder, which the tests look for), and, as in an object store, there is
+no atomic rename of a directory, so the markers are what tell a complete upload from a partial one.
+Every test runs with the host cache (NEXTSTEP_STORAGE_CACHE) and the working directory in tmp_path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.utils import stringify_path
+
+from nextstep_jax import storage
+from nextstep_jax.errors import UserError
+from tests.runs import demo_assets, shrink
+
+
+class FakeGCS(MemoryFileSystem):
+  """gs:// kept in memory (its own store, apart from memory://)."""
+  protocol = ("gs",)
+  store: dict = {}
+  pseudo_dirs = [""]
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = stringify_path(path)
+    return MemoryFileSystem._strip_protocol(path[len("gs://"):] if path.startswith("gs://") else path)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """The fake gs:// registered, empty; the host cache and the working directory in tmp_path."""
+  previous = fsspec.registry.get("gs")
+  fsspec.register_implementation("gs", FakeGCS, clobber=True)
+  FakeGCS.store.clear()
+  FakeGCS.pseudo_dirs[:] = [""]
+  FakeGCS.clear_instance_cache()
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.chdir(tmp_path)
+  yield fsspec.filesystem("gs")
+  assert not (tmp_path / "gs:").exists(), "a gs:// path was used as a local path"
+  FakeGCS.store.clear()
+  if previous is not None:
+    fsspec.register_implementation("gs", previous, clobber=True)
+  else:
+    importlib.import_module("fsspec.registry")._registry.pop("gs", None)  # pylint: disable=protected-access  # back to gcsfs's entry
+
+
+def upload(fs, local: str | Path, url: str) -> None:
+  """Every file under `local` to `url` (the way gsutil cp -r lays them out)."""
+  local = Path(local)
+  for path in sorted(local.rglob("*")):
+    if path.is_file():
+      fs.put_file(str(path), f"{url}/{path.relative_to(local).as_posix()}")
+
+
+def remote_files(fs, url: str) -> dict[str, int]:
+  return storage._listing(fs, fs._strip_protocol(url))  # pylint: disable=protected-access
+
+
+def download(fs, url: str, local: Path) -> Path:
+  for rel in remote_files(fs, url):
+    (local / rel).parent.mkdir(parents=True, exist_ok=True)
+    fs.get_file(f"{url}/{rel}", str(local / rel))
+  return local
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths, inputs, errors (fast)
+# ------------------------------------------------------------------------------------------------
+
+def test_remote_urls_and_local_paths():
+  assert storage.is_remote("gs://b/x") and storage.is_remote("S3://b/x") and storage.is_remote("memory://x")
+  for local in ("runs/demo", "/abs/path", "digits", "file:///tmp/x", "", "a:b/c"):
+    assert not storage.is_remote(local), local
+  assert storage.local_input("runs/demo", "data.source") == "runs/demo"   # local: untouched
+
+
+def test_input_is_staged_once_and_an_interrupted_copy_is_completed(bucket, tmp_path):
+  src = tmp_path / "src"
+  (src / "sub").mkdir(parents=True)
+  (src / "a.bin").write_bytes(b"a" * 100)
+  (src / "sub" / "b.bin").write_bytes(b"b" * 10)
+  upload(bucket, src, "gs://bucket/root")
+  local = storage.local_input("gs://bucket/root/", "data.source")
+  assert local == str(tmp_path / "cache" / "inputs" / "gs" / "bucket" / "root")
+  assert Path(local, "a.bin").read_bytes() == b"a" * 100 and Path(local, "sub", "b.bin").read_bytes() == b"b" * 10
+  marker = json.loads(Path(local, storage.INPUT_MARKER).read_text())
+  assert marker == {"source": "gs://bucket/root", "files": {"a.bin": 100, "sub/b.bin": 10}}
+
+  # Complete: nothing is copied again (a file changed locally stays as it is).
+  Path(local, "a.bin").write_bytes(b"x" * 100)
+  assert storage.local_input("gs://bucket/root", "data.source") == local
+  assert Path(local, "a.bin").read_bytes() == b"x" * 100
+  # Interrupted (no marker, a file cut short, an unfinished one aside): completed, the marker last.
+  Path(local, storage.INPUT_MARKER).unlink()
+  Path(local, "a.bin").write_bytes(b"a" * 40)
+  Path(local, "sub", "b.bin").unlink()
+  storage.local_input("gs://bucket/root", "data.source")
+  assert Path(local, "a.bin").read_bytes() == b"a" * 100 and Path(local, "sub", "b.bin").exists()
+  assert Path(local, storage.INPUT_MARKER).exists()
+  # The remote changed: the copy follows it (new and removed files).
+  bucket.rm_file("gs://bucket/root/sub/b.bin")
+  bucket.pipe_file("gs://bucket/root/c.bin", b"c" * 5)
+  storage.local_input("gs://bucket/root", "data.source")
+  assert sorted(p.name for p in Path(local).rglob("*.bin")) == ["a.bin", "c.bin"]
+
+
+def test_a_single_file_is_staged_with_the_files_beside_it(bucket):
+  bucket.pipe_file("gs://bucket/tok/tokenizer.json", b"{}")
+  bucket.pipe_file("gs://bucket/tok/tokenizer_config.json", b"{\"eos_token\": \"x\"}")
+  bucket.pipe_file("gs://bucket/tok/unrelated.bin", b"0" * 1000)
+  local = storage.local_input("gs://bucket/tok/tokenizer.json", "tokenizer.path",
+                              siblings=("tokenizer_config.json", "special_tokens_map.json"))
+  assert local.endswith(os.path.join("gs", "bucket", "tok", "tokenizer.json")) and Path(local).read_bytes() == b"{}"
+  assert sorted(os.listdir(os.path.dirname(local))) == [
+      ".tokenizer.json" + storage.INPUT_MARKER, "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_missing_path_and_missing_protocol_are_one_line_user_errors(bucket):
+  with pytest.raises(UserError) as e:
+    storage.local_input("gs://bucket/nothing/here", "data.source")
+  assert str(e.value) == "data.source='gs://bucket/nothing/here' does not exist"
+  try:
+    import s3fs  # noqa: F401  # pylint: disable=unused-import,import-outside-toplevel
+    pytest.skip("s3fs is installed here: its protocol is not missing")
+  except ImportError:
+    pass
+  with pytest.raises(UserError) as e:
+    storage.local_input("s3://bucket/vae", "vae.checkpoint")
+  msg = str(e.value)
+  assert "\n" not in msg and "vae.checkpoint='s3://bucket/vae'" in msg and "pip install s3fs" in msg, msg
+  with pytest.raises(UserError, match="nosuchproto://"):
+    storage.RemoteWorkdir("nosuchproto://bucket/run")
+
+
+# ------------------------------------------------------------------------------------------------
+# The mirrored work directory, without training (fast)
+# ------------------------------------------------------------------------------------------------
+
+def _fake_step(root: Path, step: int, payload: bytes = b"w") -> Path:
+  d = root / "checkpoints" / str(step)
+  (d / "state").mkdir(parents=True)
+  (d / "state" / "arr").write_bytes(payload * 64)
+  (d / "_CHECKPOINT_METADATA").write_text("{}")
+  return d
+
+
+def test_half_uploaded_steps_are_ignored_and_uploads_put_the_marker_last(bucket, tmp_path):
+  writer = storage.RemoteWorkdir("gs://bucket/run", local=str(tmp_path / "writer"))
+  _fake_step(Path(writer.local), 3)
+  (Path(writer.local) / "checkpoints" / "config.json").write_text("{\"a\": 1}")
+  (Path(writer.local) / ".nextstep.lock").write_text("mine")
+  writer.private = writer.private + (".nextstep.lock*",)
+  writer.publish(3)
+  files = remote_files(bucket, "gs://bucket/run")
+  assert f"checkpoints/3/{storage.UPLOAD_MARKER}" in files and "checkpoints/config.json" in files
+  assert ".nextstep.lock" not in files
+  # An upload cut short (the connection drops on the second file): no marker, so no step.
+  _fake_step(Path(writer.local), 6, b"v")
+  real_put, calls = bucket.put_file, []
+
+  def flaky(lpath, rpath, *a, **k):
+    calls.append(rpath)
+    if len(calls) == 2:
+      raise OSError("connection reset")
+    return real_put(lpath, rpath, *a, **k)
+
+  bucket.put_file = flaky
+  try:
+    with pytest.raises(UserError, match="uploading step 6 failed"):
+      writer.publish(6)
+  finally:
+    del bucket.put_file
+  assert writer.complete_steps() == [3]
+  assert any(r.startswith("checkpoints/6/") for r in remote_files(bucket, "gs://bucket/run"))
+  # A new host's mirror: the run files and step 3 come down, the partial step 6 does not.
+  reader = storage.RemoteWorkdir("gs://bucket/run", local=str(tmp_path / "reader"))
+  assert reader.pull() == 3
+  assert (Path(reader.local) / "checkpoints" / "3" / "state" / "arr").read_bytes() == b"w" * 64
+  assert not (Path(reader.local) / "checkpoints" / "3" / storage.UPLOAD_MARKER).exists()
+  assert (Path(reader.local) / "checkpoints" / "config.json").read_text() == "{\"a\": 1}"
+  assert reader.local_steps() == [3] and reader.pull() is None   # nothing newer: nothing pulled
+  # Published again in full, step 6 is complete; retention then drops step 3 remotely, marker first.
+  writer.publish(6)
+  assert writer.complete_steps() == [3, 6]
+  writer.retain([6])
+  assert writer.complete_steps() == [6]
+  assert not any(r.startswith("checkpoints/3/") for r in remote_files(bucket, "gs://bucket/run"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training from gs:// and into gs://, then resuming from the remote step
+# ------------------------------------------------------------------------------------------------
+
+def _config(steps: int):
+  from configs import demo
+  c = demo.get_config()
+  with c.unlocked():
+    shrink(c)
+    c.data.source = "gs://bucket/data"
+    c.vae.checkpoint, c.tokenizer.path = "gs://bucket/vae", "gs://bucket/tokenizer"
+    c.data.renormalize = True   # pairs only
+    c.steps, c.log_every, c.eval_every, c.sample_prompts = steps, 3, 1000, ()
+    c.optim.warmup_steps = 1
+    c.checkpoint.every, c.checkpoint.async_save = 3, False
+  return c
+
+
+@pytest.mark.slow
+def test_training_reads_gs_inputs_writes_gs_checkpoints_and_resumes_from_them(bucket, tmp_path, capsys):
+  from nextstep_jax.data import formats as F
+  from nextstep_jax.training import loop
+  from nextstep_jax.training.checkpoint import read_step
+  from tests.test_prepare import png, run_prepare
+
+  assets = demo_assets(str(tmp_path / "assets"))
+  for i in range(4):
+    png(tmp_path / "photos" / f"{i}.png", 32, seed=i)
+    (tmp_path / "photos" / f"{i}.txt").write_text(f"a photo number {i}")
+  run_prepare(F.open_inputs([str(tmp_path / "photos")]), tmp_path / "records")
+  upload(bucket, tmp_path / "records", "gs://bucket/data")
+  upload(bucket, assets["vae"], "gs://bucket/vae")
+  upload(bucket, assets["tokenizer"], "gs://bucket/tokenizer")
+  shutil.rmtree(tmp_path / "records")
+  shutil.rmtree(tmp_path / "assets")   # only the bucket holds the inputs now
+
+  last = loop.train(_config(3), "gs://bucket/run")
+  assert np.isfinite(last["loss"]) and last["image_tokens"] > 0, last
+  files = remote_files(bucket, "gs://bucket/run")
+  assert f"checkpoints/3/{storage.UPLOAD_MARKER}" in files, sorted(files)
+  assert "checkpoints/config.json" in files and "metrics.jsonl" in files
+  assert not any(".nextstep.lock" in r for r in files)
+  # What the bucket holds is a checkpoint step in its own right.
+  step, state, _ = read_step(download(bucket, "gs://bucket/run/checkpoints/3", tmp_path / "copy" / "3").parent)
+  assert step == 3 and int(state["step"]) == 3
+  saved = json.loads(bucket.cat_file("gs://bucket/run/checkpoints/config.json"))
+  assert saved["data"]["source"] == "gs://bucket/data" and saved["vae"]["checkpoint"] == "gs://bucket/vae"
+
+  # A new host: no mirror; and a step whose upload never finished (no marker) beside step 3.
+  mirror = storage.RemoteWorkdir("gs://bucket/run").local
+  shutil.rmtree(mirror)
+  for rel in [r for r in files if r.startswith("checkpoints/3/") and not r.endswith(storage.UPLOAD_MARKER)]:
+    bucket.pipe_file(f"gs://bucket/run/checkpoints/9/{rel[len('checkpoints/3/'):]}", b"partial")
+  capsys.readouterr()
+  last = loop.train(_config(6), "gs://bucket/run")
+  assert np.isfinite(last["loss"])
+  assert "resumed from step 3" in capsys.readouterr().out   # not from scratch, not the partial 9
+  metrics = [json.loads(line) for line in bucket.cat_file("gs://bucket/run/metrics.jsonl").decode().splitlines()]
+  assert sorted({m["step"] for m in metrics}) == [3, 6], metrics   # the first run's lines kept
+  assert storage.RemoteWorkdir("gs://bucket/run").complete_steps() == [3, 6]
+  step, state, _ = read_step(download(bucket, "gs://bucket/run/checkpoints/6", tmp_path / "copy2" / "6").parent)
+  assert step == 6 and int(state["step"]) == 6
