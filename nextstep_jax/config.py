@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from nextstep_jax import parallel
+from nextstep_jax import storage
 from nextstep_jax.errors import UserError  # re-exported: the one user-error type
 from nextstep_jax.models import vae as vae_lib
 from nextstep_jax.models.attention import IMPLEMENTATIONS
@@ -583,8 +584,9 @@ def validate_vae(config: ml_collections.ConfigDict, num_devices: int) -> vae_lib
   if s % cfg.pixels_per_token:
     ck.err(f"data.image_size={s} is not divisible by {cfg.pixels_per_token} pixels per "
            f"token (VAE factor {cfg.factor} x patch size {cfg.patch_size})")
-  if config.data.source != "digits" and not os.path.isdir(config.data.source):
-    ck.err(f"data.source={config.data.source!r} is neither 'digits' nor a directory")
+  if (config.data.source != "digits" and not storage.is_remote(config.data.source)
+      and not os.path.isdir(config.data.source)):  # a URL is checked when it is staged
+    ck.err(f"data.source={config.data.source!r} is neither 'digits' nor a directory (nor a gs:// / s3:// URL)")
   try:
     optim_lib.make_schedule(config.optim, config.steps)  # lr, schedule, warm-up
   except ValueError as e:

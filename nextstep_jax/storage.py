@@ -8,7 +8,7 @@ for tests. etils.epath (orbax's layer) reaches gs:// only through TensorFlow or 
 s3://; TensorStore reads arrays, not arbitrary files. Orbax itself is left writing local paths: the
 work directory is mirrored (below), so a test backend registered only in fsspec sees the checkpoints.
 
-Two services, both the identity on local paths (a local path takes exactly the old code path):
+The services, each the identity on local paths (a local path takes exactly the old code path):
 
 * ``local_input(url, what)``: a read-only input (a data root ``data.source``, ``tokenizer.path``,
   ``vae.checkpoint``) copied into the host's cache, ``$NEXTSTEP_STORAGE_CACHE/inputs/<protocol>/
@@ -25,6 +25,10 @@ Two services, both the identity on local paths (a local path takes exactly the o
   ``retain(steps)`` deletes the remote steps the local retention dropped (marker first);
   ``sync_files()`` uploads the run's other files that changed (saved config, demo tokenizer,
   metrics.jsonl, TensorBoard events).
+* ``local_checkpoint(url, what)``: another run's checkpoint (``checkpoint.init_from``, ``dpo.reference``)
+  given as a URL: only its newest complete step (the one step of a step URL), staged as an input.
+* ``check_workdir(url, process_count)``: a remote work directory is for one-process runs; a job of
+  several processes is refused at start-up, saying what works.
 
 Errors are UserErrors that name the URL: a protocol without its implementation says what to
 ``pip install`` (gcsfs for gs://, s3fs for s3://), a missing remote path says so.
@@ -192,6 +196,84 @@ def local_input(path: str, what: str = "", siblings: Iterable[str] = ()) -> str:
   os.replace(tmp, marker)
   logging.info("storage: %s staged to %s (%d of %d files copied)", url, dest, copied, len(listing))
   return dest
+
+
+def local_checkpoint(path: str, what: str = "checkpoint.init_from", steps_dir: str = "checkpoints") -> str:
+  """The local path a checkpoint reader takes for `path`: `path` itself when it is local. A URL names a
+  checkpoint directory (its ``<step>/`` folders), a run's work directory (its ``<steps_dir>/``) or one
+  step (``.../checkpoints/3``), as written by ``RemoteWorkdir.publish``; only a complete step counts,
+  one whose upload marker (``<step>/.upload_complete.json``, written last) is there and lists the
+  step's files: for a directory the newest such step, for a step URL that step (refused when its
+  marker is missing). That one step is staged as ``local_input`` stages an input (once per host, in
+  ``<cache>/inputs/<protocol>/<bucket>/<path>/<step>``), and its local directory is returned. `what`
+  names the config field in errors."""
+  if not is_remote(path):
+    return path
+  url = str(path).rstrip("/")
+  name = f"{what}={path!r}" if what else repr(path)
+  fs, root = filesystem(url, what)
+  try:
+    if not fs.exists(root):
+      raise UserError(f"{name} does not exist")
+    listing = _listing(fs, root)
+  except OSError as e:
+    raise UserError(f"{name}: cannot be listed ({type(e).__name__}: {e})") from e
+
+  def steps_under(prefix: str) -> tuple[set[int], set[int]]:
+    """(every step folder under `prefix`, those with their upload marker)."""
+    found, complete = set(), set()
+    for rel in listing:
+      parts = rel[len(prefix):].split("/") if rel.startswith(prefix) else []
+      if len(parts) >= 2 and parts[0].isdigit():
+        found.add(int(parts[0]))
+        if parts[1:] == [UPLOAD_MARKER]:
+          complete.add(int(parts[0]))
+    return found, complete
+
+  prefix = ""
+  found, complete = steps_under(prefix)
+  if not found:  # a run's work directory: its checkpoint directory
+    prefix = f"{steps_dir}/"
+    found, complete = steps_under(prefix)
+  if not found and posix_name(root).isdigit():  # one step's directory
+    step, prefix, step_url = int(posix_name(root)), "", url
+    if UPLOAD_MARKER not in listing:
+      raise UserError(f"{name}: step {step} has no upload marker {UPLOAD_MARKER} (its upload did not finish, "
+                      "or it was not uploaded by a run with a remote work directory)")
+  elif not found:
+    raise UserError(f"{name} holds no checkpoint steps (<step>/ folders)")
+  elif not complete:
+    raise UserError(f"{name}: no step has its upload marker {UPLOAD_MARKER} (steps {sorted(found)}: their "
+                    "uploads did not finish, or they were not uploaded by a run with a remote work directory)")
+  else:
+    step = max(complete)
+    prefix += f"{step}/"
+    step_url = f"{url}/{prefix.rstrip('/')}"
+    if step < max(found):
+      logging.warning("storage: %s: reading step %d, the newest complete one (newer steps %s have no upload "
+                      "marker)", name, step, sorted(s for s in found if s > step))
+  files = {rel[len(prefix):]: size for rel, size in listing.items()
+           if rel.startswith(prefix) and rel != prefix + UPLOAD_MARKER}
+  try:
+    marker = json.loads(fs.cat_file(f"{root}/{prefix}{UPLOAD_MARKER}"))
+  except (OSError, ValueError) as e:
+    raise UserError(f"{name}: the upload marker of step {step} is unreadable ({type(e).__name__}: {e})") from e
+  if not isinstance(marker, dict) or marker.get("files") != files:
+    raise UserError(f"{name}: step {step} does not match its upload marker {UPLOAD_MARKER} (files changed "
+                    "or removed after its upload)")
+  return local_input(step_url, what)
+
+
+def check_workdir(workdir: str, process_count: int, what: str = "workdir") -> None:
+  """Refuses a remote work directory for a job of several processes, saying what works. The mirror
+  (``RemoteWorkdir``) is one host's copy uploaded by one process, while a multi-process save has every
+  process write its shards into one directory they all reach; the other writers of a work directory
+  (the lock, the metrics, the data cache) take local paths too."""
+  if process_count > 1 and is_remote(workdir):
+    raise UserError(f"{what}={workdir!r}: a remote work directory works for a one-process run only (mirrored "
+                    f"locally, each committed step uploaded), and this job has {process_count} processes: run "
+                    "one process per host with a work directory all hosts reach as a local path (NFS or "
+                    "another shared filesystem), or one process with this URL")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,6 +44,13 @@ FORBIDDEN = (
      (f"{PACKAGE}.parallel", f"{PACKAGE}.batch"),
      (PACKAGE,)),
 )
+# (rule, the importing modules, the only project modules they may import): every other edge from them
+# is forbidden. storage stays below everything that reads or writes paths (config, data, run, training).
+ONLY_IMPORTS = (
+    ("storage imports nothing of the project but errors",
+     (f"{PACKAGE}.storage",),
+     (f"{PACKAGE}.errors",)),
+)
 ENTRY_POINT_RULE = "no library module (nor entry point other than demo) imports an entry point"
 FUNCTION_LEVEL_RULE = "no function-level import of a project module"
 
@@ -160,6 +167,9 @@ def violations(edges) -> list[str]:
     for rule, sources, targets in FORBIDDEN:
       if e.source not in ENTRY_POINTS and _covers(sources, e.source) and _covers(targets, e.target):
         out.append(f"{rule}: {e}")
+    for rule, sources, allowed in ONLY_IMPORTS:
+      if _covers(sources, e.source) and not _covers(allowed, e.target):
+        out.append(f"{rule}: {e}")
     if not e.module_level:
       out.append(f"{FUNCTION_LEVEL_RULE}: {e}")
   return out
@@ -224,7 +234,9 @@ def test_checker_flags_synthetic_forbidden_edges():
          edge("nextstep_jax.sample", "nextstep_jax.export"),
          edge("nextstep_jax.parallel", "nextstep_jax.config"),
          edge("nextstep_jax.batch", "nextstep_jax"),
-         edge("nextstep_jax.sampling.runner", "nextstep_jax.run", module_level=False)]
+         edge("nextstep_jax.sampling.runner", "nextstep_jax.run", module_level=False),
+         edge("nextstep_jax.storage", "nextstep_jax.config"),
+         edge("nextstep_jax.storage", "nextstep_jax")]
   found = violations(bad)
   assert len(found) == len(bad), found
   for e, v in zip(bad, found):
@@ -235,6 +247,8 @@ def test_checker_flags_synthetic_forbidden_edges():
           edge("nextstep_jax.models.nextstep", "nextstep_jax.batch"),
           edge("nextstep_jax.data.mixture", "nextstep_jax.parallel"),
           edge("nextstep_jax.data.__main__", "nextstep_jax.run"),   # an entry point, not data's library
+          edge("nextstep_jax.storage", "nextstep_jax.errors"),
+          edge("nextstep_jax.data.settings", "nextstep_jax.storage"),
           edge("nextstep_jax.train", "nextstep_jax.training.loop")]
   assert violations(fine) == []
 

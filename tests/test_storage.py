@@ -200,6 +200,60 @@ def test_half_uploaded_steps_are_ignored_and_uploads_put_the_marker_last(bucket,
   assert not any(r.startswith("checkpoints/3/") for r in remote_files(bucket, "gs://bucket/run"))
 
 
+def test_a_checkpoint_url_stages_only_its_newest_complete_step(bucket, tmp_path):
+  """checkpoint.init_from=gs://...: a checkpoint directory, a run's work directory or one step."""
+  writer = storage.RemoteWorkdir("gs://bucket/stage1", local=str(tmp_path / "writer"))
+  for step, payload in ((3, b"a"), (6, b"b")):
+    _fake_step(Path(writer.local), step, payload)
+    writer.publish(step)
+  bucket.pipe_file("gs://bucket/stage1/checkpoints/9/state/arr", b"partial")   # an upload cut short
+  staged = tmp_path / "cache" / "inputs" / "gs" / "bucket" / "stage1" / "checkpoints"
+  for url in ("gs://bucket/stage1/checkpoints", "gs://bucket/stage1/checkpoints/", "gs://bucket/stage1"):
+    assert storage.local_checkpoint(url) == str(staged / "6"), url
+  assert sorted(os.listdir(staged)) == ["6"]                                    # only that step came down
+  assert (staged / "6" / "state" / "arr").read_bytes() == b"b" * 64
+  assert storage.local_checkpoint("gs://bucket/stage1/checkpoints/3") == str(staged / "3")   # a step URL
+  assert (staged / "3" / "state" / "arr").read_bytes() == b"a" * 64
+  assert storage.local_checkpoint("runs/stage1/checkpoints") == "runs/stage1/checkpoints"   # local: untouched
+
+  def refused(url, what="checkpoint.init_from"):
+    with pytest.raises(UserError) as e:
+      storage.local_checkpoint(url, what)
+    assert "\n" not in str(e.value) and f"{what}={url!r}" in str(e.value), str(e.value)
+    return str(e.value)
+
+  assert "step 9 has no upload marker" in refused("gs://bucket/stage1/checkpoints/9")
+  assert refused("gs://bucket/stage2/checkpoints", "dpo.reference").endswith("does not exist")
+  bucket.pipe_file("gs://bucket/stage1/checkpoints/3/state/arr", b"changed")  # altered after its upload
+  assert "does not match its upload marker" in refused("gs://bucket/stage1/checkpoints/3")
+  bucket.rm_file(f"gs://bucket/stage1/checkpoints/6/{storage.UPLOAD_MARKER}")
+  bucket.rm_file(f"gs://bucket/stage1/checkpoints/3/{storage.UPLOAD_MARKER}")
+  assert "no step has its upload marker .upload_complete.json (steps [3, 6, 9]:" in refused("gs://bucket/stage1")
+  # The checkpoint reader (what checkpoint.init_from and dpo.reference go through) names the URL too.
+  from nextstep_jax.training import checkpoint as ckpt_lib
+  with pytest.raises(UserError, match=r"^checkpoint.init_from='gs://bucket/stage1/checkpoints/9': step 9 has"):
+    ckpt_lib.restore_params_step("gs://bucket/stage1/checkpoints/9", {})
+
+
+def test_a_remote_workdir_is_refused_for_a_job_of_several_processes(bucket, monkeypatch):
+  storage.check_workdir("gs://bucket/run", 1)
+  storage.check_workdir("/nfs/runs/stage1", 16)   # a shared local path: any number of processes
+  with pytest.raises(UserError) as e:
+    storage.check_workdir("gs://bucket/run", 2)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("workdir='gs://bucket/run': ") and "2 processes" in msg, msg
+  assert "NFS" in msg and "one process with this URL" in msg, msg
+  # The trainers refuse it at start-up, before any directory is made (the fixture looks for "gs:").
+  from configs import demo
+  from nextstep_jax.training import loop
+  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match="2 processes"):
+    loop.start(demo.get_config(), "gs://bucket/run")
+  with pytest.raises(UserError, match="2 processes"):
+    loop.Session().local_workdir("gs://bucket/run")     # the VAE trainer's way in
+  assert loop.Session().local_workdir("runs/x") == "runs/x"
+
+
 # ------------------------------------------------------------------------------------------------
 # Training from gs:// and into gs://, then resuming from the remote step
 # ------------------------------------------------------------------------------------------------
@@ -216,6 +270,41 @@ def _config(steps: int):
     c.optim.warmup_steps = 1
     c.checkpoint.every, c.checkpoint.async_save = 3, False
   return c
+
+
+def _init_from_url_equals_local_restore(saved_params, url: str, local_step: Path) -> None:
+  """loop.restore_or_init's init_from branch (with stand-ins for the trainer and the run's own empty
+  checkpoints) given `url`, against restore_params_step of the local copy `local_step`."""
+  import jax
+  from nextstep_jax.training import loop
+  from nextstep_jax.training.checkpoint import restore_params_step
+
+  class Trainer:
+    lora, abstract_state, state_shardings = None, {}, {}
+    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), saved_params)
+    param_shardings = jax.tree.map(lambda a: a.sharding, saved_params)
+
+    def state_from_params(self, params):
+      return {"params": params, "step": 0}
+
+  class NoCheckpoints:
+    def restore_latest_good(self, _):
+      return None
+
+    def write_config(self):
+      pass
+
+  state = loop.restore_or_init(Trainer(), NoCheckpoints(), None, init_from=url)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), saved_params)
+  step, local = restore_params_step(local_step, target)
+  assert step == int(local_step.name)
+  staged = storage.local_checkpoint(url)
+  assert Path(staged).name == local_step.name and sorted(os.listdir(Path(staged).parent)) == [local_step.name]
+  got, want = jax.tree_util.tree_leaves_with_path(state["params"]), jax.tree_util.tree_leaves_with_path(local)
+  assert [p for p, _ in got] == [p for p, _ in want] and got
+  for (path, a), (_, b) in zip(got, want):
+    assert a.dtype == b.dtype, path
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.slow
@@ -248,6 +337,10 @@ def test_training_reads_gs_inputs_writes_gs_checkpoints_and_resumes_from_them(bu
   saved = json.loads(bucket.cat_file("gs://bucket/run/checkpoints/config.json"))
   assert saved["data"]["source"] == "gs://bucket/data" and saved["vae"]["checkpoint"] == "gs://bucket/vae"
 
+  # The next stage's checkpoint.init_from=gs://bucket/run/checkpoints: a params-only init from the
+  # bucket's newest complete step equals the local restore of that step, tensor by tensor.
+  _init_from_url_equals_local_restore(state["params"], "gs://bucket/run/checkpoints", tmp_path / "copy" / "3")
+
   # A new host: no mirror; and a step whose upload never finished (no marker) beside step 3.
   mirror = storage.RemoteWorkdir("gs://bucket/run").local
   shutil.rmtree(mirror)
@@ -262,3 +355,36 @@ def test_training_reads_gs_inputs_writes_gs_checkpoints_and_resumes_from_them(bu
   assert storage.RemoteWorkdir("gs://bucket/run").complete_steps() == [3, 6]
   step, state, _ = read_step(download(bucket, "gs://bucket/run/checkpoints/6", tmp_path / "copy2" / "6").parent)
   assert step == 6 and int(state["step"]) == 6
+
+
+@pytest.mark.slow
+def test_vae_trainer_reads_a_gs_image_folder_and_writes_a_gs_workdir(bucket, tmp_path):
+  import jax
+  from configs import vae_demo
+  from nextstep_jax import run as run_lib
+  from nextstep_jax.training import vae_trainer
+  from tests.test_prepare import png
+
+  for i in range(6):
+    png(tmp_path / "photos" / f"{i}.png", 16, seed=i)
+  upload(bucket, tmp_path / "photos", "gs://bucket/photos")
+  shutil.rmtree(tmp_path / "photos")
+  c = vae_demo.get_config()
+  c.vae.base_channels, c.vae.channel_mults, c.vae.norm_groups, c.vae.mid_attention = 8, (1,), 4, False
+  c.data.source, c.data.image_size, c.data.heldout_every = "gs://bucket/photos", 16, 3
+  c.data.batch_size = jax.device_count()
+  c.steps, c.log_every, c.eval_every, c.optim.warmup_steps = 2, 1, 2, 1
+  c.eval.num_images, c.eval.batch_size, c.eval.grid_images = 2, 2, 2
+  c.checkpoint.every, c.checkpoint.async_save = 2, False
+
+  result = vae_trainer.train_and_evaluate(c, "gs://bucket/vae")
+  assert result["step"] == 2 and result["source"] == "gs://bucket/photos" and np.isfinite(result["psnr"])
+  files = remote_files(bucket, "gs://bucket/vae")
+  assert f"checkpoints/2/{storage.UPLOAD_MARKER}" in files, sorted(files)
+  for name in ("config.json", vae_trainer.VAE_CONFIG_FILE, vae_trainer.EVAL_FILE, "metrics.jsonl"):
+    assert name in files, (name, sorted(files))
+  assert any(r.startswith(vae_trainer.EXPORT_DIR + "/") for r in files)
+  assert not any(".nextstep.lock" in r or r.endswith(".partial") for r in files), sorted(files)
+  # The bucket's run is a VAE in its own right (load_vae stages it; what vae.checkpoint=gs://... reads).
+  vae = run_lib.load_vae("gs://bucket/vae")
+  assert vae.config.base_channels == 8 and vae.config.channel_mults == (1,)

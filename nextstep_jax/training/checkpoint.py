@@ -53,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from nextstep_jax import storage
 from nextstep_jax.training.data_state import DataStateRestore, DataStateSave
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -574,11 +575,16 @@ def restore_params_step(path: str | os.PathLike, abstract_params: Any, key: str 
   The saved state must be a mapping whose `key` entry holds parameters with the structure of
   `abstract_params` (ShapeDtypeStructs with shardings; the dtype there wins, so fp32 masters can
   be read as bf16 and the reverse). The optimizer state and step counter are not read.
-  `what` names the path in messages (a config field or a flag).
+  `what` names the path in messages (a config field or a flag). A URL (gs://, s3://, ...) is read
+  from the local copy of one step, its newest complete one or the step it names
+  (``storage.local_checkpoint``); messages still name the URL.
   """
+  shown = str(path)
+  if storage.is_remote(shown):
+    path = storage.local_checkpoint(shown, what)
   root = absolute(path)
   if not root.exists():
-    raise FileNotFoundError(f"{what}={str(path)!r} does not exist")
+    raise FileNotFoundError(f"{what}={shown!r} does not exist")
   steps = [s for s in (_step_of(p) for p in root.iterdir() if p.is_dir()) if s is not None]
   if not steps and (root / "checkpoints").is_dir():  # a run's work directory: its checkpoints
     root = root / "checkpoints"
@@ -587,7 +593,7 @@ def restore_params_step(path: str | os.PathLike, abstract_params: Any, key: str 
   if explicit:
     root, steps = root.parent, [_step_of(root)]
   elif not steps:
-    raise FileNotFoundError(f"{what}={str(path)!r} holds no checkpoint steps")
+    raise FileNotFoundError(f"{what}={shown!r} holds no checkpoint steps")
   target = {key: abstract_params}
   manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
   failed: list[tuple[int, str]] = []
@@ -595,11 +601,11 @@ def restore_params_step(path: str | os.PathLike, abstract_params: Any, key: str 
     if not explicit:
       steps = sorted(manager.all_steps(), reverse=True)
       if not steps:
-        raise FileNotFoundError(f"{what}={str(path)!r} holds no finished checkpoint")
+        raise FileNotFoundError(f"{what}={shown!r} holds no finished checkpoint")
     for i, step in enumerate(steps):
       reason = check_integrity(root / str(step))
       if reason is not None and explicit:
-        raise CorruptCheckpointError(f"{what}={str(path)!r}: step {step} is corrupt: {reason}")
+        raise CorruptCheckpointError(f"{what}={shown!r}: step {step} is corrupt: {reason}")
       if reason is None:
         try:
           out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
@@ -620,7 +626,7 @@ def restore_params_step(path: str | os.PathLike, abstract_params: Any, key: str 
       logging.warning("checkpoint: step %d in %s is unusable: %s; %s", step, root, reason, nxt)
   finally:
     manager.close()
-  raise CorruptCheckpointError(f"{what}={str(path)!r}: no step can be read:\n  " +
+  raise CorruptCheckpointError(f"{what}={shown!r}: no step can be read:\n  " +
                                "\n  ".join(f"step {s}: {r}" for s, r in failed))
 
 

@@ -82,6 +82,17 @@ class Session:
     self.mirror: storage.RemoteWorkdir | None = None
     self._pulled = False
 
+  def local_workdir(self, workdir: str, private=MIRROR_PRIVATE) -> str:
+    """The directory the run writes: `workdir` itself, or for a URL (gs://, s3://...) its local mirror,
+    opened here (``storage.RemoteWorkdir``; `private`: the names that stay on this host). A job of
+    several processes is refused a URL (``storage.check_workdir``)."""
+    if not storage.is_remote(workdir):
+      return workdir
+    storage.check_workdir(workdir, jax.process_count())
+    self.mirror = storage.RemoteWorkdir(workdir, steps_dir=run_lib.CHECKPOINTS, private=private)
+    log(f"work directory {workdir}: mirrored in {self.mirror.local}")
+    return self.mirror.local
+
   def guard(self, workdir: str, config, fields=ARCHITECTURE_FIELDS,
             saved_files=(os.path.join(run_lib.CHECKPOINTS, run_lib.CONFIG_FILE),)) -> None:
     """Before anything is written into `workdir`: takes its lock (process 0; a second writer is
@@ -132,12 +143,10 @@ def start(config, workdir: str | None) -> Session:
     parallel.maybe_initialize_distributed()
     session.stop.install()  # again, over any handler the distributed start-up installed
     workdir = workdir or config.workdir
+    storage.check_workdir(workdir, jax.process_count())  # a remote one: one process only
     config_lib.validate(config, num_devices=jax.device_count(), num_granules=parallel.num_granules())
     mesh = parallel.make_hybrid_mesh(config.mesh)
-    if storage.is_remote(workdir) and jax.process_count() == 1:
-      session.mirror = storage.RemoteWorkdir(workdir, steps_dir=run_lib.CHECKPOINTS, private=MIRROR_PRIVATE)
-      log(f"work directory {workdir}: mirrored in {session.mirror.local}")
-      workdir = session.mirror.local
+    workdir = session.local_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     session.guard(workdir, config)
     session.mesh = mesh

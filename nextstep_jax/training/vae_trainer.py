@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nextstep_jax import config as config_lib
 from nextstep_jax import run as run_lib
+from nextstep_jax import storage
 from nextstep_jax.batch import padded_chunks
 from nextstep_jax.data.images import batch_indices, load_images
 from nextstep_jax.evaluation import image_metrics
@@ -48,7 +49,7 @@ from nextstep_jax.models.discriminator import PatchDiscriminator
 from nextstep_jax.models.vae import AutoencoderKL, VAEConfig
 from nextstep_jax.training import optim as optim_lib
 from nextstep_jax.training.checkpoint import Checkpointer, config_to_json
-from nextstep_jax.training.loop import Session
+from nextstep_jax.training.loop import MIRROR_PRIVATE, Session
 from nextstep_jax.data.images import recon_grid
 from nextstep_jax.training.metrics import MetricsWriter, log
 
@@ -213,7 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   Writes into ``workdir`` (default ``config.workdir``): ``config.json``, ``vae_config.json``,
   ``checkpoints/``, ``tensorboard/``, ``metrics.jsonl``, ``images/recon_*.png``,
-  ``vae_eval.json`` and ``export/`` (FLUX-named safetensors + config.json).
+  ``vae_eval.json`` and ``export/`` (FLUX-named safetensors + config.json). A ``workdir`` URL (gs://, s3://;
+  one-process runs) is written in its local mirror and uploaded (``loop.Session.local_workdir``); a
+  ``data.source`` URL is an image folder staged into this host's cache (``storage.local_input``).
   As the transformer's trainer (``loop.Session``): SIGINT / SIGTERM end the run cleanly at any
   moment (the current step saved; before the first step nothing), a second writer of the same
   workdir is refused, and so is a ``vae.*`` architecture other than the one its checkpoints have;
@@ -226,15 +229,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   with Session() as run:  # the stop-signal handler first
     vae_cfg = config_lib.validate_vae(config, jax.device_count())
     t = config.train
+    # A URL (gs://, s3://...): the run writes its local mirror, uploaded as the transformer's is.
+    workdir = run.local_workdir(workdir, private=MIRROR_PRIVATE + ("*.partial",))
     os.makedirs(workdir, exist_ok=True)
     run.guard(workdir, config, VAE_ARCHITECTURE_FIELDS,
               saved_files=(os.path.join(run_lib.CHECKPOINTS, run_lib.CONFIG_FILE), run_lib.CONFIG_FILE))
 
     # Data: every process holds the (small) dataset and takes its rows of each global batch.
-    train_x, _ = load_images(config.data.source, "train", config.data.image_size,
-                             config.data.heldout_every)
-    heldout_x, _ = load_images(config.data.source, "heldout", config.data.image_size,
-                               config.data.heldout_every)
+    source = str(config.data.source)
+    if storage.is_remote(source):  # the image folder copied into this host's cache once, read from there
+      source = storage.local_input(source, "data.source")
+    train_x, _ = load_images(source, "train", config.data.image_size, config.data.heldout_every)
+    heldout_x, _ = load_images(source, "heldout", config.data.image_size, config.data.heldout_every)
     vae_lib.validate_images(train_x, vae_cfg, vae_cfg.pixels_per_token, "training images")
     vae_lib.validate_images(heldout_x, vae_cfg, vae_cfg.pixels_per_token, "held-out images")
     if config.eval.num_images:
@@ -252,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
          f"parameters; {len(train_x)} train / {len(heldout_x)} held-out images; mesh {dict(mesh.shape)}")
     run.check_stop()
 
-    ckpt = Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS))
+    ckpt = Checkpointer.from_config(config, os.path.join(workdir, run_lib.CHECKPOINTS), replica=run.mirror)
     writer = None
     try:
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
