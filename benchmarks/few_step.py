@@ -12,7 +12,9 @@ sample size), for:
   teacher ODE K    the same head with only K evaluations (what K steps give without distillation);
   few-step K       each head of --heads (its K, cfg and time shift from its head.json).
 Every sampler runs at the heads' guidance scale and time shift, batch_size prompts per call; s/image is
-the mean over the seeds after a first, compiling call. The verdict lines compare each head with the
+the mean over the seeds after a first, compiling call (prompts, sampler, VAE decode); the batch-1 column is
+the median over latency_images calls of the compiled sampler alone with one image (its prompt and negative
+row), after a compiling call; all in this one process. The verdict lines compare each head with the
 teacher ODE: prompt accuracy within 0.03 and Fréchet distance within 15% (means over the seeds). Never
 asserts.
 """
@@ -36,6 +38,8 @@ def main() -> None:
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--per_digit", type=int, default=50)
   ap.add_argument("--batch_size", type=int, default=100)
+  ap.add_argument("--latency_images", type=int, default=20,
+                  help="timed one-image sampler calls for the batch-1 column (0: skip)")
   ap.add_argument("--out", default="", help="also write the figures as JSON here")
   a = ap.parse_args()
 
@@ -46,6 +50,7 @@ def main() -> None:
   from nextstep_jax.evaluation import classifier as clf_lib  # pylint: disable=import-outside-toplevel
   from nextstep_jax.evaluation import digits as ev  # pylint: disable=import-outside-toplevel
   from nextstep_jax.evaluation.frechet import frechet_distance  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import sampling, vae_tokens  # pylint: disable=import-outside-toplevel
   from nextstep_jax.sampling import few_step  # pylint: disable=import-outside-toplevel
 
   seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -60,6 +65,7 @@ def main() -> None:
   run = run_lib.load_run(a.workdir)
   judge, meta = clf_lib.load_or_train_classifier(os.path.join(a.workdir, ev.CLASSIFIER_DIR))
   size = int(run.config.data.image_size)
+  gh, gw = vae_tokens.token_grid(run.vae.config, size, size)
   held_u8, _ = digits_lib.load_split("heldout")
   real = digits_lib.pad_digits_u8(held_u8, size)
   real_feats = clf_lib.features(judge, real)
@@ -93,21 +99,36 @@ def main() -> None:
       r = ev.evaluate_generated(judge, images, labels, real)
       accs.append(r["prompt_accuracy"])
       fds.append(r["frechet_distance"])
+    latency = float("nan")
+    if a.latency_images:  # the compiled sampler alone, one image (its prompt and negative row) per call
+      cond, neg = sampling.image_prompts(run.tokenizer, [ev.PROMPT_TEMPLATE.format(d=3)], gh, gw, negative="")
+      one = lambda i: jax.block_until_ready(sampling.sample_images(
+          model, cond, neg, gh, gw, jax.random.key(i), cfg=cfg, steps=steps, time_shift=shift, sde=sde,
+          use_norm=metas[0]["use_norm"], pad_id=run.tokenizer.pad_id))
+      one(0)  # compiles
+      times = []
+      for i in range(a.latency_images):
+        t0 = time.perf_counter()
+        one(i + 1)
+        times.append(time.perf_counter() - t0)
+      latency = float(np.median(times))
     rows.append(dict(sampler=name, evaluations=steps, prompt_accuracy=accs, frechet_distance=fds,
-                     seconds_per_image=float(np.mean(secs))))
+                     seconds_per_image=float(np.mean(secs)), batch1_seconds_per_image=latency))
     print(f"{name}: {steps} evaluations, accuracy {np.mean(accs):.3f} {np.round(accs, 3).tolist()}, FD "
-          f"{np.mean(fds):.2f} {np.round(fds, 2).tolist()}, {np.mean(secs) * 1e3:.2f} ms/image", flush=True)
+          f"{np.mean(fds):.2f} {np.round(fds, 2).tolist()}, {np.mean(secs) * 1e3:.2f} ms/image at batch "
+          f"{a.batch_size}, {latency * 1e3:.2f} ms/image at batch 1", flush=True)
 
   print(f"\n{run.workdir} (step {run.step}); judge held-out accuracy {meta['heldout_accuracy']:.3f}; cfg {cfg}, "
         f"time shift {shift}; {len(labels)} samples per seed, seeds {seeds}; real-digit FD floor "
         f"{np.mean(floors):.2f}; {jax.devices()[0].platform}, batch {a.batch_size}\n")
   print("| sampler | head evaluations / token | prompt accuracy (mean; per seed) | Fréchet distance (mean; per seed) "
-        "| ms / image |")
-  print("|---|---|---|---|---|")
+        f"| ms / image, batch {a.batch_size} | ms / image, batch 1 |")
+  print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['sampler']} | {r['evaluations']} | {np.mean(r['prompt_accuracy']):.3f} "
           f"({', '.join(f'{v:.3f}' for v in r['prompt_accuracy'])}) | {np.mean(r['frechet_distance']):.1f} "
-          f"({', '.join(f'{v:.1f}' for v in r['frechet_distance'])}) | {r['seconds_per_image'] * 1e3:.2f} |")
+          f"({', '.join(f'{v:.1f}' for v in r['frechet_distance'])}) | {r['seconds_per_image'] * 1e3:.2f} | "
+          f"{r['batch1_seconds_per_image'] * 1e3:.2f} |")
   teacher = rows[1]
   t_acc, t_fd = np.mean(teacher["prompt_accuracy"]), np.mean(teacher["frechet_distance"])
   print()
