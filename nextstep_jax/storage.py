@@ -135,6 +135,21 @@ def _download(fs, remote: str, local: str) -> None:
 # Read-only inputs
 # ------------------------------------------------------------------------------------------------
 
+def _existing(path: str, what: str):
+  """(url, its name for messages, filesystem, its path there) of a remote `path` that exists; UserError
+  naming `what` otherwise."""
+  url = str(path).rstrip("/")
+  name = f"{what}={path!r}" if what else repr(path)
+  fs, root = filesystem(url, what)
+  try:
+    exists = fs.exists(root)
+  except OSError as e:
+    raise UserError(f"{name}: cannot be listed ({type(e).__name__}: {e})") from e
+  if not exists:
+    raise UserError(f"{name} does not exist")
+  return url, name, fs, root
+
+
 def local_input(path: str, what: str = "", siblings: Iterable[str] = ()) -> str:
   """The local path the readers take for `path`: `path` itself when it is local; for a URL, its copy
   in this host's cache (see the module docstring), made or completed now. `what` names the config
@@ -142,12 +157,8 @@ def local_input(path: str, what: str = "", siblings: Iterable[str] = ()) -> str:
   exist (a tokenizer.json's tokenizer_config.json)."""
   if not is_remote(path):
     return path
-  url = str(path).rstrip("/")
-  name = f"{what}={path!r}" if what else repr(path)
-  fs, root = filesystem(url, what)
+  url, name, fs, root = _existing(path, what)
   try:
-    if not fs.exists(root):
-      raise UserError(f"{name} does not exist")
     single = not fs.isdir(root)
     listing = _listing(fs, root)
     if single:
@@ -209,12 +220,8 @@ def local_checkpoint(path: str, what: str = "checkpoint.init_from", steps_dir: s
   names the config field in errors."""
   if not is_remote(path):
     return path
-  url = str(path).rstrip("/")
-  name = f"{what}={path!r}" if what else repr(path)
-  fs, root = filesystem(url, what)
+  url, name, fs, root = _existing(path, what)
   try:
-    if not fs.exists(root):
-      raise UserError(f"{name} does not exist")
     listing = _listing(fs, root)
   except OSError as e:
     raise UserError(f"{name}: cannot be listed ({type(e).__name__}: {e})") from e
