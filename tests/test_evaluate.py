@@ -216,3 +216,25 @@ def test_evaluate_run_writes_eval_json_and_grid(run_dir, judge):
   assert saved["prompt_accuracy"] == result["prompt_accuracy"]
   with Image.open(os.path.join(workdir, digits_eval.GRID_FILE)) as im:
     assert im.size == (32, 10 * 32)  # one row per digit, per_digit columns
+
+
+@pytest.mark.slow
+def test_evaluate_run_with_a_few_step_head(run_dir, judge, tmp_path):
+  """--head: the samples come from the head's weights with its K steps, cfg and time shift (its head.json, in
+  place of the arguments), and eval.json and the grid go into the head's directory, the run's left alone."""
+  from nextstep_jax.sampling import few_step  # pylint: disable=import-outside-toplevel
+  workdir, _ = run_dir
+  run_eval = os.path.join(workdir, digits_eval.EVAL_FILE)
+  before = open(run_eval, "rb").read() if os.path.exists(run_eval) else None
+  head_dir = str(tmp_path / "k3")
+  few_step.save_head(head_dir, run_lib.load_run(workdir).model.head,
+                     {"evaluations": 3, "cfg": 2.0, "time_shift": 1.5, "use_norm": True, "teacher_steps": 28})
+  result = digits_eval.evaluate_run(workdir, per_digit=1, cfg=7.0, steps=20, time_shift=1.0,
+                                    classifier_dir=judge[0], vae_eval_images=8, head=head_dir)
+  with open(os.path.join(head_dir, digits_eval.EVAL_FILE)) as f:
+    saved = json.load(f)
+  assert (saved["sampling_steps"], saved["cfg"], saved["time_shift"], saved["head"]) == (3, 2.0, 1.5, head_dir)
+  assert saved["prompt_accuracy"] == result["prompt_accuracy"] and saved["num_samples"] == 10
+  assert os.path.isfile(os.path.join(head_dir, digits_eval.GRID_FILE))
+  after = open(run_eval, "rb").read() if os.path.exists(run_eval) else None
+  assert after == before
