@@ -609,7 +609,7 @@ def validate_head_distill(config: ml_collections.ConfigDict) -> None:
   ck = _Checks(config)
   if not config.teacher:
     ck.err("teacher is empty: give the trained run's work directory (--config.teacher=W)")
-  elif not os.path.isdir(config.teacher):
+  elif not storage.is_remote(config.teacher) and not os.path.isdir(config.teacher):
     ck.err(f"teacher={config.teacher!r}: no such directory")
   ck.positive("evaluations", "teacher_steps", "time_shift", "num_images", "sample_batch", "train.steps",
               "train.batch_tokens", "train.log_every")

@@ -53,6 +53,20 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS)
 
 
+def local_run(workdir: str) -> str:
+  """A finished run's work directory as a local path the readers take: `workdir` itself when it is local;
+  for a URL (gs://, s3://, ...), its local mirror (``storage.RemoteWorkdir``, the one training keeps) with
+  the run's files and its newest complete checkpoint step pulled from the bucket."""
+  if not storage.is_remote(workdir):
+    return workdir
+  mirror = storage.RemoteWorkdir(workdir, steps_dir=CHECKPOINTS)
+  if not mirror.complete_steps():
+    raise config_lib.UserError(f"workdir={workdir!r} holds no complete checkpoint step (a step uploaded with its "
+                               f"marker {storage.UPLOAD_MARKER} by a run with this remote work directory)")
+  mirror.pull()
+  return mirror.local
+
+
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The experiment config the run saved beside its checkpoints (``checkpoints/config.json``), completed
   with the schema's defaults for fields it lacks."""
@@ -224,8 +238,10 @@ def load_run(workdir: str, config=None, step: int | None = None, use_ema: bool =
   """The run in `workdir`: checkpoint `step` (default: the newest good one), the EMA weights when the
   run kept them (`use_ema`), the saved config unless `config` is given, the tokenizer (`tokenizer`: a path
   or a tokenizer already loaded; else ``tokenizer.path`` or ``<workdir>/tokenizer``) and the VAE
-  (``vae.checkpoint``; None when not `need_vae` and none is configured). With `mesh`, the params are restored straight into their shardings
+  (``vae.checkpoint``; None when not `need_vae` and none is configured). A `workdir` URL is read from its
+  local mirror (``local_run``). With `mesh`, the params are restored straight into their shardings
   on it (``param_target``), as training places them."""
+  workdir = local_run(workdir)  # a URL: its local mirror, the newest complete step pulled
   config = config if config is not None else saved_config(workdir)
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):

@@ -441,6 +441,16 @@ class RemoteWorkdir:
     except OSError as e:
       raise self._error("deleting old steps", e) from e
 
+  def upload(self, rel: str) -> None:
+    """Uploads one file of the mirror (`rel`, relative to the work directory, with '/'), e.g. the
+    evaluation's eval.json written into a run read from the bucket."""
+    local = os.path.join(self.local, *rel.split("/"))
+    try:
+      self.fs.put_file(local, self._remote(rel))
+    except OSError as e:
+      raise self._error(f"uploading {rel}", e) from e
+    self._note_synced(rel, local)
+
   def _note_synced(self, rel: str, local: str) -> None:
     st = os.stat(local)
     self._synced[rel] = (st.st_size, st.st_mtime_ns)

@@ -16,10 +16,12 @@ import shutil
 from pathlib import Path
 
 import fsspec
+import jax
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.utils import stringify_path
+from flax import nnx
 
 from nextstep_jax import storage
 from nextstep_jax.errors import UserError
@@ -341,8 +343,30 @@ def test_training_reads_gs_inputs_writes_gs_checkpoints_and_resumes_from_them(bu
   # bucket's newest complete step equals the local restore of that step, tensor by tensor.
   _init_from_url_equals_local_restore(state["params"], "gs://bucket/run/checkpoints", tmp_path / "copy" / "3")
 
-  # A new host: no mirror; and a step whose upload never finished (no marker) beside step 3.
+  # The finished run read from the bucket alone (no mirror): loaded, sampled, exported; a few-step head
+  # from a URL.
+  from nextstep_jax import run as run_lib
+  from nextstep_jax.interop import runs as runs_lib
+  from nextstep_jax.sampling import few_step
+  from nextstep_jax.sampling.runner import sample_run
   mirror = storage.RemoteWorkdir("gs://bucket/run").local
+  shutil.rmtree(mirror)
+  loaded = run_lib.load_run("gs://bucket/run")
+  assert loaded.step == 3 and loaded.workdir == mirror
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)), state["params"])
+  index = runs_lib.export_workdir("gs://bucket/run", str(tmp_path / "hf"))
+  assert index and os.path.isfile(tmp_path / "hf" / "config.json")
+  shutil.rmtree(mirror)
+  stats = sample_run("gs://bucket/run", "a photo number 1", num=1, steps=2, out=str(tmp_path / "samples"))
+  assert stats["images"] == 1 and os.path.isfile(tmp_path / "samples" / "sample_000.png")
+  few_step.save_head(str(tmp_path / "k2"), loaded.model.head, {"evaluations": 2, "cfg": 3.0, "time_shift": 1.0,
+                                                                "use_norm": True, "teacher_steps": 28})
+  upload(bucket, tmp_path / "k2", "gs://bucket/heads/k2")
+  swapped, meta = few_step.with_head(loaded.model, "gs://bucket/heads/k2")
+  assert meta["evaluations"] == 2
+  np.testing.assert_array_equal(np.asarray(swapped.head.final_kernel[...]), np.asarray(loaded.model.head.final_kernel[...]))
+
+  # A new host: no mirror; and a step whose upload never finished (no marker) beside step 3.
   shutil.rmtree(mirror)
   for rel in [r for r in files if r.startswith("checkpoints/3/") and not r.endswith(storage.UPLOAD_MARKER)]:
     bucket.pipe_file(f"gs://bucket/run/checkpoints/9/{rel[len('checkpoints/3/'):]}", b"partial")

@@ -43,6 +43,7 @@ import numpy as np
 
 from nextstep_jax import run as run_lib
 from nextstep_jax import sampling
+from nextstep_jax import storage
 from nextstep_jax.sampling import few_step
 from nextstep_jax import vae_tokens
 from nextstep_jax.batch import padded_chunks, to_uint8
@@ -177,6 +178,8 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
   t0 = time.perf_counter()
   say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if log else (lambda msg: None)
   head_meta = few_step.read_meta(head) if head else None
+  remote = workdir if storage.is_remote(workdir) else None
+  workdir = run_lib.local_run(workdir)  # a URL: its local mirror (eval.json and the grid are uploaded back)
   run = run_lib.load_run(workdir, config, step)
   model, config, tokenizer, vae, ckpt_step = run.model, run.config, run.tokenizer, run.vae, run.step
   use_norm = None
@@ -249,4 +252,8 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
       json.dump(result, f, indent=2)
     os.replace(tmp, os.path.join(where, EVAL_FILE))
     _write_png(os.path.join(where, GRID_FILE), samples_grid(images, per_digit))
+    if remote and not head:
+      mirror = storage.RemoteWorkdir(remote, steps_dir=run_lib.CHECKPOINTS)
+      for name in (EVAL_FILE, GRID_FILE):
+        mirror.upload(name)
   return result

@@ -82,7 +82,9 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
   `tokenizer`, else the config's ``tokenizer.path``, else the demo tokenizer in ``<workdir>/tokenizer``.
   A run imported from the official layout is written back in it: its config.json's other fields and its
   gen_pos_embed as they were (so official -> import -> export is bitwise with the source's dtype).
+  A `workdir` URL (gs://...) is read from its local mirror (``run.local_run``).
   """
+  workdir = run_lib.local_run(workdir)
   config = run_lib.saved_config(workdir)
   cfg = ns.NextStepConfig.from_config(config)
   src = run_lib.checkpoint_dir(workdir)

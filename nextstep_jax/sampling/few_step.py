@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextstep_jax import storage
 from nextstep_jax.config import UserError
 from nextstep_jax.interop import safetensors_io
 from nextstep_jax.models import nextstep as ns
@@ -61,7 +62,9 @@ def save_head(directory: str, head, meta: dict[str, Any]) -> None:
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-  """``head.json`` of a head directory, checked (UserError / FileNotFoundError naming the file)."""
+  """``head.json`` of a head directory (a URL: its copy in this host's cache, ``storage.local_input``),
+  checked (UserError / FileNotFoundError naming the file)."""
+  directory = storage.local_input(directory, "head")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"few-step head {directory}: no such directory")
   path = os.path.join(directory, META_FILE)
@@ -108,6 +111,7 @@ def load_head_arrays(directory: str, meta: dict[str, Any], model: ns.NextStep) -
 def with_head(model: ns.NextStep, directory: str) -> tuple[ns.NextStep, dict[str, Any]]:
   """(a model whose head weights are the few-step head's in `directory`, its metadata). `model` is left as
   it was; the new head's arrays take the placement (sharding) of the params they replace."""
+  directory = storage.local_input(directory, "head")  # a URL: staged once per host
   meta = read_meta(directory)
   arrays = load_head_arrays(directory, meta, model)
   graphdef, state = nnx.split(model)

@@ -151,6 +151,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   check_request(prompt, num=num, batch=batch, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
                 time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out, sde=sde,
                 cfg_schedule=cfg_schedule, dtype=dtype)
+  workdir = run_lib.local_run(workdir)  # a URL (gs://...): its local mirror, the newest complete step pulled
   if not os.path.isdir(workdir):
     if os.path.exists(workdir):
       raise NotADirectoryError(f"--workdir={workdir} is a file, not a training work directory")

@@ -24,7 +24,8 @@ a run is deterministic. A held-out tenth of the pool's images measures the stude
 the teacher's (relative error) at the end.
 
 Output: ``sampling.few_step`` writes ``head.safetensors`` and ``head.json`` (``out``, default
-``<teacher>/heads/k<K>``); ``python -m nextstep_jax.sample --head=DIR`` and
+``<teacher>/heads/k<K>``; a teacher URL is read from its local mirror, ``run.local_run``, and the head, written
+there, is uploaded to ``<teacher>/heads/k<K>`` too); ``python -m nextstep_jax.sample --head=DIR`` and
 ``python -m nextstep_jax.evaluate --head=DIR`` sample with it.
 """
 
@@ -45,6 +46,7 @@ from flax import nnx
 
 from nextstep_jax import config as config_lib
 from nextstep_jax import run as run_lib
+from nextstep_jax import storage
 from nextstep_jax import vae_tokens
 from nextstep_jax.config import UserError
 from nextstep_jax.data import digits as digits_lib
@@ -247,6 +249,12 @@ def distill_head(c: ml_collections.ConfigDict, log=print) -> dict[str, Any]:
   """Distils the head of the run ``c.teacher`` (config: ``config.head_distill_base_config``); writes the
   few-step head to ``output_dir(c)`` and returns its metadata."""
   config_lib.validate_head_distill(c)
+  source = str(c.teacher) if storage.is_remote(c.teacher) else os.path.abspath(c.teacher)
+  remote = c.teacher if storage.is_remote(c.teacher) and not c.out else None
+  if storage.is_remote(c.teacher):  # read from its local mirror; the head is uploaded beside the run
+    c = c.copy_and_resolve_references()
+    with c.unlocked():
+      c.teacher = run_lib.local_run(c.teacher)
   out = output_dir(c)
   if os.path.exists(os.path.join(out, few_step.META_FILE)) and not c.overwrite:
     raise UserError(f"{out} already holds a few-step head: pass --config.overwrite=True to replace it, or "
@@ -312,11 +320,17 @@ def distill_head(c: ml_collections.ConfigDict, log=print) -> dict[str, Any]:
   say(f"held-out tokens: student {k}-step relative error {errors['student_relative_error']:.4f} against the "
       f"teacher's {n}-step token (the teacher's own {k}-step token: {errors['teacher_k_step_relative_error']:.4f})")
   meta = {"evaluations": k, "cfg": float(c.cfg), "time_shift": float(c.time_shift), "use_norm": bool(c.use_norm),
-          "teacher_steps": n, "teacher_steps_per_evaluation": sub, "teacher": os.path.abspath(c.teacher),
+          "teacher_steps": n, "teacher_steps_per_evaluation": sub, "teacher": source,
           "teacher_checkpoint_step": int(run.step), "image_size": size, "num_images": len(texts),
           "prompts": c.prompts, "seed": int(c.seed), "train_steps": steps, "batch_tokens": batch,
           "rollout_weight": float(c.train.rollout_weight), "train_seconds": train_s,
           "total_seconds": time.perf_counter() - t_start, "history": history, **errors}
   few_step.save_head(out, nnx.merge(graphdef, student), meta)
+  if remote:
+    mirror = storage.RemoteWorkdir(remote, steps_dir=run_lib.CHECKPOINTS)
+    rel = os.path.relpath(out, mirror.local).replace(os.sep, "/")
+    for name in (few_step.HEAD_FILE, few_step.META_FILE):
+      mirror.upload(f"{rel}/{name}")
+    say(f"uploaded to {remote}/{rel}")
   say(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
   return few_step.read_meta(out)
