@@ -106,6 +106,18 @@ class StoredParams:
         out[k] = StoredLeaf(name, v.shape, self._dtype)
       return out
     self.tree = walk(abstract, ())
+    # A checkpoint whose zarr chunks are larger than the pieces the export reads (a training run's: orbax's
+    # default chunk is a device's whole shard, spanning every layer) would decode each chunk once per
+    # piece (once per layer: L times the leaf). Such chunks are kept decoded in a cache sized to hold them,
+    # so each is read once; the import's checkpoints (chunks of one layer, at most names.CHUNK_BYTES) keep
+    # no cache and hold one piece at a time.
+    large = sum(self._chunk_cost(n) for n in self._open)
+    self.cache_bytes = int(large)
+    if large:
+      self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(large)},
+                                  "cache_pool#ocdbt": {"total_bytes_limit": 1 << 22},
+                                  "data_copy_concurrency": {"limit": 1}})
+      self._open = {}
 
   def _store(self, name: str) -> ts.TensorStore:
     if name not in self._open:
@@ -118,6 +130,17 @@ class StoredParams:
         store = ts.open(spec, context=self._context, open=True, read=True).result()
       self._open[name] = store
     return self._open[name]
+
+  def _chunk_cost(self, name: str) -> int:
+    """The decoded bytes of array `name` when its read chunks exceed ``names.CHUNK_BYTES`` (a piece-wise
+    reader would decode each several times), else 0."""
+    store = self._open[name]
+    base = store.base if hasattr(store, "base") and store.base is not None else store
+    chunk = [int(c) for c in base.chunk_layout.read_chunk.shape]
+    itemsize = np.dtype(base.dtype.numpy_dtype).itemsize
+    if int(np.prod(chunk)) * itemsize <= names.CHUNK_BYTES:
+      return 0
+    return int(np.prod(base.shape)) * itemsize
 
   def fetch(self, leaf: Any, start: int | None = None, stop: int | None = None, axis: int = 0) -> np.ndarray:
     """`leaf` (whole, or leaf[start:stop] along `axis`) read from the checkpoint as a numpy array."""
