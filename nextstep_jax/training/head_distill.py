@@ -276,7 +276,7 @@ def distill_head(c: ml_collections.ConfigDict, log=print) -> dict[str, Any]:
   conds, _ = condition_pool(model, tokenizer, texts, h, w, jax.random.fold_in(key, 0), cfg=float(c.cfg),
                             steps=n, time_shift=float(c.time_shift), use_norm=bool(c.use_norm),
                             batch_size=min(int(c.sample_batch), len(texts)), pad_id=int(tokenizer.pad_id),
-                            log=None)
+                            log=say)
   held = np.arange(len(conds)) % HELDOUT_EVERY == HELDOUT_EVERY - 1
   train_c = conds[~held].reshape(-1, 2, conds.shape[-1])
   held_c = conds[held].reshape(-1, 2, conds.shape[-1])
