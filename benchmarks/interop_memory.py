@@ -2,7 +2,7 @@
 exporting it back, in 1 process and in N processes on this machine (jax.distributed over localhost, one CPU
 device each: the multi-host path of a pod).
 
-  python benchmarks/interop_memory.py                       # 8 shards of 48 MB, 1 and 8 processes
+  python benchmarks/interop_memory.py                       # 8 shards (--shard_mb=48 asked: 55 MB written), 1 and 8 processes
   python benchmarks/interop_memory.py --processes=1,4,8 --shard_mb=32
 
 Each process measures its own peak resident memory (``ru_maxrss``) before and after the work; the figure is the
