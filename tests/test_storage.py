@@ -84,7 +84,7 @@ def download(fs, url: str, local: Path) -> Path:
 
 def test_remote_urls_and_local_paths():
   assert storage.is_remote("gs://b/x") and storage.is_remote("S3://b/x") and storage.is_remote("memory://x")
-  for local in ("runs/demo", "/abs/path", "digits", "file:///tmp/x", "", "a:b/c"):
+  for local in ("runs/demo", "/abs/path", "digits", "file://runs/x", "", "a:b/c"):
     assert not storage.is_remote(local), local
   assert storage.local_input("runs/demo", "data.source") == "runs/demo"   # local: untouched
 
@@ -94,28 +94,28 @@ def test_input_is_staged_once_and_an_interrupted_copy_is_completed(bucket, tmp_p
   (src / "sub").mkdir(parents=True)
   (src / "a.bin").write_bytes(b"a" * 100)
   (src / "sub" / "b.bin").write_bytes(b"b" * 10)
-  upload(bucket, src, "gs://bucket/root")
-  local = storage.local_input("gs://bucket/root/", "data.source")
-  assert local == str(tmp_path / "cache" / "inputs" / "gs" / "bucket" / "root")
+  upload(bucket, src, "gs://bucket/inputs")
+  local = storage.local_input("gs://bucket/inputs/", "data.source")
+  assert local == str(tmp_path / "cache" / "inputs" / "gs" / "bucket" / "inputs")
   assert Path(local, "a.bin").read_bytes() == b"a" * 100 and Path(local, "sub", "b.bin").read_bytes() == b"b" * 10
   marker = json.loads(Path(local, storage.INPUT_MARKER).read_text())
-  assert marker == {"source": "gs://bucket/root", "files": {"a.bin": 100, "sub/b.bin": 10}}
+  assert marker == {"source": "gs://bucket/inputs", "files": {"a.bin": 100, "sub/b.bin": 10}}
 
   # Complete: nothing is copied again (a file changed locally stays as it is).
   Path(local, "a.bin").write_bytes(b"x" * 100)
-  assert storage.local_input("gs://bucket/root", "data.source") == local
+  assert storage.local_input("gs://bucket/inputs", "data.source") == local
   assert Path(local, "a.bin").read_bytes() == b"x" * 100
   # Interrupted (no marker, a file cut short, an unfinished one aside): completed, the marker last.
   Path(local, storage.INPUT_MARKER).unlink()
   Path(local, "a.bin").write_bytes(b"a" * 40)
   Path(local, "sub", "b.bin").unlink()
-  storage.local_input("gs://bucket/root", "data.source")
+  storage.local_input("gs://bucket/inputs", "data.source")
   assert Path(local, "a.bin").read_bytes() == b"a" * 100 and Path(local, "sub", "b.bin").exists()
   assert Path(local, storage.INPUT_MARKER).exists()
   # The remote changed: the copy follows it (new and removed files).
-  bucket.rm_file("gs://bucket/root/sub/b.bin")
-  bucket.pipe_file("gs://bucket/root/c.bin", b"c" * 5)
-  storage.local_input("gs://bucket/root", "data.source")
+  bucket.rm_file("gs://bucket/inputs/sub/b.bin")
+  bucket.pipe_file("gs://bucket/inputs/c.bin", b"c" * 5)
+  storage.local_input("gs://bucket/inputs", "data.source")
   assert sorted(p.name for p in Path(local).rglob("*.bin")) == ["a.bin", "c.bin"]
 
 
