@@ -60,6 +60,21 @@ def _distill_config(teacher: str, out: str, **kw):
   return c
 
 
+def _guided(head, x, t, pair, cfg):
+  """Classifier-free guidance written out as the official head sampler combines its rows
+  (v1 release, ``FlowMatchingHead.get_velocity_from_cfg``: v_uncond + cfg * (v_cond - v_uncond)), each row
+  through the head's training layout."""
+  tt = jnp.full((x.shape[0],), t, jnp.float32)
+  vc, vu = head(x, tt, pair[:, 0]), head(x, tt, pair[:, 1])
+  return vu + cfg * (vc - vu)
+
+
+def _grid(n, shift):
+  """The official shifted grid written out: u = linspace(0, 1, n + 1), t = u / (s - (s - 1) u)."""
+  u = np.linspace(0.0, 1.0, n + 1, dtype=np.float32)
+  return u / (shift - (shift - 1.0) * u)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The pieces, against the sampler they distil
 # ---------------------------------------------------------------------------------------------------------
@@ -81,8 +96,10 @@ def test_conditions_are_what_the_sampler_saw(loaded):
   for i in range(h * w):
     x0, _ = flow.row_noise(keys, i, model.config.token_dim, 6, sde=False)
     pair = jnp.stack([jnp.asarray(c[:, i]), jnp.asarray(u[:, i])], axis=1)
-    x = flow.integrate(lambda x, t: head_distill.guided_velocity(model.head, x, t, pair, 3.0), x0, None, steps=6,
-                       time_shift=1.0)
+    grid = _grid(6, 1.0)
+    x = x0
+    for j in range(6):  # the Euler ODE written out, the guidance as the official sampler combines it
+      x = x + (grid[j + 1] - grid[j]) * _guided(model.head, x, grid[j], pair, 3.0)
     np.testing.assert_allclose(np.asarray(ns.normalize_tokens(x)), tokens[:, i], rtol=1e-4, atol=2e-5)
   # The negative row's conditions differ from the prompt's (guidance has something to act on).
   assert np.max(np.abs(c - u)) > 1e-3
@@ -90,26 +107,26 @@ def test_conditions_are_what_the_sampler_saw(loaded):
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_teacher_points_are_the_n_step_ode(loaded, shift):
-  """The teacher's points on the student's grid: its last equals the N-step Euler ODE of ``flow.integrate``
-  (the sampler's), and the grid points are the student's ``ode_grid(K)``."""
+  """The teacher's points on the student's grid are every 7th point of the 28-step Euler ODE written out on the
+  official shifted grid (and its last equals the sampler's ``flow.integrate``)."""
   model = loaded.model
   rng = np.random.default_rng(0)
   conds = jnp.asarray(rng.normal(size=(5, 2, model.config.backbone.hidden_size)), jnp.float32)
   x0 = jnp.asarray(rng.normal(size=(5, model.config.token_dim)), jnp.float32)
   pts = head_distill.teacher_points(model.head, x0, conds, k=4, sub=7, cfg=2.5, time_shift=shift)
   assert pts.shape == (5, 5, model.config.token_dim)
+  np.testing.assert_array_equal(np.asarray(pts[0]), np.asarray(x0))
+  # The 28-step Euler ODE on the official shifted grid, written out: every 7th point is one of the teacher's.
+  grid = _grid(28, shift)
+  x = x0
+  for j in range(28):
+    x = x + (grid[j + 1] - grid[j]) * _guided(model.head, x, grid[j], conds, 2.5)
+    if (j + 1) % 7 == 0:
+      np.testing.assert_allclose(np.asarray(pts[(j + 1) // 7]), np.asarray(x), rtol=1e-5, atol=2e-6)
+  # The sampler's own integration gives the same last point.
   ref = flow.integrate(lambda x, t: head_distill.guided_velocity(model.head, x, t, conds, 2.5), x0, None, steps=28,
                        time_shift=shift)
   np.testing.assert_allclose(np.asarray(pts[-1]), np.asarray(ref), rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(pts[0]), np.asarray(x0))
-  # The first point: 7 Euler steps on the 28-step grid, written out.
-  grid = np.asarray(flow.ode_grid(28, shift))
-  x = x0
-  for j in range(7):
-    x = x + (grid[j + 1] - grid[j]) * head_distill.guided_velocity(model.head, x, grid[j], conds, 2.5)
-  np.testing.assert_allclose(np.asarray(pts[1]), np.asarray(x), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(head_distill.student_grid(4, shift)),
-                             np.asarray(flow.ode_grid(4, shift)), rtol=0, atol=0)
 
 
 def test_segment_loss_transcribes_its_formula(loaded):
@@ -120,19 +137,15 @@ def test_segment_loss_transcribes_its_formula(loaded):
   pts = jnp.asarray(rng.normal(size=(3, 3, model.config.token_dim)), jnp.float32)  # K = 2
   loss, (seg, roll) = head_distill.distill_loss(model.head, pts, conds, k=2, cfg=4.0, time_shift=2.0,
                                                 rollout_weight=0.5)
-  t = np.asarray(flow.ode_grid(2, 2.0))
+  t = _grid(2, 2.0)
   terms = []
   for i in range(2):
-    vc = np.asarray(model.head(pts[i], jnp.full((3,), t[i]), conds[:, 0]))
-    vu = np.asarray(model.head(pts[i], jnp.full((3,), t[i]), conds[:, 1]))
-    v = vu + 4.0 * (vc - vu)
+    v = np.asarray(_guided(model.head, pts[i], t[i], conds, 4.0))
     target = (np.asarray(pts[i + 1]) - np.asarray(pts[i])) / (t[i + 1] - t[i])
     terms.append(np.mean(np.sum((v - target) ** 2, axis=-1)))
   x = np.asarray(pts[0])
   for i in range(2):
-    vc = np.asarray(model.head(jnp.asarray(x), jnp.full((3,), t[i]), conds[:, 0]))
-    vu = np.asarray(model.head(jnp.asarray(x), jnp.full((3,), t[i]), conds[:, 1]))
-    x = x + (t[i + 1] - t[i]) * (vu + 4.0 * (vc - vu))
+    x = x + (t[i + 1] - t[i]) * np.asarray(_guided(model.head, jnp.asarray(x), t[i], conds, 4.0))
   want_roll = np.mean(np.sum((x - np.asarray(pts[2])) ** 2, axis=-1))
   np.testing.assert_allclose(float(seg), np.mean(terms), rtol=1e-5)
   np.testing.assert_allclose(float(roll), want_roll, rtol=1e-5)

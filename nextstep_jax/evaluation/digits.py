@@ -174,17 +174,19 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
   use, ~30 s); vae_eval_images: held-out digits for PSNR/SSIM (0 = all 500).
   head: a few-step head directory (``sampling.few_step``): the samples come from it, with the steps, cfg and
   time shift it was distilled for (the ODE) in place of `cfg`, `steps` and `time_shift`; eval.json and the
-  grid are then written into the head's directory, not the run's."""
+  grid are then written into the head's directory (for a head URL, its copy in this host's cache), not the
+  run's."""
   t0 = time.perf_counter()
   say = (lambda msg: print(f"[evaluate] {msg}", flush=True)) if log else (lambda msg: None)
-  head_meta = few_step.read_meta(head) if head else None
+  head_dir = storage.local_input(head, "head") if head else None  # a URL: staged once, here
+  head_meta = few_step.read_meta(head_dir) if head else None
   remote = workdir if storage.is_remote(workdir) else None
   workdir = run_lib.local_run(workdir)  # a URL: its local mirror (eval.json and the grid are uploaded back)
   run = run_lib.load_run(workdir, config, step)
   model, config, tokenizer, vae, ckpt_step = run.model, run.config, run.tokenizer, run.vae, run.step
   use_norm = None
   if head:
-    model, _ = few_step.with_head(model, head)
+    model, _ = few_step.with_head(model, head_dir)
     k = few_step.sampling_kwargs(head_meta)
     steps, cfg, time_shift, use_norm = k["steps"], k["cfg"], k["time_shift"], k["use_norm"]
   size = int(config.data.image_size)
@@ -246,7 +248,7 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
   say(f"prompt accuracy {result['prompt_accuracy']:.3f}, FD {result['frechet_distance']:.2f} "
       f"(real floor {fd_real:.2f}), VAE PSNR {vae_m['psnr']:.2f} dB SSIM {vae_m['ssim']:.4f}")
   if write:
-    where = head or workdir
+    where = head_dir or workdir
     tmp = os.path.join(where, f".{EVAL_FILE}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
       json.dump(result, f, indent=2)

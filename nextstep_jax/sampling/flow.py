@@ -115,19 +115,22 @@ def integrate(velocity, x0: jax.Array, zs: jax.Array | None, *, steps: int, time
   return x + at(x, steps - 1, grid[steps - 1]) * SDE_LAST_STEP
 
 
+def guided_velocity(head, x_bd: jax.Array, t, cond_rd: jax.Array, *, groups: int, cfg, cfg_img) -> jax.Array:
+  """The guided velocity (B, d) fp32 of the head's training layout (``FlowHead.__call__``): the shared noisy
+  token x (B, d) tiled over the G groups of rows, each row's condition cond (G*B, D), combined by ``guide``."""
+  r = cond_rd.shape[0]
+  b, d = x_bd.shape
+  v = head(jnp.tile(x_bd, (groups, 1)), jnp.full((r,), t, jnp.float32), cond_rd).astype(jnp.float32)
+  return guide(v.reshape(groups, b, d), cfg, cfg_img)
+
+
 def sample_token(head, cond_rd: jax.Array, key_i: jax.Array, *, groups: int, steps: int, sde: bool,
                  cfg, cfg_img, time_shift, noise_repeat: int = 0) -> jax.Array:
   """One image token per row group member: (B, d) from the conditions of all G*B rows, with the head's
   training layout (``FlowHead.__call__``), as a reference for the compiled sampler's own
   (``sampler.draw_token``). The head runs in its configured dtype; the noise, the guidance and the
   integration are fp32, as in the official code."""
-  r = cond_rd.shape[0]
-  b = r // groups
-  d = head.config.token_dim
-  x0, zs = token_noise(key_i, b, d, steps, sde=sde, noise_repeat=noise_repeat)
-
-  def velocity(x_bd, t):
-    v = head(jnp.tile(x_bd, (groups, 1)), jnp.full((r,), t, jnp.float32), cond_rd).astype(jnp.float32)
-    return guide(v.reshape(groups, b, d), cfg, cfg_img)
-
+  b = cond_rd.shape[0] // groups
+  x0, zs = token_noise(key_i, b, head.config.token_dim, steps, sde=sde, noise_repeat=noise_repeat)
+  velocity = lambda x_bd, t: guided_velocity(head, x_bd, t, cond_rd, groups=groups, cfg=cfg, cfg_img=cfg_img)
   return integrate(velocity, x0, zs, steps=steps, time_shift=time_shift)

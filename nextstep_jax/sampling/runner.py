@@ -13,6 +13,7 @@ import numpy as np
 
 from nextstep_jax import parallel
 from nextstep_jax import run as run_lib
+from nextstep_jax import storage
 from nextstep_jax import vae_tokens
 from nextstep_jax.batch import to_uint8
 from nextstep_jax.config import UserError
@@ -156,9 +157,10 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     if os.path.exists(workdir):
       raise NotADirectoryError(f"--workdir={workdir} is a file, not a training work directory")
     raise FileNotFoundError(f"--workdir={workdir}: no such directory")
-  head_meta = None
+  head_dir = ""
   if head:
-    head_meta = few_step.read_meta(head)  # before any weights load
+    head_dir = storage.local_input(head, "--head")  # a URL: staged once, here
+    head_meta = few_step.read_meta(head_dir)  # before any weights load
     if image or unconditional:
       raise UserError(f"--head={head} is distilled for text-to-image with guidance on the negative prompt: "
                       "drop --image / --unconditional, or --head")
@@ -184,7 +186,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   rules = config.mesh.rules
   model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
   if head:
-    model, _ = few_step.with_head(model, head)
+    model, _ = few_step.with_head(model, head_dir)
   cfg_vae = vae.config
   h, w = _grid(cfg_vae.pixels_per_token, size, f"VAE factor {cfg_vae.factor} x patch size {cfg_vae.patch_size}")
   if (h, w) != checked:  # the VAE's grid differs from the one the config names: check it too

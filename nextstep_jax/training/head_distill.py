@@ -52,7 +52,8 @@ from nextstep_jax.config import UserError
 from nextstep_jax.data import digits as digits_lib
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.sampling import few_step, layout, prompts as prompts_lib
-from nextstep_jax.sampling.flow import guide, ode_grid, shift_time
+from nextstep_jax.sampling import flow
+from nextstep_jax.sampling.flow import ode_grid
 from nextstep_jax.sampling.sampler import sample_images
 from nextstep_jax.training import optim as optim_lib
 from nextstep_jax.training import trainer as trainer_lib
@@ -119,48 +120,36 @@ def condition_pool(model: ns.NextStep, tokenizer, texts, h: int, w: int, key: ja
 # The losses
 # ---------------------------------------------------------------------------------------------
 
-def student_grid(k: int, time_shift: float) -> jax.Array:
-  """(K + 1,) the student's ODE grid (the sampler's ``flow.ode_grid``)."""
-  return ode_grid(k, time_shift)
-
-
 def guided_velocity(head, x_bd, t, cond_b2c, cfg):
-  """The sampler's guided velocity: one head call on the conditional and the negative row, v_u +
-  cfg (v_c - v_u). x (B, d), cond (B, 2, D) -> (B, d) fp32."""
-  b = x_bd.shape[0]
+  """The sampler's 2-way guided velocity (``flow.guided_velocity``) for conditions (B, 2, D): the
+  conditional and the negative row of each token, v_u + cfg (v_c - v_u). x (B, d) -> (B, d) fp32."""
   rows = jnp.concatenate([cond_b2c[:, 0], cond_b2c[:, 1]], axis=0)
-  v = head(jnp.tile(x_bd, (2, 1)), jnp.full((2 * b,), t, jnp.float32), rows).astype(jnp.float32)
-  return guide(v.reshape(2, b, -1), cfg, 1.0)
+  return flow.guided_velocity(head, x_bd, t, rows, groups=2, cfg=cfg, cfg_img=1.0)
 
 
 def teacher_points(head, x0, cond_b2c, *, k: int, sub: int, cfg, time_shift) -> jax.Array:
-  """(K + 1, B, d): the teacher's Euler ODE from x0 with `sub` steps inside each of the K segments of the
-  student's grid (uniform in unshifted time, then shifted: for K * sub = N, the N-step grid)."""
-  u = jnp.linspace(0.0, 1.0, k * sub + 1, dtype=jnp.float32)
-  t = shift_time(u, time_shift)
+  """(K + 1, B, d): the teacher's Euler ODE on ``ode_grid(K * sub)`` from x0, kept at every `sub`-th grid
+  point: the K + 1 points of the student's grid ``ode_grid(K)`` (the shift acts on the uniform grid, so
+  for K * sub = N these are points of the N-step grid)."""
+  t = ode_grid(k * sub, time_shift)
   xs = [x0]
-  x = x0
   for seg in range(k):
     def step(j, x, seg=seg):
       i = seg * sub + j
       return x + (t[i + 1] - t[i]) * guided_velocity(head, x, t[i], cond_b2c, cfg)
-    x = jax.lax.fori_loop(0, sub, step, x)
-    xs.append(x)
+    xs.append(jax.lax.fori_loop(0, sub, step, xs[-1]))
   return jnp.stack(xs)
 
 
 def student_rollout(head, x0, cond_b2c, *, k: int, cfg, time_shift) -> jax.Array:
-  """The student's K-step Euler token from x0 (what the sampler computes with K steps)."""
-  t = student_grid(k, time_shift)
-  x = x0
-  for i in range(k):
-    x = x + (t[i + 1] - t[i]) * guided_velocity(head, x, t[i], cond_b2c, cfg)
-  return x
+  """The student's K-step token from x0: ``flow.integrate``'s Euler ODE, as the sampler computes it."""
+  return flow.integrate(lambda x, t: guided_velocity(head, x, t, cond_b2c, cfg), x0, None, steps=k,
+                        time_shift=time_shift)
 
 
 def distill_loss(head, points, cond_b2c, *, k: int, cfg, time_shift, rollout_weight: float):
   """(loss, (segment loss, rollout loss)) for the teacher's points (K + 1, B, d)."""
-  t = student_grid(k, time_shift)
+  t = ode_grid(k, time_shift)
   seg = []
   for i in range(k):
     target = (points[i + 1] - points[i]) / (t[i + 1] - t[i])
