@@ -36,7 +36,8 @@ from absl import logging
 import numpy as np
 from flax import nnx
 
-from nextstep_jax.interop import names
+from nextstep_jax.interop import names, streamed
+from nextstep_jax.interop import stored
 from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.interop.params import load_pure_params
 from nextstep_jax.interop.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointError, TensorDir, _read_json,
@@ -548,14 +549,33 @@ def _tensor_getter(tensors: TensorDir, shapes: dict, meta: ImageMeta) -> Callabl
   return get
 
 
-def load_nextstep_arrays(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta, target: Any) -> dict:
-  """The model's params as global jax arrays with the shardings of `target` (abstract params, e.g.
-  ``run.param_target``), each device's shard read from the safetensors files alone
-  (``names.nextstep_leaf_readers``): a process reads and holds only its devices' shards, never the whole
-  model. The checks of ``load_nextstep_params`` apply; each shard keeps the dtype of `target`."""
+def check_tensor_shapes(tensors: TensorDir, shapes: dict, meta: ImageMeta) -> None:
+  """Every tensor the model reads present in the directory with the shape config.json implies, from the
+  files' headers alone (CheckpointError naming the file and the first tensor that is not): what the
+  streamed import checks before it writes anything."""
+  for name, shape in shapes.items():
+    if name not in tensors:
+      if not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name):
+        continue
+      if meta.tied_embeddings and name == "lm_head.weight":
+        continue
+      raise CheckpointError(f"{tensors.directory}: tensor {name} is missing (not in any safetensors file)")
+    if tuple(tensors.shape(name)) != tuple(shape):
+      raise CheckpointError(f"{tensors.file_of(name)}: tensor {name} has shape {list(tensors.shape(name))}, "
+                            f"config.json implies {list(shape)}")
+
+
+def nextstep_streamed_leaves(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta, target: Any) -> dict:
+  """The model's params as ``streamed.StreamedLeaf`` leaves (the tree of `target`, abstract params with
+  the dtype to store and the sharding to record): each reads ``leaf[index]`` from the safetensors files
+  alone (``names.nextstep_leaf_readers``: one layer's tensor, or a band of a vocabulary-sized one's rows),
+  going along ``stored.piece_axis``. Nothing is read here; every tensor's presence and shape is checked
+  (``check_tensor_names``, ``check_tensor_shapes``) before it returns, and each piece is checked for NaN/Inf
+  as it is read (CheckpointError naming the file and the tensor)."""
   tensors = TensorDir(directory)
   shapes = checkpoint_shapes(cfg)
   check_tensor_names(directory, tensors, shapes, cfg, meta)
+  check_tensor_shapes(tensors, shapes, meta)
   get = _tensor_getter(tensors, shapes, meta)
   tied = lambda name: "embed_tokens.weight" if meta.tied_embeddings and name == "lm_head.weight" else name
   readers = names.nextstep_leaf_readers(get, cfg, get_rows=lambda n, a, b: tensors.get_rows(tied(n), a, b))
@@ -565,13 +585,11 @@ def load_nextstep_arrays(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta
                           f"({sorted(set(flat) ^ set(readers))[:4]})")
   out: dict = {}
   for path, leaf in flat.items():
-    read = readers[path]
-    arr = jax.make_array_from_callback(tuple(leaf.shape), leaf.sharding,
-                                       lambda index, r=read, dt=leaf.dtype: r(index).astype(dt, copy=False))
     node = out
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = arr
+    node[path[-1]] = streamed.StreamedLeaf("/".join(path), leaf.shape, leaf.dtype, readers[path],
+                                           axis=stored.piece_axis(path, cfg), sharding=leaf.sharding)
   return out
 
 

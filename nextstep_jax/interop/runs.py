@@ -25,7 +25,7 @@ from nextstep_jax import parallel
 from nextstep_jax import run as run_lib
 from nextstep_jax.config import UserError
 from nextstep_jax.data import tokenizer as tok_lib
-from nextstep_jax.interop import hf, safetensors_io
+from nextstep_jax.interop import hf, safetensors_io, streamed
 from nextstep_jax.interop import stored as stored_lib
 from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.models import nextstep as ns
@@ -228,17 +228,22 @@ def run_config(cfg: ns.NextStepConfig, meta: hf.ImageMeta, workdir: str, *, vae_
   return c
 
 
-def import_run(import_dir: str, out: str, *, mesh: Any = None) -> dict:
+def import_run(import_dir: str, out: str, *, mesh: Any = None, progress: bool = True) -> dict:
   """A NextStep directory (ours, or the official NextStep-1 / NextStep-1.1 release as published:
   ``config.json``, safetensors, ``tokenizer/``, ``vae/`` with ``checkpoint.pt``) imported as a run in `out`:
   ``checkpoints/0`` (params), ``checkpoints/config.json``, ``tokenizer/``, ``vae/`` (safetensors) and
   ``hf_import.json``. ``sample --workdir=out``, ``export --workdir=out`` and ``checkpoint.init_from=out``
-  read it. Returns the params (global jax arrays).
+  read it. Returns the params' abstract tree (ShapeDtypeStruct leaves with the shardings of `mesh`).
 
-  The params stream from the safetensors files into the checkpoint, sharded over `mesh` (default:
-  FSDP over every device of every process): each process reads and holds only its devices' shards
-  (``hf.load_nextstep_arrays``), in the dtype the directory stores (a bf16 release stays bf16 on disk; the
-  readers cast to their config's dtype). Process 0 writes the tokenizer, the VAE and the records."""
+  The params stream from the safetensors files into the checkpoint a piece at a time
+  (``interop.streamed``): one layer of a stacked leaf, or a band of rows of a vocabulary-sized one, read
+  and written before the next, so no process holds more than a piece, whatever the model's size; several
+  processes share the pieces. They are stored in the dtype the directory stores (a bf16 release stays bf16
+  on disk; the readers cast to their config's dtype). Every tensor's name and shape is checked before
+  anything is written; a tensor with NaN/Inf stops the import as it is read, and what the import wrote
+  is removed. `mesh` (default: FSDP over every device of every process) gives the shardings recorded
+  with the checkpoint. Process 0 writes the tokenizer, the VAE and the records. `progress`: log each
+  leaf as it is written."""
   cfg, meta = hf.read_nextstep_config(import_dir)
   ckpt_dir = run_lib.checkpoint_dir(out)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -254,28 +259,55 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None) -> dict:
   stored = _stored_dtype(import_dir)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, stored, sharding=s.sharding),
                         run_lib.param_target(config, mesh))
-  params = hf.load_nextstep_arrays(import_dir, cfg, meta, target)  # reads (and checks) before anything is written
-  if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    if tok_src is not None:
-      _copy_files(tok_src, os.path.join(out, run_lib.TOKENIZER_DIR),
-                  only=None if os.path.normpath(tok_src) != os.path.normpath(import_dir) else TOKENIZER_FILES)
-    if vae_src is not None:
-      _write_vae(vae_src, vae_dir, meta, cfg.token_dim)
-    with open(os.path.join(out, IMPORT_FILE), "w", encoding="utf-8") as f:
-      json.dump({"source": os.path.abspath(import_dir), "config": meta.source, "gen_pos_grid": meta.gen_pos_grid},
-                f, indent=2)
-  _barrier("nextstep_import_side_files")
-  return _save_step0(ckpt_dir, params, config)
+  leaves = hf.nextstep_streamed_leaves(import_dir, cfg, meta, target)  # names and shapes checked; nothing read
+  existed = os.path.isdir(out)
+  written: list[str] = []
+  try:
+    if jax.process_index() == 0:
+      os.makedirs(out, exist_ok=True)
+      if tok_src is not None:
+        written.append(os.path.join(out, run_lib.TOKENIZER_DIR))
+        _copy_files(tok_src, written[-1],
+                    only=None if os.path.normpath(tok_src) != os.path.normpath(import_dir) else TOKENIZER_FILES)
+      if vae_src is not None:
+        written.append(vae_dir)
+        _write_vae(vae_src, vae_dir, meta, cfg.token_dim)
+      written.append(os.path.join(out, IMPORT_FILE))
+      with open(written[-1], "w", encoding="utf-8") as f:
+        json.dump({"source": os.path.abspath(import_dir), "config": meta.source, "gen_pos_grid": meta.gen_pos_grid},
+                  f, indent=2)
+    _barrier("nextstep_import_side_files")
+    written.append(ckpt_dir)
+    _save_step0(ckpt_dir, leaves, config, progress=progress)
+  except BaseException:
+    if jax.process_index() == 0:  # a failed import leaves nothing behind (never a half-written run)
+      for path in ([out] if not existed else reversed(written)):
+        if os.path.isdir(path):
+          shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+          os.remove(path)
+    raise
+  return target
 
 
-def _save_step0(directory: str, params: dict, config) -> dict:
+def _log_progress(name: str, done: int, total: int) -> None:
+  """The streamed import's progress, a line a leaf (``streamed.StreamedLeafHandler``'s callback)."""
+  logging.info("import: %d/%d params written (%s)", done, total, name)
+
+
+def _save_step0(directory: str, params: dict, config, progress: bool = False) -> dict:
   """`params` as the params-only step 0 of a checkpoint directory (with `config`); returns them. Each layer of a
-  stacked leaf is saved in zarr chunks of its own, none above ``names.CHUNK_BYTES`` (``stored.chunked_save_args``:
-  the export then reads a layer without decoding the others; every reader reads any chunking)."""
+  stacked leaf is saved in zarr chunks of its own, none above ``names.CHUNK_BYTES``, the vocabulary-sized leaves
+  split along the vocabulary (``stored.chunked_save_args``: a piece-wise reader or writer uses a chunk alone;
+  every reader reads any chunking). ``streamed.StreamedLeaf`` leaves are written a piece at a time
+  (``interop.streamed``); jax arrays as orbax writes them."""
   cfg = ns.NextStepConfig.from_config(config)
   save_args = {"params": stored_lib.chunked_save_args(params, cfg)}
-  ckpt = ckpt_lib.Checkpointer(directory, every=1, keep=1, async_save=False, config=config)
+  leaves = jax.tree.leaves(params)
+  handler = None
+  if any(isinstance(x, streamed.StreamedLeaf) for x in leaves):
+    handler = streamed.save_handler(_log_progress if progress and jax.process_index() == 0 else None)
+  ckpt = ckpt_lib.Checkpointer(directory, every=1, keep=1, async_save=False, config=config, state_handler=handler)
   try:
     ckpt.save(0, {"params": params}, force=True, save_args=save_args)
   finally:
@@ -300,7 +332,7 @@ def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, conf
   """Reads a Hugging Face directory into `out`. A NextStep directory becomes a run (``import_run``); a
   Qwen2.5 one (`qwen2`, with the experiment `config` sizing the head and projectors) a params-only
   checkpoint, step 0 in `out` (state ``{"params": ...}``, what ``checkpoint.init_from`` reads). Returns the
-  params."""
+  params (of a NextStep directory, their abstract tree: the import streams them, holding none)."""
   if not qwen2:
     return import_run(import_dir, out)
   if config is None:

@@ -38,16 +38,35 @@ def stacked_paths(cfg) -> set[tuple[str, ...]]:
   return out
 
 
-def chunked_save_args(params: Mapping, cfg, chunk_bytes: int = names.CHUNK_BYTES) -> dict:
-  """orbax ``SaveArgs`` for a params tree whose zarr chunks a piece-wise reader can read alone: each layer of a
-  stacked leaf in chunks of its own (``shard_axes=(0,)``), no chunk above `chunk_bytes`. Readers of any chunking
-  (training's restore, ``run.load_run``) read it unchanged."""
+LM_HEAD_PATH = ("backbone", "lm_head_kernel")  # (hidden, vocab): the official [vocab, hidden] weight transposed
+
+
+def piece_axis(path: tuple[str, ...], cfg) -> int:
+  """The axis a piece-wise reader or writer of the leaf at `path` goes along: the layer of a stacked leaf,
+  the vocabulary of the embedding (axis 0) and of the lm_head kernel (axis 1, the official weight's rows);
+  0 for the rest (small leaves, read whole)."""
+  del cfg  # the same paths for every size
+  return 1 if tuple(path) == LM_HEAD_PATH else 0
+
+
+def chunked_save_args(params: Mapping, cfg, chunk_bytes: int | None = None) -> dict:
+  """orbax ``SaveArgs`` for a params tree whose zarr chunks a piece-wise reader or writer can use alone: a
+  stacked leaf split by layer first (``shard_axes=(0,)``), no chunk above `chunk_bytes` (orbax splits a
+  leaf's largest axis first: the vocabulary of the embedding and of the lm_head kernel, the axis they are
+  read along, ``piece_axis``). Readers of any chunking (training's restore, ``run.load_run``) read it
+  unchanged. `chunk_bytes`: ``names.CHUNK_BYTES`` by default."""
   stacked = stacked_paths(cfg)
+  chunk_bytes = names.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
 
   def walk(tree: Mapping, prefix: tuple) -> dict:
-    return {k: walk(v, prefix + (k,)) if isinstance(v, Mapping) else ocp.SaveArgs(
-        chunk_byte_size=int(chunk_bytes), shard_axes=(0,) if prefix + (k,) in stacked else ())
-            for k, v in tree.items()}
+    out = {}
+    for k, v in tree.items():
+      path = prefix + (k,)
+      if isinstance(v, Mapping):
+        out[k] = walk(v, path)
+      else:
+        out[k] = ocp.SaveArgs(chunk_byte_size=int(chunk_bytes), shard_axes=(0,) if path in stacked else ())
+    return out
   return walk(params, ())
 
 

@@ -219,11 +219,13 @@ class Checkpointer:
   (no manifest). Restores check whatever the manifest holds.
   `replica`: a ``storage.RemoteWorkdir`` whose mirror holds `directory`; committed steps are
   uploaded to it (module docstring). None: nothing leaves `directory`.
+  `state_handler`: an orbax PyTree handler that saves the state item (``save``), e.g. the import's
+  ``streamed.save_handler``; None: orbax's standard handler.
   """
 
   def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
                async_save: bool = True, config: Any = None, integrity: str = "auto",
-               replica: Any = None):
+               replica: Any = None, state_handler: Any = None):
     if every < 1 or keep < 1:
       raise ValueError(f"checkpoint.every={every} and checkpoint.keep={keep} must be >= 1")
     if integrity not in INTEGRITY_MODES:
@@ -242,7 +244,12 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=int(keep), save_interval_steps=1, create=True,
       enable_async_checkpointing=self._async, async_options=async_options)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._state_handler = state_handler
+    registry = None
+    if state_handler is not None:  # saves of the state item go to it (the other items as usual)
+      registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+      registry.add(STATE, ocp.args.PyTreeSave, state_handler)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
     self._replica = replica if jax.process_index() == 0 else None
     self._upload: threading.Thread | None = None
     self._upload_error: BaseException | None = None
@@ -386,7 +393,8 @@ class Checkpointer:
     Returns True when a save started. A step that is already saved is never saved twice.
     The arrays are copied to host before returning, so the caller may donate them next.
     `save_args`: orbax ``SaveArgs`` per leaf of `state` (None: orbax's defaults), e.g. the import's
-    chunking; any chunking reads back the same.
+    chunking; any chunking reads back the same. With a `state_handler` (the constructor's), `state` is saved
+    by it (its leaves may be of any type its registry knows, e.g. the import's ``streamed.StreamedLeaf``).
     """
     if step in self._manager.all_steps():
       return False
@@ -394,7 +402,8 @@ class Checkpointer:
       return False
     if not self._config_written:
       self.write_config()
-    items = {STATE: ocp.args.StandardSave(state, save_args=save_args), DATA: DataStateSave(data_state)}
+    save = ocp.args.PyTreeSave if self._state_handler is not None else ocp.args.StandardSave
+    items = {STATE: save(state, save_args=save_args), DATA: DataStateSave(data_state)}
     if self._config_json is not None:
       items[CONFIG] = ocp.args.JsonSave(self._config_json)
     # One save in flight at a time (orbax waits too): the finalize callback reads _pending_step.
