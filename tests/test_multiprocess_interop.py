@@ -40,7 +40,12 @@ def test_two_processes_import_and_export_the_official_layout_bitwise(tmp_path):
   work, back = tmp_path / "run", tmp_path / "back"
   r = _local(2, [f"--import_dir={src}", f"--out={work}"], tmp_path / "logs_import")
   assert r.returncode == 0, _logs(tmp_path / "logs_import")
-  # The checkpoint holds every param once (written by both processes, each its half).
+  # The checkpoint holds every param once, written by both processes (each its share of the pieces, into its
+  # own OCDBT database, which orbax merged).
+  state = work / "checkpoints" / "0" / "state"
+  for p in (0, 1):
+    data = state / f"ocdbt.process_{p}" / "d"
+    assert data.is_dir() and sum(f.stat().st_size for f in data.iterdir()) > 10_000, (p, sorted(os.listdir(state)))
   run = run_lib.load_run(str(work))
   assert run.model.backbone.layers.q_kernel[...].shape[0] == 2
   r = _local(2, [f"--workdir={work}", f"--out={back}", "--dtype=bfloat16"], tmp_path / "logs_export")
