@@ -168,3 +168,67 @@ def test_a_bad_tensor_stops_the_import_and_removes_what_it_wrote(tmp_path):
     got = np.asarray(params[ours[0]][ours[1]])
     want = tensors[name] if ours[1] == "embed_tokens" else tensors[name].T
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16), err_msg=name)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parity
+def test_qwen2_import_streams_the_transformers_backbone(tmp_path, tie, small_chunks):
+  """``export --import_dir=Q --qwen2`` (``import_to_checkpoint``): the checkpoint's backbone gives transformers'
+  logits; the head and projectors are the model's own initialisation from ``config.seed``."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from tests.test_export import _save_hf_qwen2  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "qwen")
+  torch, ref = _save_hf_qwen2(path, tie)
+  c = hf.qwen2_config(path)
+  cfg = ns.NextStepConfig(backbone=c, head=fm_head.HeadConfig(dim=32, num_layers=2, cond_dim=c.hidden_size,
+                                                              token_dim=8), token_dim=8)
+  config = runs.run_config(cfg, hf.ImageMeta(latent_channels=2, latent_patch_size=2, latent_size=8),
+                           str(tmp_path / "w"), vae_dir=None, vae_factor=8)
+  config.seed = 7
+  out = tmp_path / "ckpt"
+  target = runs.import_to_checkpoint(path, str(out), qwen2=True, config=config, progress=False)
+  params = jax.tree.map(np.asarray, ckpt_lib.restore_params_from(str(out), target))
+
+  from nextstep_jax.interop.params import load_pure_params  # pylint: disable=import-outside-toplevel
+  backbone = nnx.eval_shape(lambda: bb.Backbone(c, rngs=nnx.Rngs(0)))
+  load_pure_params(backbone, params["backbone"], path)
+  tokens = np.random.default_rng(0).integers(0, c.vocab_size, size=(2, 17))
+  with torch.no_grad():
+    want = ref(torch.tensor(tokens)).logits.numpy()
+  from tests.tolerance import assert_close_fp32  # pylint: disable=import-outside-toplevel
+  assert_close_fp32(np.asarray(backbone.forward_logits(jnp.asarray(tokens))), want, rtol=1e-4)
+
+  model = ns.NextStep(ns.NextStepConfig.from_config(config), rngs=nnx.Rngs(params=7))  # eager, whole
+  init = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for key in init:
+    if key != "backbone":
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7),
+                   params[key], init[key])
+  assert any(float(np.abs(x).max()) > 0 for x in jax.tree.leaves(params["head"]))
+
+
+def test_qwen2_import_refuses_a_bad_directory_and_leaves_nothing(tmp_path):
+  from tests.test_export import CFG as E_CFG, META as E_META, _model, _poison, _qwen2_dir_from_export  # pylint: disable=import-outside-toplevel
+  exported = str(tmp_path / "hf")
+  hf.export_nextstep(_model(), E_CFG, exported, E_META)
+  q = str(tmp_path / "qwen")
+  _qwen2_dir_from_export(exported, q)
+  config = runs.run_config(E_CFG, E_META, str(tmp_path / "w"), vae_dir=None, vae_factor=8)
+  out = tmp_path / "ckpt"
+
+  wrong = config.copy_and_resolve_references()
+  wrong.model.intermediate_size = 96
+  with pytest.raises(safetensors_io.CheckpointError, match=r"intermediate_size: config 96 vs checkpoint 128"):
+    runs.import_to_checkpoint(q, str(out), qwen2=True, config=wrong, progress=False)
+  assert not out.exists()
+
+  _poison(q, "model.layers.1.mlp.up_proj.weight")
+  with pytest.raises(safetensors_io.CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight has "
+                                                            r"\d+ non-finite values"):
+    runs.import_to_checkpoint(q, str(out), qwen2=True, config=config, progress=False)
+  assert not out.exists()  # the half-written step removed
+  out.mkdir()
+  with pytest.raises(safetensors_io.CheckpointError, match="non-finite"):
+    runs.import_to_checkpoint(q, str(out), qwen2=True, config=config, progress=False)
+  assert out.is_dir() and not any(out.iterdir())  # a directory given empty is left empty

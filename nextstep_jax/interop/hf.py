@@ -549,20 +549,36 @@ def _tensor_getter(tensors: TensorDir, shapes: dict, meta: ImageMeta) -> Callabl
   return get
 
 
-def check_tensor_shapes(tensors: TensorDir, shapes: dict, meta: ImageMeta) -> None:
-  """Every tensor the model reads present in the directory with the shape config.json implies, from the
-  files' headers alone (CheckpointError naming the file and the first tensor that is not): what the
-  streamed import checks before it writes anything."""
+def check_tensor_shapes(tensors: TensorDir, shapes: dict, optional: Callable[[str], bool] = lambda name: False
+                        ) -> None:
+  """Every tensor of `shapes` present in the directory with its shape (unless `optional(name)` allows it to be
+  absent), from the files' headers alone: CheckpointError naming the file and the first tensor that is not.
+  What the streamed imports check before they write anything."""
   for name, shape in shapes.items():
     if name not in tensors:
-      if not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name):
-        continue
-      if meta.tied_embeddings and name == "lm_head.weight":
+      if optional(name):
         continue
       raise CheckpointError(f"{tensors.directory}: tensor {name} is missing (not in any safetensors file)")
     if tuple(tensors.shape(name)) != tuple(shape):
       raise CheckpointError(f"{tensors.file_of(name)}: tensor {name} has shape {list(tensors.shape(name))}, "
-                            f"config.json implies {list(shape)}")
+                            f"{CONFIG_FILE} implies {list(shape)}")
+
+
+def _streamed_tree(directory: str, target: Any, readers: dict, prefix: tuple[str, ...] = ()) -> dict:
+  """`target`'s tree with a ``streamed.StreamedLeaf`` per leaf, reading through `readers` (keyed by the paths
+  of `target`; `prefix`: where `target` sits in the model's params, for the names and the piece axes)."""
+  flat = {path: leaf for path, leaf in flatten_paths(target)}
+  if set(flat) != set(readers):
+    raise CheckpointError(f"{directory}: the model's params and the checkpoint's tensors do not correspond "
+                          f"({sorted(set(flat) ^ set(readers))[:4]})")
+  out: dict = {}
+  for path, leaf in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = streamed.StreamedLeaf("/".join(prefix + path), leaf.shape, leaf.dtype, readers[path],
+                                           axis=stored.piece_axis(prefix + path), sharding=leaf.sharding)
+  return out
 
 
 def nextstep_streamed_leaves(directory: str, cfg: ns.NextStepConfig, meta: ImageMeta, target: Any) -> dict:
@@ -575,28 +591,20 @@ def nextstep_streamed_leaves(directory: str, cfg: ns.NextStepConfig, meta: Image
   tensors = TensorDir(directory)
   shapes = checkpoint_shapes(cfg)
   check_tensor_names(directory, tensors, shapes, cfg, meta)
-  check_tensor_shapes(tensors, shapes, meta)
+  check_tensor_shapes(tensors, shapes, lambda name: (
+      (not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name) is not None)
+      or (meta.tied_embeddings and name == "lm_head.weight")))
   get = _tensor_getter(tensors, shapes, meta)
   tied = lambda name: "embed_tokens.weight" if meta.tied_embeddings and name == "lm_head.weight" else name
   readers = names.nextstep_leaf_readers(get, cfg, get_rows=lambda n, a, b: tensors.get_rows(tied(n), a, b))
-  flat = {path: leaf for path, leaf in _flatten_paths(target)}
-  if set(flat) != set(readers):
-    raise CheckpointError(f"{directory}: the model's params and the checkpoint's tensors do not correspond "
-                          f"({sorted(set(flat) ^ set(readers))[:4]})")
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = streamed.StreamedLeaf("/".join(path), leaf.shape, leaf.dtype, readers[path],
-                                           axis=stored.piece_axis(path, cfg), sharding=leaf.sharding)
-  return out
+  return _streamed_tree(directory, target, readers)
 
 
-def _flatten_paths(tree: Mapping, prefix: tuple = ()):
+def flatten_paths(tree: Mapping, prefix: tuple = ()):
+  """(path tuple, leaf) of every leaf of a nested dict, in its order."""
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      yield from _flatten_paths(v, prefix + (k,))
+      yield from flatten_paths(v, prefix + (k,))
     else:
       yield prefix + (k,), v
 
@@ -669,3 +677,20 @@ def import_qwen2_backbone(directory: str, config: Any = None) -> dict:
     return tensors.get(name, shapes[name])
 
   return names.backbone_from_tensors(get, c, prefix="model.")
+
+
+def qwen2_streamed_leaves(directory: str, config: Any, target: Any) -> dict:
+  """The backbone params of a Hugging Face ``Qwen2ForCausalLM`` directory as ``streamed.StreamedLeaf`` leaves
+  (the tree of `target`, the backbone's abstract params with the dtype to store and the sharding to record),
+  each read a piece at a time from the files as ``nextstep_streamed_leaves`` does. Sizes come from config.json
+  (``qwen2_config``: `config`'s must agree); every tensor's presence and shape is checked before it returns, and
+  each piece for NaN/Inf as it is read. A tied checkpoint's lm_head is embed_tokens."""
+  c = qwen2_config(directory, config)
+  tied = bool(_read_json(os.path.join(directory, CONFIG_FILE)).get("tie_word_embeddings", False))
+  tensors = TensorDir(directory)
+  shapes = _qwen2_shapes(c)
+  check_tensor_shapes(tensors, shapes, lambda name: tied and name == "lm_head.weight")
+  name_of = lambda n: "model.embed_tokens.weight" if n == "lm_head.weight" and n not in tensors and tied else n
+  readers = names.backbone_leaf_readers(lambda n: tensors.get(name_of(n), shapes[n]), c, prefix="model.",
+                                        get_rows=lambda n, a, b: tensors.get_rows(name_of(n), a, b))
+  return _streamed_tree(directory, target, readers, prefix=("backbone",))

@@ -176,31 +176,19 @@ def _piece(x: np.ndarray, index: tuple) -> np.ndarray:
   return np.array(part, copy=True) if part.size != x.size else part
 
 
-def nextstep_leaf_readers(get: Callable[[str], np.ndarray], cfg,
+def backbone_leaf_readers(get: Callable[[str], np.ndarray], c, prefix: str = "",
                           get_rows: Callable[[str, int, int], np.ndarray] | None = None
                           ) -> dict[tuple[str, ...], Callable]:
-  """{params path: read(index)} for every leaf of the model's pure params dict: ``read`` returns
-  ``leaf[index]`` (a tuple of slices over the leaf's shape) reading only the checkpoint tensors the slice
-  needs: a stacked leaf (layers or head blocks first) reads one layer's tensor at a time, so a reader never
-  holds more than the slice and one layer (with `get_rows(name, start, stop)`, the vocabulary-sized tensors
-  are read a piece of rows at a time). What ``nextstep_from_tensors`` builds whole, piece by piece."""
-  c = cfg.backbone
-  emb, lay, norm, head = _backbone_names("")
+  """{backbone params path: read(index)} for every leaf of a backbone's pure params dict, from checkpoint
+  tensors named with `prefix` ('' NextStep-1, 'model.' Qwen2.5); ``nextstep_leaf_readers`` has the contract."""
+  emb, lay, norm, head = _backbone_names(prefix)
   out: dict[tuple[str, ...], Callable] = {}
-
-  def stacked(count: int, layer: Callable[[int], np.ndarray]) -> Callable:
-    def read(index):
-      rows = range(count)[index[0]]
-      return np.stack([_piece(layer(i), index[1:]) for i in rows])
-    return read
-
   for ours, suffix, _, from_ckpt in BACKBONE_LAYER_MAP:
-    out[("backbone", "layers", ours)] = stacked(
-        c.num_layers, lambda i, s=suffix, f=from_ckpt: f(get(f"{lay}.{i}.{s}"), c))
+    out[("layers", ours)] = _stacked(c.num_layers, lambda i, s=suffix, f=from_ckpt: f(get(f"{lay}.{i}.{s}"), c))
   row_bytes = c.hidden_size * 4
   if get_rows is None:
-    out[("backbone", "embed_tokens")] = lambda index: _piece(get(emb), index)
-    out[("backbone", "lm_head_kernel")] = lambda index: _piece(get(head).T, index)
+    out[("embed_tokens",)] = lambda index: _piece(get(emb), index)
+    out[("lm_head_kernel",)] = lambda index: _piece(get(head).T, index)
   else:  # [vocab, hidden] tensors: only the rows the slice needs, a piece at a time
     def embed(index):
       rows = range(c.vocab_size)[index[0]]
@@ -212,12 +200,32 @@ def nextstep_leaf_readers(get: Callable[[str], np.ndarray], cfg,
       return np.concatenate([_piece(get_rows(head, a, b), (slice(None), index[0])).T
                              for a, b in _chunks(rows, row_bytes)], axis=1)
 
-    out[("backbone", "embed_tokens")] = embed
-    out[("backbone", "lm_head_kernel")] = lm_head
-  out[("backbone", "final_norm_scale")] = lambda index: _piece(get(norm), index)
+    out[("embed_tokens",)] = embed
+    out[("lm_head_kernel",)] = lm_head
+  out[("final_norm_scale",)] = lambda index: _piece(get(norm), index)
+  return out
+
+
+def _stacked(count: int, layer: Callable[[int], np.ndarray]) -> Callable:
+  """read(index) of a stacked leaf whose layer i is ``layer(i)``: one layer's tensor at a time, its slice kept."""
+  def read(index):
+    rows = range(count)[index[0]]
+    return np.stack([_piece(layer(i), index[1:]) for i in rows])
+  return read
+
+
+def nextstep_leaf_readers(get: Callable[[str], np.ndarray], cfg,
+                          get_rows: Callable[[str, int, int], np.ndarray] | None = None
+                          ) -> dict[tuple[str, ...], Callable]:
+  """{params path: read(index)} for every leaf of the model's pure params dict: ``read`` returns
+  ``leaf[index]`` (a tuple of slices over the leaf's shape) reading only the checkpoint tensors the slice
+  needs: a stacked leaf (layers or head blocks first) reads one layer's tensor at a time, so a reader never
+  holds more than the slice and one layer (with `get_rows(name, start, stop)`, the vocabulary-sized tensors
+  are read a piece of rows at a time). What ``nextstep_from_tensors`` builds whole, piece by piece."""
+  out = {("backbone",) + path: read for path, read in backbone_leaf_readers(get, cfg.backbone, "", get_rows).items()}
   for path, (name, (_, from_ckpt)) in NEXTSTEP_TOP_MAP.items():
     out[path] = lambda index, n=name, f=from_ckpt: _piece(f(get(n)), index)
   for ours, (suffix, (_, from_ckpt)) in HEAD_BLOCK_MAP.items():
-    out[("head", ours)] = stacked(
+    out[("head", ours)] = _stacked(
         cfg.head.num_layers, lambda i, s=suffix, f=from_ckpt: f(get(f"image_head.net.res_blocks.{i}.{s}")))
   return out

@@ -328,17 +328,65 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, config: Any = None) -> dict:
+def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, config: Any = None,
+                         mesh: Any = None, progress: bool = True) -> dict:
   """Reads a Hugging Face directory into `out`. A NextStep directory becomes a run (``import_run``); a
   Qwen2.5 one (`qwen2`, with the experiment `config` sizing the head and projectors) a params-only
   checkpoint, step 0 in `out` (state ``{"params": ...}``, what ``checkpoint.init_from`` reads). Returns the
-  params (of a NextStep directory, their abstract tree: the import streams them, holding none)."""
+  params' abstract tree (ShapeDtypeStruct leaves): both stream, holding none.
+
+  The Qwen2.5 import streams the backbone from the files a piece at a time (``hf.qwen2_streamed_leaves``),
+  stored in float32; the FM head and the projectors are the config's initialisation (``config.seed``),
+  computed without the backbone's. `mesh` and `progress` as ``import_run``'s."""
   if not qwen2:
-    return import_run(import_dir, out)
+    return import_run(import_dir, out, mesh=mesh, progress=progress)
   if config is None:
     raise UserError("--qwen2 needs --config (the experiment config sizing the head and projectors)")
-  backbone = hf.import_qwen2_backbone(import_dir, config)
-  model = ns.NextStep(ns.NextStepConfig.from_config(config), rngs=nnx.Rngs(params=int(config.seed)))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  params["backbone"] = backbone
-  return _save_step0(out, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), config)
+  ckpt = ckpt_lib.absolute(out)
+  if ckpt.is_dir() and any(ckpt.iterdir()):
+    raise UserError(f"--out={out} is not empty; import into a new directory")
+  if mesh is None:
+    mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding),
+                        run_lib.param_target(config, mesh))
+  params = {"backbone": hf.qwen2_streamed_leaves(import_dir, config, target["backbone"])}  # checked; nothing read
+  params.update(_initial_params_but_backbone(config, target))
+  existed = os.path.isdir(out)
+  try:
+    _save_step0(out, params, config, progress=progress)
+  except BaseException:
+    if jax.process_index() == 0:  # nothing left behind (a directory given empty is left empty)
+      shutil.rmtree(out, ignore_errors=True)
+      if existed:
+        os.makedirs(out, exist_ok=True)
+    raise
+  return target
+
+
+def _initial_params_but_backbone(config, target: dict) -> dict:
+  """Every params entry but the backbone (FM head, projectors, ...) as the model initialises them from
+  ``config.seed``, in float32, as ``streamed.StreamedLeaf`` leaves over host copies. One compiled program
+  computes them replicated (XLA drops the backbone's initialisation, whose results are unused), so each
+  process holds them whole: they are small next to the backbone."""
+  cfg = ns.NextStepConfig.from_config(config)
+  mesh = jax.tree.leaves(target)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init():
+    model = ns.NextStep(cfg, rngs=nnx.Rngs(params=int(config.seed)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params.pop("backbone")
+    return jax.tree.map(lambda x: x.astype(jnp.float32), params)
+
+  rest = jax.jit(init, out_shardings=replicated)()
+  rest = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), rest)
+  sub = {k: v for k, v in target.items() if k != "backbone"}
+  flat = dict(hf.flatten_paths(sub))
+  out: dict = {}
+  for path, value in hf.flatten_paths(rest):
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = streamed.StreamedLeaf("/".join(path), value.shape, np.float32,
+                                           lambda index, v=value: v[index], sharding=flat[path].sharding)
+  return out

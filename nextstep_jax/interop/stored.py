@@ -41,11 +41,10 @@ def stacked_paths(cfg) -> set[tuple[str, ...]]:
 LM_HEAD_PATH = ("backbone", "lm_head_kernel")  # (hidden, vocab): the official [vocab, hidden] weight transposed
 
 
-def piece_axis(path: tuple[str, ...], cfg) -> int:
+def piece_axis(path: tuple[str, ...]) -> int:
   """The axis a piece-wise reader or writer of the leaf at `path` goes along: the layer of a stacked leaf,
   the vocabulary of the embedding (axis 0) and of the lm_head kernel (axis 1, the official weight's rows);
-  0 for the rest (small leaves, read whole)."""
-  del cfg  # the same paths for every size
+  0 for the rest (small leaves, read whole). The same paths for every size."""
   return 1 if tuple(path) == LM_HEAD_PATH else 0
 
 
