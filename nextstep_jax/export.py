@@ -23,6 +23,7 @@ Convert the official VAE's torch pickle to safetensors (needs torch; read with w
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 import jax
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = None
     if args.config:
       config = overrides_lib.load_config(args.config)
-    params = runs.import_to_checkpoint(args.import_dir, args.out, qwen2=args.qwen2, config=config)
+    params = runs.import_to_checkpoint(args.import_dir, args.out, qwen2=args.qwen2, config=config,
+                                       log=lambda line: print(line, file=sys.stderr, flush=True))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     what = "checkpoint" if args.qwen2 else "run"
     if jax.process_index() == 0:

@@ -154,13 +154,13 @@ def test_a_bad_tensor_stops_the_import_and_removes_what_it_wrote(tmp_path):
   (out / "notes.txt").write_text("the user's own file")
   with pytest.raises(safetensors_io.CheckpointError, match=r"tensor layers\.2\.mlp\.down_proj\.weight has 1 "
                                                             r"non-finite values \(NaN/Inf\)"):
-    runs.import_run(src, str(out), progress=False)
+    runs.import_run(src, str(out))
   assert sorted(os.listdir(out)) == ["notes.txt"]  # no checkpoint, config or records left; the user's file kept
 
   # A clean directory imports into a new one; the abstract params come back, the run reads as the source.
   src2 = str(tmp_path / "clean")
   tensors = _official(src2)
-  target = runs.import_run(src2, str(tmp_path / "run2"), progress=False)
+  target = runs.import_run(src2, str(tmp_path / "run2"))
   assert {tuple(x.shape) for x in jax.tree.leaves(target)} >= {(BB.vocab_size, BB.hidden_size)}
   params = ckpt_lib.restore_params_from(str(tmp_path / "run2"), target)
   for ours, name in ((("backbone", "embed_tokens"), "embed_tokens.weight"),
@@ -187,7 +187,7 @@ def test_qwen2_import_streams_the_transformers_backbone(tmp_path, tie, small_chu
                            str(tmp_path / "w"), vae_dir=None, vae_factor=8)
   config.seed = 7
   out = tmp_path / "ckpt"
-  target = runs.import_to_checkpoint(path, str(out), qwen2=True, config=config, progress=False)
+  target = runs.import_to_checkpoint(path, str(out), qwen2=True, config=config)
   params = jax.tree.map(np.asarray, ckpt_lib.restore_params_from(str(out), target))
 
   from nextstep_jax.interop.params import load_pure_params  # pylint: disable=import-outside-toplevel
@@ -220,15 +220,15 @@ def test_qwen2_import_refuses_a_bad_directory_and_leaves_nothing(tmp_path):
   wrong = config.copy_and_resolve_references()
   wrong.model.intermediate_size = 96
   with pytest.raises(safetensors_io.CheckpointError, match=r"intermediate_size: config 96 vs checkpoint 128"):
-    runs.import_to_checkpoint(q, str(out), qwen2=True, config=wrong, progress=False)
+    runs.import_to_checkpoint(q, str(out), qwen2=True, config=wrong)
   assert not out.exists()
 
   _poison(q, "model.layers.1.mlp.up_proj.weight")
   with pytest.raises(safetensors_io.CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight has "
                                                             r"\d+ non-finite values"):
-    runs.import_to_checkpoint(q, str(out), qwen2=True, config=config, progress=False)
+    runs.import_to_checkpoint(q, str(out), qwen2=True, config=config)
   assert not out.exists()  # the half-written step removed
   out.mkdir()
   with pytest.raises(safetensors_io.CheckpointError, match="non-finite"):
-    runs.import_to_checkpoint(q, str(out), qwen2=True, config=config, progress=False)
+    runs.import_to_checkpoint(q, str(out), qwen2=True, config=config)
   assert out.is_dir() and not any(out.iterdir())  # a directory given empty is left empty

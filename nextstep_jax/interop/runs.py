@@ -10,7 +10,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any
+import time
+from typing import Any, Callable
 
 from absl import logging
 
@@ -228,7 +229,7 @@ def run_config(cfg: ns.NextStepConfig, meta: hf.ImageMeta, workdir: str, *, vae_
   return c
 
 
-def import_run(import_dir: str, out: str, *, mesh: Any = None, progress: bool = True) -> dict:
+def import_run(import_dir: str, out: str, *, mesh: Any = None, log: Callable[[str], None] | None = None) -> dict:
   """A NextStep directory (ours, or the official NextStep-1 / NextStep-1.1 release as published:
   ``config.json``, safetensors, ``tokenizer/``, ``vae/`` with ``checkpoint.pt``) imported as a run in `out`:
   ``checkpoints/0`` (params), ``checkpoints/config.json``, ``tokenizer/``, ``vae/`` (safetensors) and
@@ -242,8 +243,9 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None, progress: bool = 
   on disk; the readers cast to their config's dtype). Every tensor's name and shape is checked before
   anything is written; a tensor with NaN/Inf stops the import as it is read, and what the import wrote
   is removed. `mesh` (default: FSDP over every device of every process) gives the shardings recorded
-  with the checkpoint. Process 0 writes the tokenizer, the VAE and the records. `progress`: log each
-  leaf as it is written."""
+  with the checkpoint. Process 0 writes the tokenizer, the VAE and the records. `log`: called on process 0
+  with a line per param written (``import: k/N params written (name, seconds)``; the command line prints them to
+  stderr)."""
   cfg, meta = hf.read_nextstep_config(import_dir)
   ckpt_dir = run_lib.checkpoint_dir(out)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -278,7 +280,7 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None, progress: bool = 
                   f, indent=2)
     _barrier("nextstep_import_side_files")
     written.append(ckpt_dir)
-    _save_step0(ckpt_dir, leaves, config, progress=progress)
+    _save_step0(ckpt_dir, leaves, config, log=log)
   except BaseException:
     if jax.process_index() == 0:  # a failed import leaves nothing behind (never a half-written run)
       for path in ([out] if not existed else reversed(written)):
@@ -290,23 +292,27 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None, progress: bool = 
   return target
 
 
-def _log_progress(name: str, done: int, total: int) -> None:
-  """The streamed import's progress, a line a leaf (``streamed.StreamedLeafHandler``'s callback)."""
-  logging.info("import: %d/%d params written (%s)", done, total, name)
+def _progress_lines(log: Callable[[str], None]) -> Callable[[str, int, int], None]:
+  """``streamed.StreamedLeafHandler``'s callback writing a line a param through `log`."""
+  start = time.perf_counter()
+
+  def progress(name: str, done: int, total: int) -> None:
+    log(f"import: {done}/{total} params written ({name}, {time.perf_counter() - start:.0f} s)")
+  return progress
 
 
-def _save_step0(directory: str, params: dict, config, progress: bool = False) -> dict:
+def _save_step0(directory: str, params: dict, config, log: Callable[[str], None] | None = None) -> dict:
   """`params` as the params-only step 0 of a checkpoint directory (with `config`); returns them. Each layer of a
   stacked leaf is saved in zarr chunks of its own, none above ``names.CHUNK_BYTES``, the vocabulary-sized leaves
   split along the vocabulary (``stored.chunked_save_args``: a piece-wise reader or writer uses a chunk alone;
   every reader reads any chunking). ``streamed.StreamedLeaf`` leaves are written a piece at a time
-  (``interop.streamed``); jax arrays as orbax writes them."""
+  (``interop.streamed``; `log` as ``import_run``'s); jax arrays as orbax writes them."""
   cfg = ns.NextStepConfig.from_config(config)
   save_args = {"params": stored_lib.chunked_save_args(params, cfg)}
   leaves = jax.tree.leaves(params)
   handler = None
   if any(isinstance(x, streamed.StreamedLeaf) for x in leaves):
-    handler = streamed.save_handler(_log_progress if progress and jax.process_index() == 0 else None)
+    handler = streamed.save_handler(_progress_lines(log) if log is not None and jax.process_index() == 0 else None)
   ckpt = ckpt_lib.Checkpointer(directory, every=1, keep=1, async_save=False, config=config, state_handler=handler)
   try:
     ckpt.save(0, {"params": params}, force=True, save_args=save_args)
@@ -329,7 +335,7 @@ def _barrier(name: str) -> None:
 
 
 def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, config: Any = None,
-                         mesh: Any = None, progress: bool = True) -> dict:
+                         mesh: Any = None, log: Callable[[str], None] | None = None) -> dict:
   """Reads a Hugging Face directory into `out`. A NextStep directory becomes a run (``import_run``); a
   Qwen2.5 one (`qwen2`, with the experiment `config` sizing the head and projectors) a params-only
   checkpoint, step 0 in `out` (state ``{"params": ...}``, what ``checkpoint.init_from`` reads). Returns the
@@ -337,9 +343,9 @@ def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, conf
 
   The Qwen2.5 import streams the backbone from the files a piece at a time (``hf.qwen2_streamed_leaves``),
   stored in float32; the FM head and the projectors are the config's initialisation (``config.seed``),
-  computed without the backbone's. `mesh` and `progress` as ``import_run``'s."""
+  computed without the backbone's. `mesh` and `log` as ``import_run``'s."""
   if not qwen2:
-    return import_run(import_dir, out, mesh=mesh, progress=progress)
+    return import_run(import_dir, out, mesh=mesh, log=log)
   if config is None:
     raise UserError("--qwen2 needs --config (the experiment config sizing the head and projectors)")
   ckpt = ckpt_lib.absolute(out)
@@ -353,7 +359,7 @@ def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, conf
   params.update(_initial_params_but_backbone(config, target))
   existed = os.path.isdir(out)
   try:
-    _save_step0(out, params, config, progress=progress)
+    _save_step0(out, params, config, log=log)
   except BaseException:
     if jax.process_index() == 0:  # nothing left behind (a directory given empty is left empty)
       shutil.rmtree(out, ignore_errors=True)
