@@ -373,7 +373,7 @@ def _initial_params_but_backbone(config, target: dict) -> dict:
   """Every params entry but the backbone (FM head, projectors, ...) as the model initialises them from
   ``config.seed``, in float32, as ``streamed.StreamedLeaf`` leaves reading this process's copy. One compiled
   program computes them replicated (XLA drops the backbone's initialisation, whose results are unused), so each
-  process holds them whole: they are small next to the backbone (0.16B parameters of the 14B model)."""
+  process holds them whole: they are small next to the backbone (0.18B parameters of the 14B model)."""
   cfg = ns.NextStepConfig.from_config(config)
   mesh = jax.tree.leaves(target)[0].sharding.mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
