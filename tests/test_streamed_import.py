@@ -156,6 +156,10 @@ def test_a_bad_tensor_stops_the_import_and_removes_what_it_wrote(tmp_path):
                                                             r"non-finite values \(NaN/Inf\)"):
     runs.import_run(src, str(out))
   assert sorted(os.listdir(out)) == ["notes.txt"]  # no checkpoint, config or records left; the user's file kept
+  # What a killed import leaves (orbax's temporary step) is named, not taken for a run.
+  (out / "checkpoints" / "0.orbax-checkpoint-tmp-1234").mkdir(parents=True)
+  with pytest.raises(runs.UserError, match=r"holds an unfinished import .*0\.orbax-checkpoint-tmp-1234"):
+    runs.import_run(src, str(out))
 
   # A clean directory imports into a new one; the abstract params come back, the run reads as the source.
   src2 = str(tmp_path / "clean")

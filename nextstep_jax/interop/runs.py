@@ -249,6 +249,10 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None, log: Callable[[st
   cfg, meta = hf.read_nextstep_config(import_dir)
   ckpt_dir = run_lib.checkpoint_dir(out)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    left = sorted(os.listdir(ckpt_dir))
+    if all(ckpt_lib.ORBAX_TMP_MARK in name for name in left):  # a failed import cleans up; a killed one cannot
+      raise UserError(f"--out={out} holds an unfinished import ({os.path.join(ckpt_dir, left[0])}: the import "
+                      "was killed?); remove the directory and import again")
     raise UserError(f"--out={out} already holds checkpoints; import into a new directory")
   tok_src, tok = _source_tokenizer(import_dir, meta)
   vae_src = _source_vae(import_dir, meta)
@@ -371,7 +375,7 @@ def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, conf
 
 def _initial_params_but_backbone(config, target: dict) -> dict:
   """Every params entry but the backbone (FM head, projectors, ...) as the model initialises them from
-  ``config.seed``, in float32, as ``streamed.StreamedLeaf`` leaves reading this process's copy. One compiled
+  ``config.seed``, in float32, as ``streamed.StreamedLeaf`` leaves over host copies. One compiled
   program computes them replicated (XLA drops the backbone's initialisation, whose results are unused), so each
   process holds them whole: they are small next to the backbone (0.18B parameters of the 14B model)."""
   cfg = ns.NextStepConfig.from_config(config)
@@ -388,11 +392,12 @@ def _initial_params_but_backbone(config, target: dict) -> dict:
   sub = {k: v for k, v in target.items() if k != "backbone"}
   flat = dict(hf.flatten_paths(sub))
   out: dict = {}
-  for path, value in hf.flatten_paths(rest):
+  for path, value in list(hf.flatten_paths(rest)):
+    host = np.array(value.addressable_data(0))  # one device-to-host copy a leaf, the device's freed at once
+    value.delete()
     node = out
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = streamed.StreamedLeaf("/".join(path), value.shape, np.float32,  # read from this process's copy
-                                           lambda index, v=value: np.asarray(v.addressable_data(0))[index],
+    node[path[-1]] = streamed.StreamedLeaf("/".join(path), host.shape, np.float32, lambda index, h=host: h[index],
                                            sharding=flat[path].sharding)
   return out

@@ -66,7 +66,7 @@ AUTO_CRC_LIMIT_BYTES = 4 << 30
 # Files orbax itself rewrites after our manifest is written (step metadata, commit markers).
 _UNLISTED = frozenset({INTEGRITY_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"})
 QUARANTINE_SUFFIX = ".corrupt"
-_ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
+ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 class _ReadOnlyNotices(logging.Filter):
@@ -286,7 +286,7 @@ class Checkpointer:
     if jax.process_index() != 0 or not self.directory.exists():
       return
     names = [p.name for p in self.directory.iterdir()]
-    unfinished = sorted(n for n in names if _ORBAX_TMP_MARK in n)
+    unfinished = sorted(n for n in names if ORBAX_TMP_MARK in n)
     if unfinished:
       logging.warning("checkpoint: %s holds unfinished save(s) %s (the writer stopped mid-save); "
                       "they are not checkpoints and are ignored; a save of the same step replaces "
@@ -429,7 +429,7 @@ class Checkpointer:
       return
     try:
       tmp = [p for p in self.directory.iterdir()
-             if p.name.startswith(f"{step}.") and _ORBAX_TMP_MARK in p.name]
+             if p.name.startswith(f"{step}.") and ORBAX_TMP_MARK in p.name]
       target = tmp[0] if len(tmp) == 1 else self.step_dir(step)
       if len(tmp) > 1 or not target.is_dir():
         logging.warning("checkpoint: cannot tell where step %d is being written (%s); it gets no "

@@ -55,7 +55,7 @@ ARCHITECTURE_FIELDS = (
   "lora.rank", "lora.targets", "lora.head_targets")
 # Names in a mirrored remote work directory that stay on this host: the lock, orbax's unfinished
 # saves, steps moved aside as unreadable.
-MIRROR_PRIVATE = (workdir_lock.LOCK_FILE + "*", "*" + ckpt_lib._ORBAX_TMP_MARK + "*",  # pylint: disable=protected-access
+MIRROR_PRIVATE = (workdir_lock.LOCK_FILE + "*", "*" + ckpt_lib.ORBAX_TMP_MARK + "*",
                   "*" + ckpt_lib.QUARANTINE_SUFFIX + "*")
 
 
