@@ -448,3 +448,51 @@ def test_leaf_reader_pieces_own_their_memory():
   assert not np.shares_memory(cols, x)
   whole = names._piece(x, (slice(None), slice(None)))  # pylint: disable=protected-access
   assert np.shares_memory(whole, x)
+
+
+def test_lora_run_exports_streamed_with_its_adapters_merged(tmp_path):
+  """A LoRA run (state: the frozen base and the adapters) exports piece by piece, each adapted kernel's pieces
+  merged with their layers' adapters: the same tensors, bit for bit, as merging the whole restored tree
+  (``lora.merge_lora``, which tests/test_lora.py holds to the adapted model) and exporting that."""
+  from tests.runs import make_base_run, shrink  # pylint: disable=import-outside-toplevel
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  config = demo.get_config()
+  work = str(tmp_path / "run")
+  with config.unlocked():
+    shrink(config)
+    config.model.num_layers = 3
+    config.workdir = work
+    config.vae.checkpoint = os.path.join(work, "vae")
+    config.lora.update(dict(rank=2, alpha=4.0, targets=("q", "o", "down"), head_targets=("cond", "mlp_in")))
+  _, base = make_base_run(work, config, step=5)
+  lcfg = trainer_lib.lora_config(config)
+  _, abstract, axes = trainer_lib.abstract_model(config)
+  adapters, _ = lora_lib.init_lora(abstract, axes, lcfg, jax.random.key(1))
+  rng = np.random.default_rng(2)  # B random too, so every merged kernel differs from its base
+  adapters = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), adapters)
+  shutil.rmtree(os.path.join(work, "checkpoints"))
+  with ckpt_lib.Checkpointer(os.path.join(work, "checkpoints"), every=1, keep=1, async_save=False,
+                             config=config) as ckpt:
+    ckpt.save(5, {"step": jnp.int32(5), "params": adapters, "base": base}, force=True)
+
+  for dtype in ("float32", "bfloat16"):
+    got = str(tmp_path / f"streamed_{dtype}")
+    runs.export_workdir(work, got, dtype=dtype)
+    cast = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.dtype(dtype))), base)
+    merged = lora_lib.merge_lora(cast, adapters, lcfg)
+    want = str(tmp_path / f"whole_{dtype}")
+    hf.export_nextstep(merged, ns.NextStepConfig.from_config(config), want, hf.ImageMeta.from_config(config),
+                       dtype=dtype)
+    a, b = safetensors_io.TensorDir(got), safetensors_io.TensorDir(want)
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+      x, y = a.get(name), b.get(name)
+      assert x.dtype == y.dtype, name
+      np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8), err_msg=f"{dtype} {name}")
+    plain = safetensors_io.TensorDir(str(tmp_path / f"streamed_{dtype}"))
+    q = plain.get("layers.1.self_attn.q_proj.weight").astype(np.float32)
+    q_base = np.asarray(base["backbone"]["layers"]["q_kernel"][1], np.float32).reshape(q.shape[1], -1).T
+    assert np.abs(q - q_base).max() > 1e-2  # the adapters are in the export

@@ -31,6 +31,7 @@ from nextstep_jax.interop import stored as stored_lib
 from nextstep_jax.interop import vae as vae_interop
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.training import checkpoint as ckpt_lib
+from nextstep_jax.training import lora as lora_lib
 from nextstep_jax.training import trainer as trainer_lib
 
 
@@ -70,13 +71,13 @@ def imported_meta(workdir: str, meta: hf.ImageMeta, *, ids_from_source: bool = F
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
                    max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
-                   vae: str | None = None, use_ema: bool = True, mesh: Any = None) -> dict:
+                   vae: str | None = None, use_ema: bool = True) -> dict:
   """Writes the run's params (newest good checkpoint, or `step`) as a NextStep-1 directory. Returns the index.
 
   The params stream from the checkpoint's files: process 0 reads each tensor (one layer of a stacked leaf, a
   piece of rows of a vocabulary-sized one) as it writes it (``interop.stored``), so no process holds more than
-  the tensor being written; the other processes read nothing. A LoRA run's base is restored sharded over
-  `mesh` (default: FSDP over every device of every process) to merge its adapters, then written the same way.
+  the tensor being written; the other processes read nothing. A LoRA run's base streams the same way, each
+  adapted kernel's piece merged with its layers' adapters (held whole: they are rank-r small).
 
   use_ema: export the EMA weights when the run kept them (config.ema_decay > 0). A LoRA run
   (config.lora.rank > 0) is exported with its adapters merged into the frozen base. The tokenizer:
@@ -91,21 +92,18 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
   src = run_lib.checkpoint_dir(workdir)
   if step is not None:
     src = os.path.join(src, str(step))
-  fetch = None
-  if trainer_lib.lora_config(config) is None:
-    # Streamed: process 0 reads each tensor (one layer of a stacked leaf, a piece of rows of a vocabulary-sized
-    # one) from the checkpoint's files as it writes it, read in the dtype written (orbax's cast, the same single
-    # rounding as casting at the write).
-    abstract = trainer_lib.abstract_model(config)[1]
-    _, stored = stored_lib.open_params(src, abstract, run_lib.params_key(config, use_ema), dtype,
-                                       what=f"run {workdir}")
-    params, fetch = stored.tree, stored.fetch
-  else:  # a LoRA run: the adapters merge into the whole base, restored sharded over `mesh`
-    if mesh is None:
-      mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=s.sharding),
-                          run_lib.param_target(config, mesh))
-    _, params = run_lib.load_params(src, config, use_ema=use_ema, target=target, what=f"run {workdir}")
+  # Streamed: process 0 reads each tensor (one layer of a stacked leaf, a piece of rows of a vocabulary-sized
+  # one) from the checkpoint's files as it writes it, read in the dtype written (orbax's cast, the same single
+  # rounding as casting at the write). A LoRA run's base is read so, and each targeted piece merged with its
+  # layers' adapters (``lora.merge_piece``, merge_lora's sum).
+  _, abstract, axes = trainer_lib.abstract_model(config)
+  lora = trainer_lib.lora_config(config)
+  key = "base" if lora is not None else run_lib.params_key(config, use_ema)
+  found, stored = stored_lib.open_params(src, abstract, key, dtype, what=f"run {workdir}")
+  params, fetch = stored.tree, stored.fetch
+  if lora is not None:
+    fetch = _lora_fetch(stored, os.path.join(run_lib.checkpoint_dir(workdir), str(found)), config, lora,
+                        abstract, axes, use_ema)
   imported = os.path.isfile(os.path.join(workdir, IMPORT_FILE))
   try:
     tok = run_lib.load_tokenizer(config, workdir, path=tokenizer)
@@ -126,6 +124,32 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
                              tokenizer=shipped, vae=vae, fetch=fetch)
   _barrier("nextstep_export_written")  # every process returns once the directory is whole
   return index
+
+
+def _lora_fetch(stored: stored_lib.StoredParams, step_dir: str, config, lora, abstract: dict, axes: dict,
+                use_ema: bool):
+  """The export's `fetch` for a LoRA run: the base's pieces from the checkpoint's files (`stored`), each
+  targeted kernel's piece merged with its adapters (restored whole on the host: they are rank-r small)."""
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), abstract)
+  _, adapters = ckpt_lib.restore_params_step(step_dir, lora_lib.abstract_lora(target, axes, lora),
+                                             key=run_lib.params_key(config, use_ema), what=f"run {step_dir}")
+  adapters = jax.tree.map(np.asarray, adapters)
+  dims = lora_lib.layer_dims(abstract, axes, lora)
+  by_name = {"/".join(path): (path, n) for path, n in dims.items()}
+
+  def fetch(leaf: Any, start: int | None = None, stop: int | None = None, axis: int = 0) -> np.ndarray:
+    piece = stored.fetch(leaf, start, stop, axis)
+    hit = by_name.get(getattr(leaf, "name", "").split(".", 1)[-1].replace(".", "/"))
+    if hit is None:
+      return piece
+    path, n_batch = hit
+    ab = adapters
+    for p in path:
+      ab = ab[p]
+    return lora_lib.merge_piece(piece, ab[lora_lib.A_KEY], ab[lora_lib.B_KEY], leaf.shape, n_batch, lora.scale,
+                                start, stop, axis)
+  return fetch
 
 
 # A tokenizer's files at the top of a model directory (the rest there is the model's).

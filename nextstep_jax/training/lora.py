@@ -296,6 +296,32 @@ def apply_lora(base_params: Mapping, lora_params: Mapping, cfg: LoraConfig, dtyp
   return out
 
 
+def layer_dims(abstract_params: Mapping, axes: Mapping, cfg: LoraConfig) -> dict[tuple[str, ...], int]:
+  """{kernel path: its number of layer dims (1 stacked, 0 not)} of every kernel `cfg` adapts: what
+  ``merge_piece`` needs to know of a kernel."""
+  return {path: s.n_batch for _, path, s in _splits(abstract_params, cfg, axes)}
+
+
+def merge_piece(base_piece: np.ndarray, a: np.ndarray, b: np.ndarray, kernel_shape: Sequence[int], n_batch: int,
+                scale: float, start: int | None = None, stop: int | None = None, axis: int = 0) -> np.ndarray:
+  """``merge_lora``'s kernel W + scale A @ B (summed in fp32, in the base piece's dtype) for the piece
+  ``W[start:stop]`` along `axis` (the whole kernel when `start` is None) of a kernel of `kernel_shape`:
+  `base_piece` is that piece of W; `a`, `b` are the kernel's whole adapters. A stacked kernel's layer slice
+  (axis 0) merges only those layers' adapters; any other piece is cut from the whole delta. The piece-wise
+  export's merge (``interop.runs.export_workdir``)."""
+  kernel_shape = tuple(int(d) for d in kernel_shape)
+  if start is None:
+    delta = lora_delta(jnp.asarray(a), jnp.asarray(b), kernel_shape, n_batch, scale)
+  elif n_batch == 1 and axis == 0:
+    shape = (stop - start,) + kernel_shape[1:]
+    delta = lora_delta(jnp.asarray(a[start:stop]), jnp.asarray(b[start:stop]), shape, n_batch, scale)
+  else:
+    whole = lora_delta(jnp.asarray(a), jnp.asarray(b), kernel_shape, n_batch, scale)
+    delta = whole[(slice(None),) * axis + (slice(start, stop),)]
+  merged = jnp.asarray(base_piece).astype(jnp.float32) + delta
+  return np.asarray(merged.astype(base_piece.dtype))
+
+
 def merge_lora(base_params: Mapping, lora_params: Mapping, cfg: LoraConfig) -> dict:
   """Concrete merged weights for export (``interop.names.nextstep_to_tensors`` / ``hf.export_nextstep``
   take the result as an ordinary params dict). Runs eagerly kernel by kernel, so only the targeted
