@@ -24,6 +24,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -204,8 +205,9 @@ def load_params(path: str, config, *, use_ema: bool = True, target: Any = None,
   step, base = ckpt_lib.restore_params_step(path, target, key="base", what=what)
   if not _is_step_dir(path):  # the adapters of the same step as the base
     path = os.path.join(str(path), str(step))
-  _, adapters = ckpt_lib.restore_params_step(path, lora_lib.abstract_lora(target, axes, lora), key=key,
-                                             what=what)
+  # The adapters in fp32 whatever the target's dtype: merged in fp32 and rounded once, to the base's dtype.
+  f32 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), target)
+  _, adapters = ckpt_lib.restore_params_step(path, lora_lib.abstract_lora(f32, axes, lora), key=key, what=what)
   return step, lora_lib.merge_lora(base, adapters, lora)
 
 

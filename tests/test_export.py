@@ -492,6 +492,12 @@ def test_lora_run_exports_streamed_with_its_adapters_merged(tmp_path):
       x, y = a.get(name), b.get(name)
       assert x.dtype == y.dtype, name
       np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8), err_msg=f"{dtype} {name}")
+    # run.load_params (what sample and evaluate read) merges the same way: fp32 adapters, one rounding.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, jnp.dtype(dtype), sharding=one), abstract)
+    _, loaded = run_lib.load_params(os.path.join(work, "checkpoints"), config, target=target)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8)),
+                 loaded, merged)
     plain = safetensors_io.TensorDir(str(tmp_path / f"streamed_{dtype}"))
     q = plain.get("layers.1.self_attn.q_proj.weight").astype(np.float32)
     q_base = np.asarray(base["backbone"]["layers"]["q_kernel"][1], np.float32).reshape(q.shape[1], -1).T
