@@ -502,3 +502,32 @@ def test_lora_run_exports_streamed_with_its_adapters_merged(tmp_path):
     q = plain.get("layers.1.self_attn.q_proj.weight").astype(np.float32)
     q_base = np.asarray(base["backbone"]["layers"]["q_kernel"][1], np.float32).reshape(q.shape[1], -1).T
     assert np.abs(q - q_base).max() > 1e-2  # the adapters are in the export
+
+
+def test_export_of_a_training_run_with_its_chunk_cache_capped(tmp_path, monkeypatch, caplog):
+  """A training run's chunks span its layers (orbax's default chunking): the export caches them decoded, but
+  never more than its budget; with a cache of nothing it re-reads chunks and writes the same tensors."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.interop import names, stored  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from tests.runs import make_tiny_run  # pylint: disable=import-outside-toplevel
+  work = str(tmp_path / "run")
+  make_tiny_run(work, step=3)
+  monkeypatch.setattr(names, "CHUNK_BYTES", 512)  # the tiny model's whole-leaf chunks count as large
+  full = str(tmp_path / "full")
+  runs.export_workdir(work, full)
+  _, abstract, _ = trainer_lib.abstract_model(run_lib.saved_config(work))
+  _, opened = stored.open_params(os.path.join(work, "checkpoints"), abstract, "params", "float32")
+  assert opened.cache_bytes > 0
+  _, capped_open = stored.open_params(os.path.join(work, "checkpoints"), abstract, "params", "float32",
+                                      max_cache_bytes=0)
+  assert capped_open.cache_bytes == 0
+  capped = str(tmp_path / "capped")
+  with caplog.at_level(logging.WARNING):
+    runs.export_workdir(work, capped, max_cache_bytes=0)
+  assert "chunks are re-read" in caplog.text
+  a, b = safetensors_io.TensorDir(full), safetensors_io.TensorDir(capped)
+  assert sorted(a.names()) == sorted(b.names())
+  for name in a.names():
+    np.testing.assert_array_equal(a.get(name).view(np.uint32), b.get(name).view(np.uint32), err_msg=name)
+  assert 0 < stored.cache_budget() < 2 ** 50

@@ -71,7 +71,7 @@ def imported_meta(workdir: str, meta: hf.ImageMeta, *, ids_from_source: bool = F
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
                    max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
-                   vae: str | None = None, use_ema: bool = True) -> dict:
+                   vae: str | None = None, use_ema: bool = True, max_cache_bytes: int | None = None) -> dict:
   """Writes the run's params (newest good checkpoint, or `step`) as a NextStep-1 directory. Returns the index.
 
   The params stream from the checkpoint's files: process 0 reads each tensor (one layer of a stacked leaf, a
@@ -84,7 +84,9 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
   `tokenizer`, else the config's ``tokenizer.path``, else the demo tokenizer in ``<workdir>/tokenizer``.
   A run imported from the official layout is written back in it: its config.json's other fields and its
   gen_pos_embed as they were (so official -> import -> export is bitwise with the source's dtype).
-  A `workdir` URL (gs://...) is read from its local mirror (``run.local_run``).
+  A `workdir` URL (gs://...) is read from its local mirror (``run.local_run``). `max_cache_bytes`: the most a
+  training-chunked checkpoint's chunk cache takes (``stored.StoredParams``; default half the host's available
+  memory).
   """
   workdir = run_lib.local_run(workdir)
   config = run_lib.saved_config(workdir)
@@ -99,7 +101,8 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, dtype: st
   _, abstract, axes = trainer_lib.abstract_model(config)
   lora = trainer_lib.lora_config(config)
   key = "base" if lora is not None else run_lib.params_key(config, use_ema)
-  found, stored = stored_lib.open_params(src, abstract, key, dtype, what=f"run {workdir}")
+  found, stored = stored_lib.open_params(src, abstract, key, dtype, what=f"run {workdir}",
+                                         max_cache_bytes=max_cache_bytes)
   params, fetch = stored.tree, stored.fetch
   if lora is not None:
     fetch = _lora_fetch(stored, os.path.join(run_lib.checkpoint_dir(workdir), str(found)), config, lora,

@@ -69,6 +69,19 @@ def chunked_save_args(params: Mapping, cfg, chunk_bytes: int | None = None) -> d
   return walk(params, ())
 
 
+def cache_budget() -> int:
+  """Half the host's available memory (``MemAvailable``, else the free physical pages): the most the export's
+  chunk cache takes by default."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024 // 2
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2
+
+
 class StoredLeaf:
   """One array of a checkpoint, not read: its path, shape and dtype (what ``names.nextstep_to_tensors`` needs
   to plan), read by ``StoredParams.fetch``."""
@@ -85,9 +98,12 @@ class StoredParams:
 
   ``tree`` mirrors `abstract` (the model's abstract params) with ``StoredLeaf`` leaves; ``fetch(leaf, start,
   stop, axis)`` is ``names.host_slice``'s contract (the writers' `fetch`). Every leaf of `abstract` must be
-  stored with its shape (CheckpointError naming the step and the leaf otherwise)."""
+  stored with its shape (CheckpointError naming the step and the leaf otherwise). `max_cache_bytes`: the most
+  the chunk cache of a training-chunked checkpoint takes (default ``cache_budget()``); ``cache_bytes`` is what
+  it takes."""
 
-  def __init__(self, step_dir: str | os.PathLike, abstract: Mapping, key: str, dtype: Any):
+  def __init__(self, step_dir: str | os.PathLike, abstract: Mapping, key: str, dtype: Any,
+               max_cache_bytes: int | None = None):
     self.step_dir = epath.Path(step_dir)
     state = self.step_dir / STATE_DIR
     meta_path = state / _METADATA_FILE
@@ -129,10 +145,17 @@ class StoredParams:
     # piece (once per layer: L times the leaf). Such chunks are kept decoded in a cache sized to hold them,
     # so each is read once; the import's checkpoints (chunks of one layer, at most names.CHUNK_BYTES) keep
     # no cache and hold one piece at a time.
+    # The cache never takes more than `max_cache_bytes` (default: half the host's available memory): a host
+    # too small for them re-reads chunks (slower) instead of running out of memory.
     large = sum(self._chunk_cost(n) for n in self._open)
-    self.cache_bytes = int(large)
+    budget = cache_budget() if max_cache_bytes is None else int(max_cache_bytes)
+    self.cache_bytes = int(min(large, budget))
+    if large > self.cache_bytes:
+      logging.warning("%s: its zarr chunks span the layers and need a %.2f GB cache to be read once; caching "
+                      "%.2f GB (half this host's available memory, or max_cache_bytes): chunks are re-read, the "
+                      "export is slower", self.step_dir, large / 1e9, self.cache_bytes / 1e9)
     if large:
-      self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(large)},
+      self._context = ts.Context({"cache_pool": {"total_bytes_limit": self.cache_bytes},
                                   "cache_pool#ocdbt": {"total_bytes_limit": 1 << 22},
                                   "data_copy_concurrency": {"limit": 1}})
       self._open = {}
@@ -174,10 +197,11 @@ class StoredParams:
 
 
 def open_params(path: str | os.PathLike, abstract: Mapping, key: str, dtype: Any,
-                what: str = "checkpoint") -> tuple[int, StoredParams]:
+                what: str = "checkpoint", max_cache_bytes: int | None = None) -> tuple[int, StoredParams]:
   """(step, StoredParams) of a checkpoint directory's newest step that passes its integrity check and holds
   every leaf of `abstract` (newer ones that fail are named in a warning, as ``checkpoint.restore_params_step``
-  does; nothing is moved), or of one step's directory (which must pass). `what` names `path` in messages."""
+  does; nothing is moved), or of one step's directory (which must pass). `what` names `path` in messages;
+  `max_cache_bytes` bounds the chunk cache (``StoredParams``)."""
   root = ckpt_lib.absolute(path)
   if not root.is_dir():
     raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
@@ -185,7 +209,7 @@ def open_params(path: str | os.PathLike, abstract: Mapping, key: str, dtype: Any
     reason = ckpt_lib.check_integrity(root)
     if reason is not None:
       raise ckpt_lib.CorruptCheckpointError(f"{what}: step {root.name} in {root.parent} is corrupt: {reason}")
-    return int(root.name), StoredParams(root, abstract, key, dtype)
+    return int(root.name), StoredParams(root, abstract, key, dtype, max_cache_bytes)
   manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     steps = sorted(manager.all_steps(), reverse=True)
@@ -198,7 +222,7 @@ def open_params(path: str | os.PathLike, abstract: Mapping, key: str, dtype: Any
     reason = ckpt_lib.check_integrity(root / str(step))
     if reason is None:
       try:
-        stored = StoredParams(root / str(step), abstract, key, dtype)
+        stored = StoredParams(root / str(step), abstract, key, dtype, max_cache_bytes)
       except (CheckpointError, ValueError, OSError) as e:
         reason = f"it cannot be read ({ckpt_lib._first_line(e)})"  # pylint: disable=protected-access
     if reason is None:
