@@ -500,8 +500,13 @@ def test_lora_run_exports_streamed_with_its_adapters_merged(tmp_path):
                  loaded, merged)
     plain = safetensors_io.TensorDir(str(tmp_path / f"streamed_{dtype}"))
     q = plain.get("layers.1.self_attn.q_proj.weight").astype(np.float32)
-    q_base = np.asarray(base["backbone"]["layers"]["q_kernel"][1], np.float32).reshape(q.shape[1], -1).T
+    w = np.asarray(base["backbone"]["layers"]["q_kernel"][1], np.float32)  # (D, H, hd)
+    q_base = w.reshape(q.shape[1], -1).T
     assert np.abs(q - q_base).max() > 1e-2  # the adapters are in the export
+    if dtype == "float32":  # LoRA's formula written out: W + (alpha / rank) A @ B, as q_proj's [out, in]
+      ab = adapters["backbone"]["layers"]["q_kernel"]
+      formula = w + 4.0 / 2 * np.einsum("dr,rhk->dhk", ab["lora_a"][1], ab["lora_b"][1])
+      assert_close_fp32(q, formula.reshape(q.shape[1], -1).T, rtol=1e-6)
 
 
 def test_export_of_a_training_run_with_its_chunk_cache_capped(tmp_path, monkeypatch, caplog):

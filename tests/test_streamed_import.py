@@ -90,7 +90,10 @@ def test_streamed_save_writes_what_orbax_writes(tmp_path, small_chunks):
   cfg, meta, config, target = _tree_and_config(src, tmp_path)
   leaves = hf.nextstep_streamed_leaves(src, cfg, meta, target)
   runs._save_step0(str(tmp_path / "streamed"), leaves, config)  # pylint: disable=protected-access
-  runs._save_step0(str(tmp_path / "orbax"), _arrays(leaves, target), config)  # pylint: disable=protected-access
+  # The reference: orbax's own save of the same arrays with the same SaveArgs, into a step like the import's.
+  arrays = {"params": _arrays(leaves, target)}
+  with ckpt_lib.Checkpointer(str(tmp_path / "orbax"), every=1, keep=1, async_save=False, config=config) as ckpt:
+    ckpt.save(0, arrays, force=True, save_args={"params": stored_lib.chunked_save_args(arrays["params"], CFG)})
   a, b = tmp_path / "streamed" / "0" / "state", tmp_path / "orbax" / "0" / "state"
 
   assert _json_file(a / "_METADATA") == _json_file(b / "_METADATA")

@@ -536,16 +536,23 @@ def check_tensor_names(directory: str, tensors: TensorDir, shapes: dict, cfg: ns
     check_gen_pos_embed(tensors.get(GEN_POS_EMBED), cfg.backbone.hidden_size, tensors.file_of(GEN_POS_EMBED))
 
 
+def _zero_bias(name: str, meta: ImageMeta) -> bool:
+  """A q/k/v bias the directory may leave out (no ``attention_bias``): zeros, as the release builds it."""
+  return not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name) is not None
+
+
+def _stored_name(name: str, tensors: TensorDir, tied: bool, embed: str = "embed_tokens.weight") -> str:
+  """The tensor to read for `name`: `embed` for a tied checkpoint's absent lm_head, else `name`."""
+  return embed if tied and name == "lm_head.weight" and name not in tensors else name
+
+
 def _tensor_getter(tensors: TensorDir, shapes: dict, meta: ImageMeta) -> Callable[[str], np.ndarray]:
   """name -> the checkpoint tensor (read as asked for, shape- and NaN-checked); zeros for absent q/k/v biases
   (no ``attention_bias``), embed_tokens for a tied lm_head."""
   def get(name: str) -> np.ndarray:
-    if name not in tensors:
-      if not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name):
-        return np.zeros(shapes[name], np.float32)
-      if meta.tied_embeddings and name == "lm_head.weight":
-        name = "embed_tokens.weight"
-    return tensors.get(name, shapes.get(name))
+    if name not in tensors and _zero_bias(name, meta):
+      return np.zeros(shapes[name], np.float32)
+    return tensors.get(_stored_name(name, tensors, meta.tied_embeddings), shapes.get(name))
   return get
 
 
@@ -564,9 +571,10 @@ def check_tensor_shapes(tensors: TensorDir, shapes: dict, optional: Callable[[st
                             f"{CONFIG_FILE} implies {list(shape)}")
 
 
-def _streamed_tree(directory: str, target: Any, readers: dict, prefix: tuple[str, ...] = ()) -> dict:
+def streamed_tree(directory: str, target: Any, readers: dict, prefix: tuple[str, ...] = ()) -> dict:
   """`target`'s tree with a ``streamed.StreamedLeaf`` per leaf, reading through `readers` (keyed by the paths
-  of `target`; `prefix`: where `target` sits in the model's params, for the names and the piece axes)."""
+  of `target`; `prefix`: where `target` sits in the model's params, for the names and the piece axes).
+  `directory` names the source in errors."""
   flat = {path: leaf for path, leaf in flatten_paths(target)}
   if set(flat) != set(readers):
     raise CheckpointError(f"{directory}: the model's params and the checkpoint's tensors do not correspond "
@@ -591,13 +599,11 @@ def nextstep_streamed_leaves(directory: str, cfg: ns.NextStepConfig, meta: Image
   tensors = TensorDir(directory)
   shapes = checkpoint_shapes(cfg)
   check_tensor_names(directory, tensors, shapes, cfg, meta)
-  check_tensor_shapes(tensors, shapes, lambda name: (
-      (not meta.qkv_bias and re.fullmatch(r"layers\.\d+\.self_attn\.[qkv]_proj\.bias", name) is not None)
-      or (meta.tied_embeddings and name == "lm_head.weight")))
-  get = _tensor_getter(tensors, shapes, meta)
-  tied = lambda name: "embed_tokens.weight" if meta.tied_embeddings and name == "lm_head.weight" else name
-  readers = names.nextstep_leaf_readers(get, cfg, get_rows=lambda n, a, b: tensors.get_rows(tied(n), a, b))
-  return _streamed_tree(directory, target, readers)
+  check_tensor_shapes(tensors, shapes, lambda name: _zero_bias(name, meta) or _stored_name(
+      name, tensors, meta.tied_embeddings) != name)
+  get_rows = lambda n, a, b: tensors.get_rows(_stored_name(n, tensors, meta.tied_embeddings), a, b)
+  readers = names.nextstep_leaf_readers(_tensor_getter(tensors, shapes, meta), cfg, get_rows=get_rows)
+  return streamed_tree(directory, target, readers)
 
 
 def flatten_paths(tree: Mapping, prefix: tuple = ()):
@@ -661,36 +667,41 @@ def _qwen2_shapes(c: bb.BackboneConfig) -> dict[str, tuple[int, ...]]:
   return out
 
 
-def import_qwen2_backbone(directory: str, config: Any = None) -> dict:
-  """Backbone params (the pure dict of ``NextStep.backbone``, numpy) from a Hugging Face
-  ``Qwen2ForCausalLM`` directory (config.json + safetensors, ``model.``-prefixed names). Sizes come from
-  config.json (``qwen2_config``; a `config` with sizes must agree). Tied checkpoints
-  (``tie_word_embeddings``, no ``lm_head.weight``) get lm_head = embed_tokens."""
+def _qwen2_readers(directory: str, config: Any) -> tuple[bb.BackboneConfig, dict]:
+  """(BackboneConfig, {backbone params path: read(index)}) of a Qwen2ForCausalLM directory: sizes from its
+  config.json (``qwen2_config``), every tensor's presence and shape checked from the headers, each piece
+  checked for NaN/Inf as it is read; a tied checkpoint's lm_head is embed_tokens."""
   c = qwen2_config(directory, config)
   tied = bool(_read_json(os.path.join(directory, CONFIG_FILE)).get("tie_word_embeddings", False))
   tensors = TensorDir(directory)
   shapes = _qwen2_shapes(c)
+  check_tensor_shapes(tensors, shapes, lambda name: _stored_name(name, tensors, tied, "model.embed_tokens.weight")
+                      != name)
+  name_of = lambda n: _stored_name(n, tensors, tied, "model.embed_tokens.weight")
+  return c, names.backbone_leaf_readers(lambda n: tensors.get(name_of(n), shapes[n]), c, prefix="model.",
+                                        get_rows=lambda n, a, b: tensors.get_rows(name_of(n), a, b))
 
-  def get(name: str) -> np.ndarray:
-    if name == "lm_head.weight" and name not in tensors and tied:
-      name = "model.embed_tokens.weight"
-    return tensors.get(name, shapes[name])
 
-  return names.backbone_from_tensors(get, c, prefix="model.")
+def import_qwen2_backbone(directory: str, config: Any = None) -> dict:
+  """Backbone params (the pure dict of ``NextStep.backbone``, numpy) from a Hugging Face
+  ``Qwen2ForCausalLM`` directory (config.json + safetensors, ``model.``-prefixed names), each leaf read whole
+  through the readers the streamed import uses (``qwen2_streamed_leaves``). Sizes come from config.json
+  (``qwen2_config``; a `config` with sizes must agree). Tied checkpoints (``tie_word_embeddings``, no
+  ``lm_head.weight``) get lm_head = embed_tokens."""
+  c, readers = _qwen2_readers(directory, config)
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: bb.Backbone(c, rngs=nnx.Rngs(0))), nnx.Param))
+  out: dict = {}
+  for path, leaf in flatten_paths(abstract):
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = readers[path]((slice(None),) * len(leaf.shape))
+  return out
 
 
 def qwen2_streamed_leaves(directory: str, config: Any, target: Any) -> dict:
   """The backbone params of a Hugging Face ``Qwen2ForCausalLM`` directory as ``streamed.StreamedLeaf`` leaves
   (the tree of `target`, the backbone's abstract params with the dtype to store and the sharding to record),
-  each read a piece at a time from the files as ``nextstep_streamed_leaves`` does. Sizes come from config.json
-  (``qwen2_config``: `config`'s must agree); every tensor's presence and shape is checked before it returns, and
-  each piece for NaN/Inf as it is read. A tied checkpoint's lm_head is embed_tokens."""
-  c = qwen2_config(directory, config)
-  tied = bool(_read_json(os.path.join(directory, CONFIG_FILE)).get("tie_word_embeddings", False))
-  tensors = TensorDir(directory)
-  shapes = _qwen2_shapes(c)
-  check_tensor_shapes(tensors, shapes, lambda name: tied and name == "lm_head.weight")
-  name_of = lambda n: "model.embed_tokens.weight" if n == "lm_head.weight" and n not in tensors and tied else n
-  readers = names.backbone_leaf_readers(lambda n: tensors.get(name_of(n), shapes[n]), c, prefix="model.",
-                                        get_rows=lambda n, a, b: tensors.get_rows(name_of(n), a, b))
-  return _streamed_tree(directory, target, readers, prefix=("backbone",))
+  each read a piece at a time from the files as ``nextstep_streamed_leaves`` does (``_qwen2_readers``: sizes
+  from config.json, which `config`'s must agree with; every tensor checked before it returns)."""
+  return streamed_tree(directory, target, _qwen2_readers(directory, config)[1], prefix=("backbone",))

@@ -313,14 +313,20 @@ def import_run(import_dir: str, out: str, *, mesh: Any = None, log: Callable[[st
     written.append(ckpt_dir)
     _save_step0(ckpt_dir, leaves, config, log=log)
   except BaseException:
-    if jax.process_index() == 0:  # a failed import leaves nothing behind (never a half-written run)
-      for path in ([out] if not existed else reversed(written)):
-        if os.path.isdir(path):
-          shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-          os.remove(path)
+    _remove(out if not existed else written)  # a failed import leaves nothing behind (never a half-written run)
     raise
   return target
+
+
+def _remove(paths: str | list[str]) -> None:
+  """What a failed import wrote (process 0): a directory or file, or each of a list, newest first."""
+  if jax.process_index() != 0:
+    return
+  for path in reversed([paths] if isinstance(paths, str) else paths):
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+      os.remove(path)
 
 
 def _progress_lines(log: Callable[[str], None]) -> Callable[[str, int, int], None]:
@@ -332,24 +338,20 @@ def _progress_lines(log: Callable[[str], None]) -> Callable[[str, int, int], Non
   return progress
 
 
-def _save_step0(directory: str, params: dict, config, log: Callable[[str], None] | None = None) -> dict:
-  """`params` as the params-only step 0 of a checkpoint directory (with `config`); returns them. Each layer of a
-  stacked leaf is saved in zarr chunks of its own, none above ``names.CHUNK_BYTES``, the vocabulary-sized leaves
-  split along the vocabulary (``stored.chunked_save_args``: a piece-wise reader or writer uses a chunk alone;
-  every reader reads any chunking). ``streamed.StreamedLeaf`` leaves are written a piece at a time
-  (``interop.streamed``; `log` as ``import_run``'s); jax arrays as orbax writes them."""
+def _save_step0(directory: str, params: dict, config, log: Callable[[str], None] | None = None) -> None:
+  """`params` (``streamed.StreamedLeaf`` leaves) as the params-only step 0 of a checkpoint directory (with
+  `config`), written a piece at a time (``interop.streamed``; `log` as ``import_run``'s). Each layer of a stacked
+  leaf is saved in zarr chunks of its own, none above ``names.CHUNK_BYTES``, the vocabulary-sized leaves split
+  along the vocabulary (``stored.chunked_save_args``: a piece-wise reader or writer uses a chunk alone; every
+  reader reads any chunking)."""
   cfg = ns.NextStepConfig.from_config(config)
   save_args = {"params": stored_lib.chunked_save_args(params, cfg)}
-  leaves = jax.tree.leaves(params)
-  handler = None
-  if any(isinstance(x, streamed.StreamedLeaf) for x in leaves):
-    handler = streamed.save_handler(_progress_lines(log) if log is not None and jax.process_index() == 0 else None)
+  handler = streamed.save_handler(_progress_lines(log) if log is not None and jax.process_index() == 0 else None)
   ckpt = ckpt_lib.Checkpointer(directory, every=1, keep=1, async_save=False, config=config, state_handler=handler)
   try:
     ckpt.save(0, {"params": params}, force=True, save_args=save_args)
   finally:
     ckpt.close()
-  return params
 
 
 def _stored_dtype(import_dir: str):
@@ -391,11 +393,8 @@ def import_to_checkpoint(import_dir: str, out: str, *, qwen2: bool = False, conf
   existed = os.path.isdir(out)
   try:
     _save_step0(out, params, config, log=log)
-  except BaseException:
-    if jax.process_index() == 0:  # nothing left behind (a directory given empty is left empty)
-      shutil.rmtree(out, ignore_errors=True)
-      if existed:
-        os.makedirs(out, exist_ok=True)
+  except BaseException:  # nothing left behind (a directory given empty is left empty)
+    _remove([os.path.join(out, n) for n in os.listdir(out)] if existed else out)
     raise
   return target
 
@@ -415,16 +414,10 @@ def _initial_params_but_backbone(config, target: dict) -> dict:
     params.pop("backbone")
     return jax.tree.map(lambda x: x.astype(jnp.float32), params)
 
-  rest = jax.jit(init, out_shardings=replicated)()
-  sub = {k: v for k, v in target.items() if k != "backbone"}
-  flat = dict(hf.flatten_paths(sub))
-  out: dict = {}
-  for path, value in list(hf.flatten_paths(rest)):
+  readers = {}
+  for path, value in list(hf.flatten_paths(jax.jit(init, out_shardings=replicated)())):
     host = np.array(value.addressable_data(0))  # one device-to-host copy a leaf, the device's freed at once
     value.delete()
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = streamed.StreamedLeaf("/".join(path), host.shape, np.float32, lambda index, h=host: h[index],
-                                           sharding=flat[path].sharding)
-  return out
+    readers[path] = lambda index, h=host: h[index]
+  return hf.streamed_tree("the model's initialisation", {k: v for k, v in target.items() if k != "backbone"},
+                          readers)
