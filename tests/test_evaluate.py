@@ -226,11 +226,19 @@ def test_evaluate_run_with_a_few_step_head(run_dir, judge, tmp_path):
   workdir, _ = run_dir
   run_eval = os.path.join(workdir, digits_eval.EVAL_FILE)
   before = open(run_eval, "rb").read() if os.path.exists(run_eval) else None
+  meta = {"evaluations": 3, "cfg": 2.0, "time_shift": 1.5, "use_norm": True, "teacher_steps": 28}
+  own = run_lib.load_run(workdir).model.head
+  changed = nnx.clone(own)  # other weights, the same settings: the samples must follow the weights
+  rng = np.random.default_rng(0)  # random, not constant: a constant offset vanishes against the normed input
+  changed.final_kernel[...] = changed.final_kernel[...] + rng.normal(size=changed.final_kernel.shape).astype(np.float32)
+  grids = []
+  for name, head in (("own", own), ("k3", changed)):
+    few_step.save_head(str(tmp_path / name), head, meta)
+    result = digits_eval.evaluate_run(workdir, per_digit=1, cfg=7.0, steps=20, time_shift=1.0,
+                                      classifier_dir=judge[0], vae_eval_images=8, head=str(tmp_path / name))
+    grids.append(open(os.path.join(tmp_path / name, digits_eval.GRID_FILE), "rb").read())
+  assert grids[0] != grids[1]
   head_dir = str(tmp_path / "k3")
-  few_step.save_head(head_dir, run_lib.load_run(workdir).model.head,
-                     {"evaluations": 3, "cfg": 2.0, "time_shift": 1.5, "use_norm": True, "teacher_steps": 28})
-  result = digits_eval.evaluate_run(workdir, per_digit=1, cfg=7.0, steps=20, time_shift=1.0,
-                                    classifier_dir=judge[0], vae_eval_images=8, head=head_dir)
   with open(os.path.join(head_dir, digits_eval.EVAL_FILE)) as f:
     saved = json.load(f)
   assert (saved["sampling_steps"], saved["cfg"], saved["time_shift"], saved["head"]) == (3, 2.0, 1.5, head_dir)

@@ -108,7 +108,7 @@ def test_conditions_are_what_the_sampler_saw(loaded):
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_teacher_points_are_the_n_step_ode(loaded, shift):
   """The teacher's points on the student's grid are every 7th point of the 28-step Euler ODE written out on the
-  official shifted grid (and its last equals the sampler's ``flow.integrate``)."""
+  official shifted grid (the sampler's ODE, which tests/test_official_sampler.py holds to the same grid)."""
   model = loaded.model
   rng = np.random.default_rng(0)
   conds = jnp.asarray(rng.normal(size=(5, 2, model.config.backbone.hidden_size)), jnp.float32)
@@ -123,10 +123,6 @@ def test_teacher_points_are_the_n_step_ode(loaded, shift):
     x = x + (grid[j + 1] - grid[j]) * _guided(model.head, x, grid[j], conds, 2.5)
     if (j + 1) % 7 == 0:
       np.testing.assert_allclose(np.asarray(pts[(j + 1) // 7]), np.asarray(x), rtol=1e-5, atol=2e-6)
-  # The sampler's own integration gives the same last point.
-  ref = flow.integrate(lambda x, t: head_distill.guided_velocity(model.head, x, t, conds, 2.5), x0, None, steps=28,
-                       time_shift=shift)
-  np.testing.assert_allclose(np.asarray(pts[-1]), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_segment_loss_transcribes_its_formula(loaded):

@@ -359,12 +359,16 @@ def test_training_reads_gs_inputs_writes_gs_checkpoints_and_resumes_from_them(bu
   shutil.rmtree(mirror)
   stats = sample_run("gs://bucket/run", "a photo number 1", num=1, steps=2, out=str(tmp_path / "samples"))
   assert stats["images"] == 1 and os.path.isfile(tmp_path / "samples" / "sample_000.png")
-  few_step.save_head(str(tmp_path / "k2"), loaded.model.head, {"evaluations": 2, "cfg": 3.0, "time_shift": 1.0,
-                                                                "use_norm": True, "teacher_steps": 28})
+  head = nnx.clone(loaded.model.head)  # a head of its own weights, so the swap shows
+  head.final_kernel[...] = head.final_kernel[...] + np.random.default_rng(0).normal(
+      size=head.final_kernel.shape).astype(np.float32)
+  few_step.save_head(str(tmp_path / "k2"), head, {"evaluations": 2, "cfg": 3.0, "time_shift": 1.0,
+                                                  "use_norm": True, "teacher_steps": 28})
   upload(bucket, tmp_path / "k2", "gs://bucket/heads/k2")
   swapped, meta = few_step.with_head(loaded.model, "gs://bucket/heads/k2")
   assert meta["evaluations"] == 2
-  np.testing.assert_array_equal(np.asarray(swapped.head.final_kernel[...]), np.asarray(loaded.model.head.final_kernel[...]))
+  np.testing.assert_array_equal(np.asarray(swapped.head.final_kernel[...]), np.asarray(head.final_kernel[...]))
+  assert not np.array_equal(np.asarray(swapped.head.final_kernel[...]), np.asarray(loaded.model.head.final_kernel[...]))
 
   # A new host: no mirror; and a step whose upload never finished (no marker) beside step 3.
   shutil.rmtree(mirror)

@@ -567,13 +567,19 @@ def build_train_iterator(config, tokenizer, process_index: int = 0, process_coun
 
 
 def build_eval_batches(config, tokenizer, num_batches: int, *, image_encoder=None,
-                       workdir: str | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
+                       workdir: str | None = None, settings: DataSettings | None = None
+                       ) -> dict[str, list[dict[str, np.ndarray]]]:
   """Fixed held-out batches per component: source name -> `num_batches` batches of
   data.batch_size rows (global; evaluation runs them as given). Digits: the held-out split
   (500 digits, every 20th stdlib docstring); a data directory: its 'heldout' split where one
   exists. Captions are never flipped (drop_text_prob 0), so pair loss measures text-to-image;
-  data.loss_on_prompt applies as in training. Components with a positive ratio are evaluated."""
-  settings = data_settings(config, workdir=workdir)
+  data.loss_on_prompt applies as in training. Components with a positive ratio are evaluated.
+  `settings`: the training iterator's (``TrainIterator.settings``), so its data.source, staged from a URL
+  once, is not listed again; the batches are global whatever its process count."""
+  if settings is None:
+    settings = data_settings(config, workdir=workdir)
+  else:
+    settings = dataclasses.replace(settings, local_batch=settings.batch_size)
   sources = build_record_sources(settings, "heldout", image_encoder=image_encoder)
   spec = settings.row_spec(tokenizer.pad_id)
   seq = SequenceBuilder(tokenizer, 0.0, settings.loss_on_prompt)

@@ -19,7 +19,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -114,11 +113,9 @@ def with_head(model: ns.NextStep, directory: str) -> tuple[ns.NextStep, dict[str
   directory = storage.local_input(directory, "head")  # a URL: staged once per host
   meta = read_meta(directory)
   arrays = load_head_arrays(directory, meta, model)
-  graphdef, state = nnx.split(model)
-  out = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables over the same arrays
+  out = nnx.clone(model)  # new Variables over the same arrays
   for name, var in head_params(out.head).items():
-    sharding = getattr(var[...], "sharding", None)
-    var[...] = jax.device_put(arrays[name], sharding) if sharding is not None else jnp.asarray(arrays[name])
+    var[...] = jax.device_put(arrays[name], var[...].sharding)
   return out, meta
 
 

@@ -328,10 +328,8 @@ class Checkpointer:
   # Upload to the replica ------------------------------------------------------------------
 
   def _saving(self) -> bool:
-    """True while an asynchronous save is in flight (older orbax without the query: assumed so, and
-    the upload waits for the next save, ``wait`` or ``close``)."""
-    query = getattr(self._manager, "is_saving_in_progress", None)
-    return True if query is None else bool(query())
+    """True while an asynchronous save is in flight."""
+    return bool(self._manager.is_saving_in_progress())
 
   def _unpublished(self) -> list[int]:
     return [s for s in sorted(self._manager.all_steps())
@@ -381,8 +379,7 @@ class Checkpointer:
   def _flush_replica(self) -> None:
     """After every save finished: every committed step uploaded, errors raised."""
     if self._replica is not None:
-      self._join_upload(final=True)
-      self._publish_committed(block=True, final=True)
+      self._publish_committed(block=True, final=True)  # joins the upload in flight first
 
   # Save -----------------------------------------------------------------------------------
 
@@ -409,8 +406,7 @@ class Checkpointer:
     # One save in flight at a time (orbax waits too): the finalize callback reads _pending_step.
     self._manager.wait_until_finished()
     if self._replica is not None:  # the committed steps uploaded before retention may delete one
-      self._join_upload()
-      self._publish_committed(block=True)
+      self._publish_committed(block=True)  # joins the upload in flight first
     self._pending_step = int(step)
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:

@@ -94,11 +94,11 @@ def token_conditions(model: ns.NextStep, prompt: prompts_lib.Prompt, tokens_btd)
 
 def condition_pool(model: ns.NextStep, tokenizer, texts, h: int, w: int, key: jax.Array, *, cfg: float,
                    steps: int, time_shift: float, use_norm: bool, batch_size: int, pad_id: int,
-                   log=None) -> tuple[np.ndarray, np.ndarray]:
-  """(conditions (N, T, 2, D) float32: [conditional, negative] for each token of each image, tokens
-  (N, T, d)): the teacher's ODE samples of `texts` (negative prompt ""), `batch_size` per call, image n
-  from ``fold_in(key, n)``, and the hidden states along them."""
-  conds, toks = [], []
+                   log=None) -> np.ndarray:
+  """Conditions (N, T, 2, D) float32, [conditional, negative] for each token of each image: the hidden states
+  along the teacher's ODE samples of `texts` (negative prompt ""), `batch_size` per call, image n from
+  ``fold_in(key, n)``."""
+  conds = []
   for start in range(0, len(texts), batch_size):
     chunk = list(texts[start:start + batch_size])
     real = len(chunk)
@@ -110,10 +110,9 @@ def condition_pool(model: ns.NextStep, tokenizer, texts, h: int, w: int, key: ja
     c = token_conditions(model, cond, tokens)
     u = token_conditions(model, neg, tokens)
     conds.append(np.stack([c, u], axis=2)[:real])
-    toks.append(np.asarray(tokens)[:real])
     if log:
       log(f"conditions: {min(start + batch_size, len(texts))}/{len(texts)} teacher images")
-  return np.concatenate(conds), np.concatenate(toks)
+  return np.concatenate(conds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +261,10 @@ def distill_head(c: ml_collections.ConfigDict, log=print) -> dict[str, Any]:
 
   t0 = time.perf_counter()
   texts = prompt_texts(c)
-  conds, _ = condition_pool(model, tokenizer, texts, h, w, jax.random.fold_in(key, 0), cfg=float(c.cfg),
-                            steps=n, time_shift=float(c.time_shift), use_norm=bool(c.use_norm),
-                            batch_size=min(int(c.sample_batch), len(texts)), pad_id=int(tokenizer.pad_id),
-                            log=say)
+  conds = condition_pool(model, tokenizer, texts, h, w, jax.random.fold_in(key, 0), cfg=float(c.cfg),
+                         steps=n, time_shift=float(c.time_shift), use_norm=bool(c.use_norm),
+                         batch_size=min(int(c.sample_batch), len(texts)), pad_id=int(tokenizer.pad_id),
+                         log=say)
   held = np.arange(len(conds)) % HELDOUT_EVERY == HELDOUT_EVERY - 1
   train_c = conds[~held].reshape(-1, 2, conds.shape[-1])
   held_c = conds[held].reshape(-1, 2, conds.shape[-1])
@@ -276,8 +275,8 @@ def distill_head(c: ml_collections.ConfigDict, log=print) -> dict[str, Any]:
   student = jax.tree.map(jnp.array, teacher)  # a copy the step may donate
   steps = int(c.train.steps)
   optim_items = tuple(sorted(c.optim.to_dict().items()))
-  schedule = optim_lib.make_schedule(c.optim, steps)
-  opt_state = _optimizer(optim_items, steps).init(student)
+  tx, schedule = optim_lib.make_optimizer(c.optim, steps)
+  opt_state = tx.init(student)
   batch = int(c.train.batch_tokens)
   step_fn = functools.partial(_train_step, graphdef=graphdef, optim_items=optim_items, steps=steps, k=k, sub=sub,
                               cfg=float(c.cfg), time_shift=float(c.time_shift),

@@ -261,7 +261,7 @@ def train(config, workdir: str | None = None) -> dict[str, float]:
         if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
           if eval_batches is None:
             eval_batches = mixture.build_eval_batches(config, tokenizer, int(config.eval_batches),
-                                                    workdir=workdir)
+                                                    workdir=workdir, settings=data_iter.settings)
           evals = evaluate_heldout(trainer, state, eval_batches, mesh)
           writer.write_scalars(step, evals)
           if config.sample_prompts and trainer.vae is not None:
