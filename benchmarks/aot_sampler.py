@@ -5,6 +5,7 @@ step and one head integration (50 SDE steps) of ``nextstep_jax/sampling/aot.py``
   python benchmarks/aot_sampler.py --targets=v5p-8            # needs libtpu (requirements-test.txt has it)
   python benchmarks/aot_sampler.py --targets=8xh200           # needs the CUDA plugin (see benchmarks/aot_gpu.py)
   python benchmarks/aot_sampler.py --targets=v5p-8 --images=1,16 --size=512
+  python benchmarks/aot_sampler.py --targets=v5p-8 --images=1 --programs=sample   # the whole sampler
 
 Rows: 2 per image (the caption and the negative prompt), a 256-position prompt, 512 x 512 images (1024 tokens).
 Mesh: tensor parallelism over every device of the target (heads, kv heads, MLP and vocabulary split; the
@@ -46,6 +47,9 @@ def main() -> None:
   p.add_argument("--prompt_len", type=int, default=256)
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--programs", default=",".join(sampler_aot.PROGRAMS),
+                 help=f"comma-separated, of {', '.join(sampler_aot.PROGRAMS + (sampler_aot.WHOLE,))} ("
+                      f"{sampler_aot.WHOLE}: the whole sampler in one program, what a call holds at once)")
   a = p.parse_args()
   rows = []
   for target in filter(None, a.targets.split(",")):
@@ -56,7 +60,7 @@ def main() -> None:
     for images in (int(x) for x in a.images.split(",")):
       for r in sampler_aot.compile_sampler(config, devices, target=label, hbm_bytes=hbm, rows=2 * images,
                                            prompt_len=a.prompt_len, image_tokens=(a.size // 16) ** 2,
-                                           steps=a.steps):
+                                           steps=a.steps, programs=tuple(filter(None, a.programs.split(",")))):
         print(f"{r.target} {r.mesh} images={images} {r.program}: params {r.params_bytes / GiB:.2f} GiB, "
               f"cache {r.cache_bytes / GiB:.2f} GiB, scratch {(r.temp_bytes or 0) / GiB:.3f} GiB, report "
               f"{'n/a' if r.total_bytes is None else f'{r.total_bytes / GiB:.2f} GiB'}, compiled in "

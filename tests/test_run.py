@@ -96,13 +96,19 @@ def ckpt_dir(corrupt_run):
   _assert_untouched(directory, before, NEWEST)
 
 
-def _spy(monkeypatch, module, name):
-  """Wraps module.name; returns the list of what each call returned."""
+def _step_and_params(run):
+  """A loaded run's step and params, copied to the host as it loads (the sampler then frees the model's
+  layer weights: ``sampling.sampler_weights(consume=True)``)."""
+  return run.step, jax.tree.map(np.asarray, _params(run.model))
+
+
+def _spy(monkeypatch, module, name, keep=lambda out: out):
+  """Wraps module.name; returns the list of what each call returned (`keep` of it, taken as it returns)."""
   seen, real = [], getattr(module, name)
 
   def wrapper(*args, **kwargs):
     out = real(*args, **kwargs)
-    seen.append(out)
+    seen.append(keep(out))
     return out
 
   monkeypatch.setattr(module, name, wrapper)
@@ -125,12 +131,12 @@ def test_load_run_reads_the_previous_good_step(corrupt_run, ckpt_dir, caplog):
 def test_sample_falls_back(corrupt_run, ckpt_dir, caplog, monkeypatch, tmp_path):
   from nextstep_jax.sampling.runner import sample_run
   workdir, _, older = corrupt_run
-  loaded = _spy(monkeypatch, run_lib, "load_run")
+  loaded = _spy(monkeypatch, run_lib, "load_run", keep=_step_and_params)
   caplog.set_level(logging.WARNING)
   stats = sample_run(workdir, "a handwritten digit 3", out=str(tmp_path), num=1, steps=2)
   assert stats["images"] == 1 and os.path.isfile(os.path.join(tmp_path, "sample_000.png"))
-  assert len(loaded) == 1 and loaded[0].step == OLDER
-  _assert_bitwise(_params(loaded[0].model), older)
+  assert len(loaded) == 1 and loaded[0][0] == OLDER
+  _assert_bitwise(loaded[0][1], older)
   _assert_fell_back(caplog, ckpt_dir, NEWEST, OLDER)
 
 
@@ -154,14 +160,14 @@ def test_evaluate_falls_back(corrupt_run, ckpt_dir, caplog, monkeypatch, tmp_pat
   # evaluate_run would train.
   judge = clf_lib.train_classifier(None, seed=0, steps=3)
   monkeypatch.setattr(clf_lib, "load_or_train_classifier", lambda *a, **k: judge)
-  loaded = _spy(monkeypatch, run_lib, "load_run")
+  loaded = _spy(monkeypatch, run_lib, "load_run", keep=_step_and_params)
   caplog.set_level(logging.WARNING)
   result = digits_eval.evaluate_run(workdir, per_digit=1, cfg=3.0, steps=2, classifier_dir=str(tmp_path),
                                     vae_eval_images=4, write=False, log=False)
   assert result["checkpoint_step"] == OLDER and result["num_samples"] == 10
   assert 0.0 <= result["prompt_accuracy"] <= 1.0 and math.isfinite(result["frechet_distance"])
-  assert len(loaded) == 1 and loaded[0].step == OLDER
-  _assert_bitwise(_params(loaded[0].model), older)
+  assert len(loaded) == 1 and loaded[0][0] == OLDER
+  _assert_bitwise(loaded[0][1], older)
   _assert_fell_back(caplog, ckpt_dir, NEWEST, OLDER)
 
 

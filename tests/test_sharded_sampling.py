@@ -48,6 +48,21 @@ def test_sharded_import_and_sampling_equal_one_device(imported):
   assert_close_fp32(np.asarray(got), ref, rtol=1e-5)
   assert np.abs(ref[0] - ref[1]).max() > 1e-2  # the prompts matter
 
+  # The weights laid out once for the sampler keep the model's placement, less the layers axis, and the
+  # model's own copy is freed.
+  ada_spec = tuple(many.model.head.ada_kernel.sharding.spec)  # (layers, fm_embed, fm_mlp)
+  weights = sampling.sampler_weights(many.model, consume=True)
+  assert q.is_deleted()
+  q0 = weights.layers[0]["q_kernel"]
+  assert tuple(q0.sharding.spec)[:2] == ("fsdp", "tensor")
+  assert {s.data.shape for s in q0.addressable_shards} == {(q.shape[1] // 2, q.shape[2] // 4, q.shape[3])}
+  b0 = weights.head_blocks[0]["mlp_in_kernel"]
+  assert tuple(b0.sharding.spec) == tuple(head.sharding.spec)[1:]
+  ada = weights.head_ada[0]  # the fused (D, (3n + 2) D) projection, placed as the blocks' (n, D, 3D) one
+  assert tuple(ada.sharding.spec) == ada_spec[1:] and ada.addressable_shards[0].data.size < ada.size, ada_spec
+  from_weights = sampling.sample_images(weights, cond, neg, h, w, key, mesh=mesh, rules=many.config.mesh.rules, **kw)
+  assert_close_fp32(np.asarray(from_weights), ref, rtol=1e-5)
+
 
 @pytest.mark.slow
 def test_sample_command_under_a_mesh_and_in_bf16(imported, tmp_path):

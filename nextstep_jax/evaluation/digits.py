@@ -189,6 +189,8 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
     model, _ = few_step.with_head(model, head_dir)
     k = few_step.sampling_kwargs(head_meta)
     steps, cfg, time_shift, use_norm = k["steps"], k["cfg"], k["time_shift"], k["use_norm"]
+  model = sampling.sampler_weights(model, consume=True)  # laid out once for every batch (sampling/layout.py)
+  del run
   size = int(config.data.image_size)
   t_load = time.perf_counter() - t0
 

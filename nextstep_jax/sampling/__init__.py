@@ -36,6 +36,12 @@ RoPE positions restart at 0 at each row's first real token; padding gets segment
 never attended to. Prompts that carry source images (editing) hold the image tokens (B, M, d) and
 an index (B, P) into them, as in the training batch contract (``nextstep_jax/batch.py``).
 
+Weights: the sampler reads the backbone's layers one array per layer and the head's blocks one dict per
+block, its adaLN projections fused (``layout``). ``sampler_weights(model)`` lays them out once
+(``SamplerWeights``, taken wherever a model is); given the model itself, each call lays them out anew and
+holds them twice while it runs. ``sampler_weights(model, consume=True)`` frees the model's copy as it goes,
+so a device holds the weights once (``sample`` and ``evaluate`` do that).
+
 Compilation: one executable per (rows, prompt length, h, w, steps, sde, use_norm, model graph).
 cfg, cfg_img, time_shift, the key and the prompt contents are traced values, so prompts padded
 to the same bucket never recompile (``trace_count`` counts traces, for tests).
@@ -43,12 +49,13 @@ to the same bucket never recompile (``trace_count`` counts traces, for tests).
 
 from nextstep_jax.sampling.flow import SDE_LAST_STEP, guide, ode_grid, sample_token, sde_grid, shift_time
 from nextstep_jax.sampling.generate import generate, parse_area, sample_logits
+from nextstep_jax.sampling.layout import SamplerWeights, sampler_weights
 from nextstep_jax.sampling.prompts import (Prompt, PromptLike, TokenizerLike, as_prompt, bucket_length, edit_prompts,
                                            image_prefix_ids, image_prompt_ids, image_prompts, pad_prompts)
 from nextstep_jax.sampling.reference import sample_images_naive
 from nextstep_jax.sampling.sampler import edit_images, sample_guided, sample_images, trace_count
 
-__all__ = ["SDE_LAST_STEP", "Prompt", "PromptLike", "TokenizerLike", "as_prompt", "bucket_length", "edit_images",
+__all__ = ["SDE_LAST_STEP", "Prompt", "PromptLike", "SamplerWeights", "TokenizerLike", "as_prompt", "bucket_length", "edit_images",
            "edit_prompts", "generate", "guide", "image_prefix_ids", "image_prompt_ids", "image_prompts",
            "ode_grid", "pad_prompts", "parse_area", "sample_guided", "sample_images", "sample_images_naive",
-           "sample_logits", "sample_token", "sde_grid", "shift_time", "trace_count"]
+           "sample_logits", "sample_token", "sampler_weights", "sde_grid", "shift_time", "trace_count"]

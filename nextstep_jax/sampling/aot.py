@@ -4,11 +4,13 @@ the bytes each takes per device (``benchmarks/aot_sampler.py`` prints the table)
 Three programs make a sample (``sampling/sampler.py``): the prefill of the prompt rows into a fresh KV
 cache, one KV-cached decode step (an image token in-projected and fed back into every row; the cache
 donated), and one head integration (the condition out-projected, then the SDE of ``steps`` guided head
-evaluations for one token), each on the sampler's weight layout (``sampling/layout.py``). Alone, each
-program reads its per-layer slices in place; the whole sampler splits them once before its token loop and
-holds that copy (the layer and head weights once more) through a call, which these figures leave out. Each is lowered on abstract inputs under the mesh, the params placed by the
-config's logical rules (``run.param_target``) and the cache's kv heads over ``tensor``, and compiled by the
-target's compiler; nothing runs and no weight is allocated. Bytes per device: the params as placed and the
+evaluations for one token), each reading the weights as the sampling commands hold them: laid out once
+for the sampler (``layout.sampler_weights``: one array per layer and per head block, the head's adaLN
+projections fused), so no program holds a second copy. Each is lowered on abstract inputs under the
+mesh, the params placed by the config's logical rules (``run.param_target``, each layer's weights as its
+stacked weight less the layers axis) and the cache's kv heads over ``tensor``, and compiled by the
+target's compiler; nothing runs and no weight is allocated. ``WHOLE`` is the whole sampler as one program
+(what one call holds at once). Bytes per device: the params as placed and the
 KV cache (from their shardings), each program's scratch (``memory_analysis().temp_size_in_bytes``) and the
 memory-usage report's "Total bytes" (the buffers the program itself allocates: the params it reads, not the
 ones it prunes). A device holds every param and the cache throughout, so the verdict compares
@@ -34,11 +36,14 @@ from nextstep_jax import run as run_lib
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.sampling import layout
 from nextstep_jax.sampling.flow import eval_grid, token_noise
-from nextstep_jax.sampling.sampler import draw_token
+from nextstep_jax.sampling.sampler import _sample_jit, draw_token  # pylint: disable=protected-access
 from nextstep_jax.training import aot as aot_lib
 
 GiB = 1024 ** 3
 PROGRAMS = ("prefill", "decode_step", "head_sample")
+# The whole sampler as one program (``sampler._sample_jit``: the prefill and every image token), for the
+# figure of what a call holds at once; its compile takes about as long as the three above together.
+WHOLE = "sample"
 
 
 @dataclasses.dataclass
@@ -86,9 +91,9 @@ def sampling_config(config, dtype: str = "bfloat16"):
 
 
 def _programs(config, mesh, *, rows: int, prompt_len: int, image_tokens: int, steps: int, groups: int):
-  """{name: (jitted fn, abstract args)} of the three programs on `mesh`."""
+  """{name: (jitted fn, abstract args)} of the programs (``PROGRAMS`` and ``WHOLE``) on `mesh`."""
   graphdef = run_lib.abstract_model(config)[0]
-  params = run_lib.param_target(config, mesh)
+  weights = layout.sampler_weights(nnx.merge(graphdef, run_lib.param_target(config, mesh)))  # abstract
   cfg = ns.NextStepConfig.from_config(config)
   c = cfg.backbone
   rules = config.mesh.rules
@@ -106,42 +111,49 @@ def _programs(config, mesh, *, rows: int, prompt_len: int, image_tokens: int, st
   b = rows // groups
 
   # Each program lays the weights out as the sampler does (sampling/layout.py).
-  def prefill(params, tokens, mask):
-    model = nnx.merge(graphdef, params)
+  def prefill(weights, tokens, mask):
+    model = weights.model()
     fresh = layout.init_cache(c, rows, length)
     fresh = jax.tree.map(lambda x, sh: jax.lax.with_sharding_constraint(x, sh), fresh, cache_shardings)
     seg = mask.astype(jnp.int32)
     pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
-    hs, fresh = layout.decode(c, layout.decoder_layout(model), model.backbone.embed(tokens), pos, seg, fresh)
+    hs, fresh = layout.decode(c, weights.decoder(model), model.backbone.embed(tokens), pos, seg, fresh)
     return hs[:, -1], fresh
 
-  def decode_step(params, cache, token, pos):
-    model = nnx.merge(graphdef, params)
+  def decode_step(weights, cache, token, pos):
+    model = weights.model()
     x_in = model.image_in(jnp.tile(token, (groups, 1)))[:, None]
-    hs, cache = layout.decode(c, layout.decoder_layout(model), x_in, pos[:, None], jnp.ones((rows, 1), jnp.int32),
+    hs, cache = layout.decode(c, weights.decoder(model), x_in, pos[:, None], jnp.ones((rows, 1), jnp.int32),
                               cache)
     return hs[:, 0], cache
 
-  def head_sample(params, h_last, key, cfg_scale):
-    model = nnx.merge(graphdef, params)
+  def head_sample(weights, h_last, key, cfg_scale):
+    model = weights.model()
     head = model.head
     x0, zs = token_noise(key, b, cfg.token_dim, steps, sde=True)
-    return draw_token(layout.head_layout(head), head.time_embed(eval_grid(steps, 1.0, True)),
+    return draw_token(weights.head(model), head.time_embed(eval_grid(steps, 1.0, True)),
                       head.cond_embed(model.image_out(h_last)), x0, zs, groups=groups, steps=steps, cfg=cfg_scale,
                       cfg_img=2.0, time_shift=1.0)
 
   tok_rows = sds((rows, prompt_len), jnp.int32, ("batch", "length"))
   hidden = sds((rows, c.hidden_size), act, ("batch", "embed"))
+
+  def sample(weights, tokens, mask, key):  # an h x w grid costs what h * w tokens in one row do
+    return _sample_jit(weights, tokens, mask, None, None, key, jnp.float32(7.5), jnp.float32(2.0), jnp.float32(1.0),
+                       groups=groups, h=image_tokens, w=1, steps=steps, sde=True, use_norm=True,
+                       cfg_schedule="constant", noise_repeat=0)
+
+  scalar_key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharded((), ()))
   return {
+      WHOLE: (jax.jit(sample), (weights, tok_rows, sds((rows, prompt_len), jnp.bool_, ("batch", "length")),
+                                scalar_key)),
       "prefill": (jax.jit(prefill, out_shardings=(hidden.sharding, cache_shardings)),
-                  (params, tok_rows, sds((rows, prompt_len), jnp.bool_, ("batch", "length")))),
+                  (weights, tok_rows, sds((rows, prompt_len), jnp.bool_, ("batch", "length")))),
       "decode_step": (jax.jit(decode_step, donate_argnums=(1,), out_shardings=(hidden.sharding, cache_shardings)),
-                      (params, cache, sds((b, cfg.token_dim), jnp.float32, ("batch", None)),
+                      (weights, cache, sds((b, cfg.token_dim), jnp.float32, ("batch", None)),
                        sds((rows,), jnp.int32, ("batch",)))),
       "head_sample": (jax.jit(head_sample),
-                      (params, hidden, jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                                             sharding=sharded((), ())),
-                       jax.ShapeDtypeStruct((), jnp.float32, sharding=sharded((), ())))),
+                      (weights, hidden, scalar_key, jax.ShapeDtypeStruct((), jnp.float32, sharding=sharded((), ())))),
   }
 
 
@@ -149,7 +161,8 @@ def compile_sampler(config, devices: list[Any], *, target: str, hbm_bytes: int |
                     prompt_len: int = 256, image_tokens: int = 1024, steps: int = 50, groups: int = 2,
                     programs: tuple[str, ...] = PROGRAMS) -> list[SamplerAot]:
   """Compiles the sampler's programs of `config` (from ``sampling_config``) over `devices` with the mesh
-  ``config.mesh`` names; `rows` = groups x images (2 rows for one guided image)."""
+  ``config.mesh`` names; `rows` = groups x images (2 rows for one guided image). `programs`: of
+  ``PROGRAMS`` and ``WHOLE`` (the whole sampler in one program)."""
   mesh = parallel.make_mesh(config.mesh, devices)
   out = []
   with jax.set_mesh(mesh), parallel.activation_rules(config.mesh.rules):

@@ -18,7 +18,7 @@ from nextstep_jax import vae_tokens
 from nextstep_jax.batch import to_uint8
 from nextstep_jax.config import UserError
 from nextstep_jax.data.images import load_image
-from nextstep_jax.sampling import few_step
+from nextstep_jax.sampling import few_step, layout
 from nextstep_jax.sampling.prompts import Prompt, edit_prompts, image_prefix_ids, image_prompts
 from nextstep_jax.sampling.flow import CFG_SCHEDULES
 from nextstep_jax.sampling.sampler import edit_images, sample_images
@@ -187,6 +187,10 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
   if head:
     model, _ = few_step.with_head(model, head_dir)
+  # The weights in the sampler's layout once, for every call; the model's own copy freed as it goes, so
+  # the device holds the weights once (``layout.sampler_weights``).
+  model = layout.sampler_weights(model, consume=True)
+  del loaded
   cfg_vae = vae.config
   h, w = _grid(cfg_vae.pixels_per_token, size, f"VAE factor {cfg_vae.factor} x patch size {cfg_vae.patch_size}")
   if (h, w) != checked:  # the VAE's grid differs from the one the config names: check it too

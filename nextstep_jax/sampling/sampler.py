@@ -9,7 +9,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from nextstep_jax import parallel
 from nextstep_jax.models import nextstep as ns
@@ -65,13 +64,13 @@ def draw_token(hl: dict, ttable: jax.Array, cy_rd: jax.Array, x0: jax.Array, zs:
 
 def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, groups: int, num_tokens: int,
                steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift, cfg_schedule: str = "constant",
-               noise_repeat: int = 0):
+               noise_repeat: int = 0, hl: dict | None = None):
   """h*w image tokens, each fed back into every row. `key`: one key (rows drawn together,
-  ``flow.token_noise``) or one per image (B,) (``flow.row_noise``). Returns (tokens (B, T, d), cache,
-  h_last)."""
+  ``flow.token_noise``) or one per image (B,) (``flow.row_noise``). `hl`: the head's weights laid out
+  (``layout.head_layout``; default made from `model`'s). Returns (tokens (B, T, d), cache, h_last)."""
   r = h_last.shape[0]
   b, d = r // groups, model.config.token_dim
-  hl = layout.head_layout(model.head)
+  hl = layout.head_layout(model.head) if hl is None else hl
   ttable = model.head.time_embed(eval_grid(steps, time_shift, sde))  # once per image
   per_row = key.ndim == 1
 
@@ -98,21 +97,21 @@ def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, g
   return out, cache, h_last
 
 
-STATIC = ("graphdef", "groups", "h", "w", "steps", "sde", "use_norm", "cfg_schedule", "noise_repeat")
+STATIC = ("groups", "h", "w", "steps", "sde", "use_norm", "cfg_schedule", "noise_repeat")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def _sample_jit(graphdef, state, tokens, mask, img_tokens, img_index, key, cfg, cfg_img, time_shift, *,
-                groups, h, w, steps, sde, use_norm, cfg_schedule, noise_repeat):
+def _sample_jit(weights: layout.SamplerWeights, tokens, mask, img_tokens, img_index, key, cfg, cfg_img, time_shift,
+                *, groups, h, w, steps, sde, use_norm, cfg_schedule, noise_repeat):
   TRACES["sample_images"] += 1
-  model = nnx.merge(graphdef, state)
+  model = weights.model()
   r, p = tokens.shape
-  dec = layout.decoder_layout(model)
+  dec = weights.decoder(model)
   cache = layout.init_cache(model.config.backbone, r, p + h * w)
   h_last, cache, lengths = prefill(model, dec, cache, tokens, mask, img_tokens, img_index)
   out, _, _ = image_loop(model, dec, cache, h_last, lengths, key, groups=groups, num_tokens=h * w, steps=steps,
                           sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
-                          cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
+                          cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, hl=weights.head(model))
   return out
 
 
@@ -127,7 +126,7 @@ def check_common(h: int, w: int, steps: int, time_shift: float, cfg_schedule: st
     raise ValueError(f"time_shift={time_shift} must be > 0")
 
 
-def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: int, key: jax.Array, *,
+def sample_guided(model: ns.NextStep | layout.SamplerWeights, prompts: Sequence[PromptLike], h: int, w: int, key: jax.Array, *,
                   cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28, time_shift: float = 1.0,
                   use_norm: bool = True, sde: bool = True, pad_id: int = 0, cfg_schedule: str = "constant",
                   noise_repeat: int = 0, mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
@@ -142,7 +141,9 @@ def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: 
   does with n images per caption (``flow.token_noise``).
   mesh: the model's params placed on it (``run.load_run(..., mesh=...)``; by the logical rules `rules`,
   default ``parallel.DEFAULT_RULES``): the sampler is traced under it (``jax.set_mesh``), activations
-  pinned by the same rules, so the weights stay sharded (FSDP and tensor) and no device holds them all."""
+  pinned by the same rules, so the weights stay sharded (FSDP and tensor) and no device holds them all.
+  model: the model, or its weights in the sampler's layout (``layout.sampler_weights``, made once and
+  reused): given the model, each call splits its layer weights anew and holds them twice while it runs."""
   if not 1 <= len(prompts) <= 3:
     raise ValueError(f"sample_guided takes 1, 2 or 3 prompt groups, got {len(prompts)}")
   if sde and steps < 2:
@@ -159,8 +160,8 @@ def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: 
     raise ValueError(f"key: one key, or one per image ({rows}); got shape {key.shape}")
   if key.ndim == 1 and noise_repeat:
     raise ValueError("noise_repeat shares one key's draws across rows; with one key per image it has no use")
-  graphdef, state = nnx.split(model)
-  args = (graphdef, state, jnp.asarray(s["tokens"]), jnp.asarray(s["mask"]),
+  weights = model if isinstance(model, layout.SamplerWeights) else layout.sampler_weights(model)
+  args = (weights, jnp.asarray(s["tokens"]), jnp.asarray(s["mask"]),
           None if s["image_tokens"] is None else jnp.asarray(s["image_tokens"]),
           None if s["image_index"] is None else jnp.asarray(s["image_index"]), key,
           jnp.float32(cfg), jnp.float32(cfg_img), jnp.float32(time_shift))
@@ -172,7 +173,7 @@ def sample_guided(model: ns.NextStep, prompts: Sequence[PromptLike], h: int, w: 
     return _sample_jit(*args, **kw)
 
 
-def sample_images(model: ns.NextStep, prompt_tokens: PromptLike, neg_tokens: PromptLike | None, h: int,
+def sample_images(model: ns.NextStep | layout.SamplerWeights, prompt_tokens: PromptLike, neg_tokens: PromptLike | None, h: int,
                   w: int, key: jax.Array, *, cfg: float = 7.5, steps: int = 28, time_shift: float = 1.0,
                   use_norm: bool = True, sde: bool = True, prompt_image_tokens=None, prompt_image_index=None,
                   pad_id: int = 0, cfg_schedule: str = "constant", noise_repeat: int = 0,
@@ -192,7 +193,7 @@ def sample_images(model: ns.NextStep, prompt_tokens: PromptLike, neg_tokens: Pro
                        noise_repeat=noise_repeat, mesh=mesh, rules=rules)
 
 
-def edit_images(model: ns.NextStep, prompt: PromptLike, image_neg_prompt: PromptLike, neg_prompt: PromptLike,
+def edit_images(model: ns.NextStep | layout.SamplerWeights, prompt: PromptLike, image_neg_prompt: PromptLike, neg_prompt: PromptLike,
                 h: int, w: int, key: jax.Array, *, cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28,
                 time_shift: float = 3.2, use_norm: bool = True, sde: bool = True, pad_id: int = 0,
                 cfg_schedule: str = "constant", noise_repeat: int = 0, mesh: jax.sharding.Mesh | None = None,
