@@ -53,9 +53,10 @@ from nextstep_jax.sampling.layout import SamplerWeights, sampler_weights
 from nextstep_jax.sampling.prompts import (Prompt, PromptLike, TokenizerLike, as_prompt, bucket_length, edit_prompts,
                                            image_prefix_ids, image_prompt_ids, image_prompts, pad_prompts)
 from nextstep_jax.sampling.reference import sample_images_naive
-from nextstep_jax.sampling.sampler import edit_images, sample_guided, sample_images, trace_count
+from nextstep_jax.sampling.sampler import edit_images, reporting, sample_guided, sample_images, trace_count
 
-__all__ = ["SDE_LAST_STEP", "Prompt", "PromptLike", "SamplerWeights", "TokenizerLike", "as_prompt", "bucket_length", "edit_images",
-           "edit_prompts", "generate", "guide", "image_prefix_ids", "image_prompt_ids", "image_prompts",
-           "ode_grid", "pad_prompts", "parse_area", "sample_guided", "sample_images", "sample_images_naive",
-           "sample_logits", "sample_token", "sampler_weights", "sde_grid", "shift_time", "trace_count"]
+__all__ = ["SDE_LAST_STEP", "Prompt", "PromptLike", "SamplerWeights", "TokenizerLike", "as_prompt", "bucket_length",
+           "edit_images", "edit_prompts", "generate", "guide", "image_prefix_ids", "image_prompt_ids", "image_prompts",
+           "ode_grid", "pad_prompts", "parse_area", "reporting", "sample_guided", "sample_images",
+           "sample_images_naive", "sample_logits", "sample_token", "sampler_weights", "sde_grid", "shift_time",
+           "trace_count"]

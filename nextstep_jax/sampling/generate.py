@@ -14,7 +14,7 @@ from flax import nnx
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.sampling import layout
 from nextstep_jax.sampling.prompts import TokenizerLike, bucket_length, image_prefix_ids, pad_prompts, special_id
-from nextstep_jax.sampling.sampler import STATIC, TRACES, check_common, image_loop
+from nextstep_jax.sampling.sampler import TRACES, check_common, image_loop
 
 
 BOT, EOT = "<|begin_of_thinking|>", "<|end_of_thinking|>"
@@ -74,7 +74,8 @@ def _text_step_jit(graphdef, state, cache, h_last, pos_r, key, temperature, top_
   return tok, hs[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(jax.jit, static_argnames=("graphdef", "groups", "h", "w", "steps", "sde", "use_norm",
+                                             "cfg_schedule", "noise_repeat"))
 def _image_jit(graphdef, state, cache, h_last, next_pos, key, cfg, cfg_img, time_shift, *, groups, h, w, steps,
                sde, use_norm, cfg_schedule="constant", noise_repeat=0):
   TRACES["image"] += 1

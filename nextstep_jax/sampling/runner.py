@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import jax
@@ -21,7 +22,7 @@ from nextstep_jax.data.images import load_image
 from nextstep_jax.sampling import few_step, layout
 from nextstep_jax.sampling.prompts import Prompt, edit_prompts, image_prefix_ids, image_prompts
 from nextstep_jax.sampling.flow import CFG_SCHEDULES
-from nextstep_jax.sampling.sampler import edit_images, sample_images
+from nextstep_jax.sampling.sampler import edit_images, reporting, sample_images
 from nextstep_jax.data.images import image_grid
 
 
@@ -124,6 +125,32 @@ def sampling_mesh(config, mesh: str = ""):
     raise UserError(f"--mesh={mesh or dict(config.mesh.axes)}: {e}") from e
 
 
+# Images of fewer tokens than this sample in seconds on any machine: no progress lines for them.
+PROGRESS_MIN_TOKENS = 256
+
+
+def progress_every(tokens: int, lines: int = 8) -> int:
+  """Every how many image tokens the sampler reports a call's progress (``sampler.reporting``): `lines`
+  times per image, or never (0) for an image of fewer than ``PROGRESS_MIN_TOKENS`` tokens."""
+  return 0 if tokens < PROGRESS_MIN_TOKENS else max(1, tokens // lines)
+
+
+class ProgressLines:
+  """A sampler call's progress as lines on stderr (``sampler.reporting``'s listener): what is sampled, the
+  tokens done and the seconds since `t0` (the call's start: compilation included on the first call)."""
+
+  def __init__(self, what: str, t0: float, stream=None):
+    self.what, self.t0, self.stream = what, t0, stream
+    self.done = 0
+
+  def __call__(self, done: int, total: int) -> None:
+    if done <= self.done:  # the host may hear of the steps out of order: report each step once, forwards
+      return
+    self.done = done
+    print(f"sample: {self.what}: token {done}/{total} ({100 * done // total}%), "
+          f"{time.perf_counter() - self.t0:.1f} s", file=self.stream or sys.stderr, flush=True)
+
+
 def _grid(pixels_per_token: int, size: int, what: str) -> tuple[int, int]:
   if size % pixels_per_token:
     raise UserError(f"--size={size} is not divisible by the {pixels_per_token} pixels of a token ({what})")
@@ -147,7 +174,8 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   sharded on it and the sampler runs under it (``sampling_mesh``).
   `head`: a few-step head directory (``python -m nextstep_jax.distill``): the head's weights are replaced by
   its, and `steps`, `sde`, `cfg`, `time_shift` and `use_norm` by the settings it was distilled for
-  (``few_step.sampling_kwargs``; text-to-image with a constant schedule only)."""
+  (``few_step.sampling_kwargs``; text-to-image with a constant schedule only).
+  Images of ``PROGRESS_MIN_TOKENS`` tokens or more: each call's progress on stderr (``ProgressLines``)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel  # optional: only to write PNGs
   check_request(prompt, num=num, batch=batch, image=image, negative=negative, cfg=cfg, cfg_img=cfg_img, steps=steps,
                 time_shift=time_shift, size=size, step=step, unconditional=unconditional, out=out, sde=sde,
@@ -201,6 +229,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   base = jax.random.key(seed)
   keys = jax.vmap(lambda n: jax.random.fold_in(base, n))(jnp.arange(num))
   batch = min(batch or num, num)
+  every = progress_every(h * w)
   if image:
     try:
       pixels = load_image(image, size)
@@ -214,7 +243,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     shift = 3.2 if time_shift < 0 else time_shift
     fn = lambda k: edit_images(model, *groups, h, w, k, cfg=cfg, cfg_img=cfg_img, steps=steps, time_shift=shift,
                                sde=sde, pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
-                               mesh=devices, rules=rules)
+                               mesh=devices, rules=rules, progress_every=every)
   else:
     text = "" if unconditional else prompt
     cond, neg = image_prompts(tokenizer, [text] * batch, h, w,
@@ -222,7 +251,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     shift = 1.0 if time_shift < 0 else time_shift
     fn = lambda k: sample_images(model, cond, neg, h, w, k, cfg=cfg, steps=steps, time_shift=shift, sde=sde,
                                  pad_id=tokenizer.pad_id, use_norm=use_norm, cfg_schedule=cfg_schedule,
-                                 mesh=devices, rules=rules)
+                                 mesh=devices, rules=rules, progress_every=every)
   out = out or os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)
   images, times = [], []
@@ -231,7 +260,8 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
     idx = list(range(c * batch, min((c + 1) * batch, num)))
     rows = idx + [idx[-1]] * (batch - len(idx))  # the last call filled up to the compiled batch
     t0 = time.perf_counter()
-    tokens = jax.block_until_ready(fn(keys[np.asarray(rows)]))[:len(idx)]
+    with reporting(ProgressLines(f"images {idx[0]}..{idx[-1]}" + (" (compiles first)" if c == 0 else ""), t0)):
+      tokens = jax.block_until_ready(fn(keys[np.asarray(rows)]))[:len(idx)]
     times.append(time.perf_counter() - t0)
     for n, im in zip(idx, to_uint8(vae_tokens.decode_tokens(vae, tokens, h, w))):
       Image.fromarray(im).save(os.path.join(out, f"sample_{n:03d}.png"))

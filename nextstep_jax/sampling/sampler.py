@@ -4,8 +4,9 @@ integration, KV-cached decode step). See the package docstring."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,28 @@ TRACES: collections.Counter = collections.Counter()
 def trace_count(name: str | None = None) -> int:
   """How many times the jitted sampler functions were traced (all, or one by name)."""
   return sum(TRACES.values()) if name is None else TRACES[name]
+
+
+# Who hears of a sampler call's progress (``reporting``). The compiled loop calls one module function, so
+# listening changes no compiled program.
+_LISTENERS: list[Callable[[int, int], None]] = []
+
+
+def _report(done, total) -> None:
+  for fn in list(_LISTENERS):
+    fn(int(done), int(total))
+
+
+@contextlib.contextmanager
+def reporting(listener: Callable[[int, int], None]) -> Iterator[None]:
+  """Within it, a sampler call made with ``progress_every`` = n > 0 calls ``listener(tokens done, tokens of
+  the image)`` from inside its compiled loop after every n-th image token and after the last (from the
+  host, once per call, as the device gets there)."""
+  _LISTENERS.append(listener)
+  try:
+    yield
+  finally:
+    _LISTENERS.remove(listener)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,10 +87,11 @@ def draw_token(hl: dict, ttable: jax.Array, cy_rd: jax.Array, x0: jax.Array, zs:
 
 def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, groups: int, num_tokens: int,
                steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift, cfg_schedule: str = "constant",
-               noise_repeat: int = 0, hl: dict | None = None):
+               noise_repeat: int = 0, hl: dict | None = None, progress_every: int = 0):
   """h*w image tokens, each fed back into every row. `key`: one key (rows drawn together,
   ``flow.token_noise``) or one per image (B,) (``flow.row_noise``). `hl`: the head's weights laid out
-  (``layout.head_layout``; default made from `model`'s). Returns (tokens (B, T, d), cache, h_last)."""
+  (``layout.head_layout``; default made from `model`'s). `progress_every` n > 0: ``reporting``'s listeners
+  hear of every n-th token and of the last. Returns (tokens (B, T, d), cache, h_last)."""
   r = h_last.shape[0]
   b, d = r // groups, model.config.token_dim
   hl = layout.head_layout(model.head) if hl is None else hl
@@ -90,6 +114,10 @@ def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, g
     x_in = model.image_in(jnp.tile(tok, (groups, 1)))[:, None]  # (R, 1, D)
     hs, cache = layout.decode(model.config.backbone, dec, x_in, (next_pos + i)[:, None],
                               jnp.ones((r, 1), jnp.int32), cache)
+    if progress_every:
+      done = i + 1
+      jax.lax.cond((done % progress_every == 0) | (done == num_tokens),
+                   lambda: jax.debug.callback(_report, done, num_tokens), lambda: None)
     return cache, hs[:, 0], out
 
   out0 = jnp.zeros((b, num_tokens, d), jnp.float32)
@@ -97,12 +125,12 @@ def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, g
   return out, cache, h_last
 
 
-STATIC = ("groups", "h", "w", "steps", "sde", "use_norm", "cfg_schedule", "noise_repeat")
+STATIC = ("groups", "h", "w", "steps", "sde", "use_norm", "cfg_schedule", "noise_repeat", "progress_every")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def _sample_jit(weights: layout.SamplerWeights, tokens, mask, img_tokens, img_index, key, cfg, cfg_img, time_shift,
-                *, groups, h, w, steps, sde, use_norm, cfg_schedule, noise_repeat):
+                *, groups, h, w, steps, sde, use_norm, cfg_schedule, noise_repeat, progress_every=0):
   TRACES["sample_images"] += 1
   model = weights.model()
   r, p = tokens.shape
@@ -111,7 +139,8 @@ def _sample_jit(weights: layout.SamplerWeights, tokens, mask, img_tokens, img_in
   h_last, cache, lengths = prefill(model, dec, cache, tokens, mask, img_tokens, img_index)
   out, _, _ = image_loop(model, dec, cache, h_last, lengths, key, groups=groups, num_tokens=h * w, steps=steps,
                           sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
-                          cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, hl=weights.head(model))
+                          cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, hl=weights.head(model),
+                          progress_every=progress_every)
   return out
 
 
@@ -126,10 +155,11 @@ def check_common(h: int, w: int, steps: int, time_shift: float, cfg_schedule: st
     raise ValueError(f"time_shift={time_shift} must be > 0")
 
 
-def sample_guided(model: ns.NextStep | layout.SamplerWeights, prompts: Sequence[PromptLike], h: int, w: int, key: jax.Array, *,
-                  cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28, time_shift: float = 1.0,
+def sample_guided(model: ns.NextStep | layout.SamplerWeights, prompts: Sequence[PromptLike], h: int, w: int,
+                  key: jax.Array, *, cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28, time_shift: float = 1.0,
                   use_norm: bool = True, sde: bool = True, pad_id: int = 0, cfg_schedule: str = "constant",
-                  noise_repeat: int = 0, mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
+                  noise_repeat: int = 0, mesh: jax.sharding.Mesh | None = None, rules=None,
+                  progress_every: int = 0) -> jax.Array:
   """The compiled sampler for 1, 2 or 3 prompt groups (package docstring). Returns (B, h*w, d).
 
   sde: the official pipeline's Euler–Maruyama head sampler (the default); False: the Euler ODE.
@@ -143,12 +173,16 @@ def sample_guided(model: ns.NextStep | layout.SamplerWeights, prompts: Sequence[
   default ``parallel.DEFAULT_RULES``): the sampler is traced under it (``jax.set_mesh``), activations
   pinned by the same rules, so the weights stay sharded (FSDP and tensor) and no device holds them all.
   model: the model, or its weights in the sampler's layout (``layout.sampler_weights``, made once and
-  reused): given the model, each call splits its layer weights anew and holds them twice while it runs."""
+  reused): given the model, each call splits its layer weights anew and holds them twice while it runs.
+  progress_every: n > 0 tells ``reporting``'s listeners of every n-th image token and of the last (a
+  program of its own; 0, the default, compiles no callback)."""
   if not 1 <= len(prompts) <= 3:
     raise ValueError(f"sample_guided takes 1, 2 or 3 prompt groups, got {len(prompts)}")
   if sde and steps < 2:
     raise ValueError("the SDE sampler needs steps >= 2")
   check_common(h, w, steps, time_shift, cfg_schedule)
+  if progress_every < 0:
+    raise ValueError(f"progress_every={progress_every} must be >= 0")
   ps = [as_prompt(p, pad_id=pad_id, name=f"prompt group {g}") for g, p in enumerate(prompts)]
   s = stack_groups(ps)
   if s["image_tokens"] is not None and s["image_tokens"].shape[2] != model.config.token_dim:
@@ -166,18 +200,19 @@ def sample_guided(model: ns.NextStep | layout.SamplerWeights, prompts: Sequence[
           None if s["image_index"] is None else jnp.asarray(s["image_index"]), key,
           jnp.float32(cfg), jnp.float32(cfg_img), jnp.float32(time_shift))
   kw = dict(groups=len(ps), h=int(h), w=int(w), steps=int(steps), sde=bool(sde), use_norm=bool(use_norm),
-            cfg_schedule=str(cfg_schedule), noise_repeat=int(noise_repeat))
+            cfg_schedule=str(cfg_schedule), noise_repeat=int(noise_repeat), progress_every=int(progress_every))
   if mesh is None:
     return _sample_jit(*args, **kw)
   with jax.set_mesh(mesh), parallel.activation_rules(parallel.DEFAULT_RULES if rules is None else rules):
     return _sample_jit(*args, **kw)
 
 
-def sample_images(model: ns.NextStep | layout.SamplerWeights, prompt_tokens: PromptLike, neg_tokens: PromptLike | None, h: int,
+def sample_images(model: ns.NextStep | layout.SamplerWeights, prompt_tokens: PromptLike,
+                  neg_tokens: PromptLike | None, h: int,
                   w: int, key: jax.Array, *, cfg: float = 7.5, steps: int = 28, time_shift: float = 1.0,
                   use_norm: bool = True, sde: bool = True, prompt_image_tokens=None, prompt_image_index=None,
                   pad_id: int = 0, cfg_schedule: str = "constant", noise_repeat: int = 0,
-                  mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
+                  mesh: jax.sharding.Mesh | None = None, rules=None, progress_every: int = 0) -> jax.Array:
   """Text-to-image (or image-conditioned) sampling with classifier-free guidance on the head.
 
   prompt_tokens: (B, P) left-padded ids (mask = ids != pad_id), a (tokens, mask) pair or a Prompt,
@@ -190,16 +225,18 @@ def sample_images(model: ns.NextStep | layout.SamplerWeights, prompt_tokens: Pro
   groups = [cond] if neg_tokens is None else [cond, as_prompt(neg_tokens, pad_id=pad_id, name="neg_tokens")]
   return sample_guided(model, groups, h, w, key, cfg=cfg, steps=steps, time_shift=time_shift,
                        use_norm=use_norm, sde=sde, pad_id=pad_id, cfg_schedule=cfg_schedule,
-                       noise_repeat=noise_repeat, mesh=mesh, rules=rules)
+                       noise_repeat=noise_repeat, mesh=mesh, rules=rules, progress_every=progress_every)
 
 
-def edit_images(model: ns.NextStep | layout.SamplerWeights, prompt: PromptLike, image_neg_prompt: PromptLike, neg_prompt: PromptLike,
-                h: int, w: int, key: jax.Array, *, cfg: float = 7.5, cfg_img: float = 2.0, steps: int = 28,
+def edit_images(model: ns.NextStep | layout.SamplerWeights, prompt: PromptLike, image_neg_prompt: PromptLike,
+                neg_prompt: PromptLike, h: int, w: int, key: jax.Array, *, cfg: float = 7.5, cfg_img: float = 2.0,
+                steps: int = 28,
                 time_shift: float = 3.2, use_norm: bool = True, sde: bool = True, pad_id: int = 0,
                 cfg_schedule: str = "constant", noise_repeat: int = 0, mesh: jax.sharding.Mesh | None = None,
-                rules=None) -> jax.Array:
+                rules=None, progress_every: int = 0) -> jax.Array:
   """Image editing with three rows per sample: [image + text, image + negative, negative only]
   (Prompts carrying the source image tokens where they have them). Returns (B, h*w, d)."""
   return sample_guided(model, [prompt, image_neg_prompt, neg_prompt], h, w, key, cfg=cfg, cfg_img=cfg_img,
                        steps=steps, time_shift=time_shift, use_norm=use_norm, sde=sde, pad_id=pad_id,
-                       cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, mesh=mesh, rules=rules)
+                       cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, mesh=mesh, rules=rules,
+                       progress_every=progress_every)
