@@ -60,8 +60,12 @@ def test_sharded_import_and_sampling_equal_one_device(imported):
   assert tuple(b0.sharding.spec) == tuple(head.sharding.spec)[1:]
   ada = weights.head_ada[0]  # the fused (D, (3n + 2) D) projection, placed as the blocks' (n, D, 3D) one
   assert tuple(ada.sharding.spec) == ada_spec[1:] and ada.addressable_shards[0].data.size < ada.size, ada_spec
-  from_weights = sampling.sample_images(weights, cond, neg, h, w, key, mesh=mesh, rules=many.config.mesh.rules, **kw)
+  heard = []  # the loop's progress reported once per step under the mesh, not once per device
+  with sampling.reporting(lambda done, total: heard.append((done, total))):
+    from_weights = jax.block_until_ready(sampling.sample_images(weights, cond, neg, h, w, key, mesh=mesh,
+                                                                rules=many.config.mesh.rules, progress_every=2, **kw))
   assert_close_fp32(np.asarray(from_weights), ref, rtol=1e-5)
+  assert sorted(heard) == [(2, 4), (4, 4)], heard
 
 
 @pytest.mark.slow

@@ -186,7 +186,7 @@ def evaluate_run(workdir: str, config=None, *, per_digit: int = 20, cfg: float =
   model, config, tokenizer, vae, ckpt_step = run.model, run.config, run.tokenizer, run.vae, run.step
   use_norm = None
   if head:
-    model, _ = few_step.with_head(model, head_dir)
+    model, _ = few_step.with_head(model, head_dir, head_meta)
     k = few_step.sampling_kwargs(head_meta)
     steps, cfg, time_shift, use_norm = k["steps"], k["cfg"], k["time_shift"], k["use_norm"]
   model = sampling.sampler_weights(model, consume=True)  # laid out once for every batch (sampling/layout.py)

@@ -107,11 +107,13 @@ def load_head_arrays(directory: str, meta: dict[str, Any], model: ns.NextStep) -
   return out
 
 
-def with_head(model: ns.NextStep, directory: str) -> tuple[ns.NextStep, dict[str, Any]]:
-  """(a model whose head weights are the few-step head's in `directory`, its metadata). `model` is left as
-  it was; the new head's arrays take the placement (sharding) of the params they replace."""
+def with_head(model: ns.NextStep, directory: str, meta: dict[str, Any] | None = None
+              ) -> tuple[ns.NextStep, dict[str, Any]]:
+  """(a model whose head weights are the few-step head's in `directory`, its metadata: `meta` when the
+  caller read it already, ``read_meta``'s else). `model` is left as it was; the new head's arrays take the
+  placement (sharding) of the params they replace."""
   directory = storage.local_input(directory, "head")  # a URL: staged once per host
-  meta = read_meta(directory)
+  meta = read_meta(directory) if meta is None else meta
   arrays = load_head_arrays(directory, meta, model)
   out = nnx.clone(model)  # new Variables over the same arrays
   for name, var in head_params(out.head).items():

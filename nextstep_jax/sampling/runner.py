@@ -214,7 +214,7 @@ def sample_run(workdir: str, prompt: str, *, out: str = "", num: int = 4, image:
   rules = config.mesh.rules
   model, config, tokenizer, vae = loaded.model, loaded.config, loaded.tokenizer, loaded.vae
   if head:
-    model, _ = few_step.with_head(model, head_dir)
+    model, _ = few_step.with_head(model, head_dir, head_meta)
   # The weights in the sampler's layout once, for every call; the model's own copy freed as it goes, so
   # the device holds the weights once (``layout.sampler_weights``).
   model = layout.sampler_weights(model, consume=True)
