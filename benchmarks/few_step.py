@@ -102,8 +102,9 @@ def main() -> None:
     latency = float("nan")
     if a.latency_images:  # the compiled sampler alone, one image (its prompt and negative row) per call
       cond, neg = sampling.image_prompts(run.tokenizer, [ev.PROMPT_TEMPLATE.format(d=3)], gh, gw, negative="")
+      weights = sampling.sampler_weights(model)  # laid out once, as the sample command does
       one = lambda i: jax.block_until_ready(sampling.sample_images(
-          model, cond, neg, gh, gw, jax.random.key(i), cfg=cfg, steps=steps, time_shift=shift, sde=sde,
+          weights, cond, neg, gh, gw, jax.random.key(i), cfg=cfg, steps=steps, time_shift=shift, sde=sde,
           use_norm=metas[0]["use_norm"], pad_id=run.tokenizer.pad_id))
       one(0)  # compiles
       times = []

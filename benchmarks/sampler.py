@@ -15,7 +15,8 @@ Every image is sampled with classifier-free guidance (a conditional and an uncon
 from a 46-position prompt pair, with the official SDE head sampler (--steps evaluations per token).
 
 Per run it prints:
-- sampler: ``sampling.sample_images`` per image (best of --repeats after a compiling call), per token;
+- sampler: ``sampling.sample_images`` per image on the weights laid out once (``sampling.sampler_weights``,
+  as the sample command does; best of --repeats after a compiling call), per token;
 - head: one evaluation inside the token loop (the sampler's layout, ``sampling/layout.py``), against the
   training layout (``flow.sample_token`` over ``FlowHead.__call__``: stacked blocks under a scan), both
   timed over whole tokens in a compiled loop in this process;
@@ -264,7 +265,8 @@ def bench(run: str, args, bandwidth: float) -> None:
   floor_token = sum(v for k, v in parts.items() if k != "per_eval") / bandwidth
   floor_eval = parts["per_eval"] / bandwidth
 
-  call = lambda key: sampling.sample_images(model, cond, neg, side, side, key, cfg=args.cfg, steps=steps)
+  weights = sampling.sampler_weights(model)  # laid out once, as the sample command does
+  call = lambda key: sampling.sample_images(weights, cond, neg, side, side, key, cfg=args.cfg, steps=steps)
   t0 = time.perf_counter()
   out = jax.block_until_ready(call(jax.random.key(0)))
   first = time.perf_counter() - t0
@@ -304,7 +306,7 @@ def bench(run: str, args, bandwidth: float) -> None:
     for b in [int(v) for v in args.batches.split(",")]:
       cond_b, neg_b = prompts(model.config.backbone.vocab_size, b)
       keys = jax.random.split(jax.random.key(5), b)
-      fn = lambda: sampling.sample_images(model, cond_b, neg_b, side, side, keys, cfg=args.cfg, steps=steps)
+      fn = lambda: sampling.sample_images(weights, cond_b, neg_b, side, side, keys, cfg=args.cfg, steps=steps)
       jax.block_until_ready(fn())
       rates[b] = b / best_of(fn, 2 if b <= 16 else 1)
     work = flops_per_image(model, steps, t_img)

@@ -49,6 +49,11 @@ def test_sampler_weights_sample_what_the_model_samples():
   got = np.asarray(sampling.sample_guided(weights, ps, 2, 3, key, **kw))
   assert_close_fp32(got, ref, rtol=5e-5)  # the naive loop's tolerance (tests/test_sampling.py)
   np.testing.assert_array_equal(got, from_model)  # the same arrays, the same program
+  # A model over host (numpy) arrays, as the training loop's sample grid makes: the same samples.
+  graphdef, state = nnx.split(model)
+  host = nnx.merge(graphdef, jax.device_get(state))
+  assert isinstance(host.backbone.layers.q_kernel[...], np.ndarray)
+  np.testing.assert_array_equal(np.asarray(sampling.sample_guided(host, ps, 2, 3, key, **kw)), from_model)
   # The public wrappers take the weights too.
   np.testing.assert_array_equal(np.asarray(sampling.sample_images(weights, ps[0], ps[1], 2, 3, key, **kw)), got)
 

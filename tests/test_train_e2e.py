@@ -127,3 +127,6 @@ def test_export_ships_ema_weights_tokenizer_and_vae_usable_from_python(run_dir, 
   tokens = sampling.sample_images(model, cond, neg, 4, 4, jax.random.key(0), cfg=3.0, steps=4, pad_id=tok.pad_id)
   images = vae_tokens.decode_tokens(load_vae_dir(os.path.join(out, "vae")), tokens, 4, 4)
   assert images.shape == (1, 32, 32, 3) and np.isfinite(np.asarray(images)).all()
+  weights = sampling.sampler_weights(model, consume=True)  # README: laid out once, the model's copy freed
+  again = sampling.sample_images(weights, cond, neg, 4, 4, jax.random.key(0), cfg=3.0, steps=4, pad_id=tok.pad_id)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(tokens))

@@ -143,17 +143,20 @@ def sampler_weights(model: ns.NextStep, *, consume: bool = False) -> SamplerWeig
   of the model's weights that is laid out anew as soon as its new layout is made, one at a time, so the
   device holds at most the weights and one stacked weight; `model`'s layer and head weights are deleted
   (it cannot be used afterwards). An abstract model (``jax.ShapeDtypeStruct`` leaves, with or without
-  shardings, as ``nnx.eval_shape`` or ``run.param_target`` give) gives abstract weights."""
+  shardings, as ``nnx.eval_shape`` or ``run.param_target`` give) gives abstract weights; host (numpy)
+  weights give per-layer views of them (nothing to free)."""
   graphdef, stacked, head, rest = nnx.split(model, _is_layer_weight, _is_head_weight, ...)
 
   def unstack(x):
     if _abstract(x):
       sh = None if x.sharding is None else _drop_leading(x.sharding)
       return tuple(jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sh) for _ in range(x.shape[0]))
+    if not isinstance(x, jax.Array):  # a host array (numpy): its layers are views, sent with the call
+      return _unstack(x)
     return jax.jit(_unstack, out_shardings=(_drop_leading(x.sharding),) * x.shape[0])(x)
 
   def done(made, *old):
-    if consume and not _abstract(old[0]):  # the new layout made before the old goes, one weight at a time
+    if consume and isinstance(old[0], jax.Array):  # the new layout made before the old goes, one at a time
       jax.block_until_ready(made)
       for x in old:
         x.delete()
@@ -169,9 +172,12 @@ def sampler_weights(model: ns.NextStep, *, consume: bool = False) -> SamplerWeig
   hw = {path[1].key: x for path, x in hflat}
   ada_in = [hw[n] for n in HEAD_ADA_PARAMS]
   shapes = jax.eval_shape(fuse_ada, *ada_in)
-  where = tuple(None if x.sharding is None else _fused_sharding(x.sharding, o.shape) for o, x in zip(shapes, ada_in))
+  where = tuple(None if getattr(x, "sharding", None) is None else _fused_sharding(x.sharding, o.shape)
+                for o, x in zip(shapes, ada_in))
   if _abstract(ada_in[0]):
     ada = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=w) for o, w in zip(shapes, where))
+  elif None in where:  # host arrays: fused on the default device
+    ada = jax.jit(fuse_ada)(*ada_in)
   else:
     ada = done(jax.jit(fuse_ada, out_shardings=where)(*ada_in), *ada_in)
   per_block = {n: done(unstack(hw[n]), hw[n]) for n in HEAD_BLOCK_PARAMS}
