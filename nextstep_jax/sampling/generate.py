@@ -9,7 +9,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nextstep_jax.models import nextstep as ns
 from nextstep_jax.sampling import layout
@@ -40,52 +39,54 @@ def sample_logits(logits_nv: jax.Array, key: jax.Array, temperature, top_p, voca
   return jnp.where(temperature <= 0, greedy, sampled).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill_jit(graphdef, state, cache, tokens, mask):
+# Every program runs on the sampler's layout (``layout.SamplerWeights``, laid out once per call of
+# ``generate``) with a per-layer KV cache (``layout.Cache``): the text steps as the image loop.
+
+@jax.jit
+def _prefill_jit(weights: layout.SamplerWeights, cache, tokens, mask):
   TRACES["prefill"] += 1
-  model = nnx.merge(graphdef, state)
+  model = weights.model()
   seg = mask.astype(jnp.int32)
-  hs, cache = model.backbone(model.backbone.embed(tokens), jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0), seg,
-                             cache=cache)
+  hs, cache = layout.decode(model.config.backbone, weights.decoder(model), model.backbone.embed(tokens),
+                            jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0), seg, cache)
   return hs[:, -1], cache, jnp.sum(seg, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _feed_jit(graphdef, state, cache, token_r, pos_r):
-  """Feeds one given token per row. Returns (h (R, D), cache)."""
-  TRACES["feed"] += 1
-  model = nnx.merge(graphdef, state)
+def _step(weights: layout.SamplerWeights, model, cache, token_r, pos_r):
+  """Feeds one token per row through the per-layer decoder. Returns (h (R, D), cache)."""
   r = token_r.shape[0]
-  hs, cache = model.backbone(model.backbone.embed(token_r[:, None]), pos_r[:, None],
-                             jnp.ones((r, 1), jnp.int32), cache=cache)
+  hs, cache = layout.decode(model.config.backbone, weights.decoder(model), model.backbone.embed(token_r[:, None]),
+                            pos_r[:, None], jnp.ones((r, 1), jnp.int32), cache)
   return hs[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _text_step_jit(graphdef, state, cache, h_last, pos_r, key, temperature, top_p, vocab_limit):
+@jax.jit
+def _feed_jit(weights: layout.SamplerWeights, cache, token_r, pos_r):
+  """Feeds one given token per row. Returns (h (R, D), cache)."""
+  TRACES["feed"] += 1
+  return _step(weights, weights.model(), cache, token_r, pos_r)
+
+
+@jax.jit
+def _text_step_jit(weights: layout.SamplerWeights, cache, h_last, pos_r, key, temperature, top_p, vocab_limit):
   """Samples the next token from h_last and feeds it. Returns (token (R,), h (R, D), cache)."""
   TRACES["text_step"] += 1
-  model = nnx.merge(graphdef, state)
+  model = weights.model()
   logits = model.backbone.logits(h_last[:, None])[:, 0]
   tok = sample_logits(logits, key, temperature, top_p, vocab_limit)
-  r = tok.shape[0]
-  hs, cache = model.backbone(model.backbone.embed(tok[:, None]), pos_r[:, None], jnp.ones((r, 1), jnp.int32),
-                             cache=cache)
-  return tok, hs[:, 0], cache
+  h, cache = _step(weights, model, cache, tok, pos_r)
+  return tok, h, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "groups", "h", "w", "steps", "sde", "use_norm",
-                                             "cfg_schedule", "noise_repeat"))
-def _image_jit(graphdef, state, cache, h_last, next_pos, key, cfg, cfg_img, time_shift, *, groups, h, w, steps,
-               sde, use_norm, cfg_schedule="constant", noise_repeat=0):
+@functools.partial(jax.jit, static_argnames=("groups", "h", "w", "steps", "sde", "use_norm", "cfg_schedule",
+                                             "noise_repeat"))
+def _image_jit(weights: layout.SamplerWeights, cache, h_last, next_pos, key, cfg, cfg_img, time_shift, *, groups, h,
+               w, steps, sde, use_norm, cfg_schedule="constant", noise_repeat=0):
   TRACES["image"] += 1
-  model = nnx.merge(graphdef, state)
-  # The text steps keep the backbone's stacked cache; the image loop runs on the sampler's layout.
-  out, cache, h_last = image_loop(model, layout.decoder_layout(model), layout.per_layer_cache(cache), h_last,
-                                  next_pos, key, groups=groups, num_tokens=h * w, steps=steps, sde=sde,
-                                  use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
-                                  cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
-  return out, layout.stacked_cache(cache), h_last
+  model = weights.model()
+  return image_loop(model, weights.decoder(model), cache, h_last, next_pos, key, groups=groups, num_tokens=h * w,
+                    steps=steps, sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
+                    cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, hl=weights.head(model))
 
 
 _AREA_RE = re.compile(r"^\s*(\d+)\s*\*\s*(\d+)\s*$")
@@ -97,7 +98,7 @@ def parse_area(text: str) -> tuple[int, int] | None:
   return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key: jax.Array, *,
+def generate(model: ns.NextStep | layout.SamplerWeights, tokenizer: TokenizerLike, prompt_text: str, key: jax.Array, *,
              max_new_tokens: int = 256, image_size: tuple[int, int] = (16, 16),
              max_image_tokens: int | None = None, max_images: int = 1, think: bool = False,
              temperature: float = 0.0, top_p: float = 1.0, cfg: float = 1.0, negative: str = "",
@@ -112,7 +113,9 @@ def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key
   ``<|end_of_thinking|>``, then the image prefix of ``image_size`` is forced (self-CoT).
   cfg > 1 guides the image with a row for `negative` + the image prefix, prefilled when the image starts.
   Returns segments [("text", str) | ("image", tokens (h*w, d), h, w)]. The text loop is a Python loop over
-  one jitted decode step on a fixed-size cache: no recompilation per token.
+  one jitted decode step on a fixed-size cache: no recompilation per token. Every step runs on the sampler's
+  layout (``layout.sampler_weights``: `model` may be it, laid out once; a model is laid out per call) and
+  a per-layer cache, the text steps as the image loop.
   """
   area, boi, eoi = (special_id(tokenizer, t) for t in ("<|image_area|>", "<|begin_of_image|>", "<|end_of_image|>"))
   eos, pad = int(tokenizer.eos_id), int(tokenizer.pad_id)
@@ -131,11 +134,11 @@ def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key
   p_len = bucket_length(len(prompt_ids), bucket)
   forced = len(image_prefix_ids(tokenizer, h0, w0)) if think else 0
   capacity = bucket_length(p_len + max_new_tokens + forced + max_images * (max_img + 1) + 1, bucket)
-  graphdef, state = nnx.split(model)
-  backbone = model.backbone
-  cache = backbone.init_cache(1, capacity)
+  weights = model if isinstance(model, layout.SamplerWeights) else layout.sampler_weights(model)
+  bc = model.config.backbone
+  cache = layout.init_cache(bc, 1, capacity)
   prompt = pad_prompts([prompt_ids], pad_id=pad, length=p_len)
-  h_last, cache, _ = _prefill_jit(graphdef, state, cache, jnp.asarray(prompt.tokens),
+  h_last, cache, _ = _prefill_jit(weights, cache, jnp.asarray(prompt.tokens),
                                   jnp.asarray(prompt.mask.astype(np.int32)))
   pos = len(prompt_ids)   # next RoPE position
   used = p_len            # next cache slot
@@ -148,7 +151,7 @@ def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key
 
   def feed(tok: int):
     nonlocal h_last, cache, pos, used
-    h_last, cache = _feed_jit(graphdef, state, cache, jnp.asarray([tok], jnp.int32), jnp.asarray([pos], jnp.int32))
+    h_last, cache = _feed_jit(weights, cache, jnp.asarray([tok], jnp.int32), jnp.asarray([pos], jnp.int32))
     pos += 1
     used += 1
 
@@ -166,19 +169,20 @@ def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key
                          f"the context before the image ({used} slots)")
       n_len = min(bucket_length(len(neg_ids), bucket), used)
       neg = pad_prompts([neg_ids], pad_id=pad, length=n_len)
-      neg_cache = dict(backbone.init_cache(1, capacity), index=jnp.int32(used - n_len))
-      neg_h, neg_cache, _ = _prefill_jit(graphdef, state, neg_cache, jnp.asarray(neg.tokens),
+      neg_cache = dict(layout.init_cache(bc, 1, capacity), index=jnp.int32(used - n_len))
+      neg_h, neg_cache, _ = _prefill_jit(weights, neg_cache, jnp.asarray(neg.tokens),
                                          jnp.asarray(neg.mask.astype(np.int32)))
-      c = {"k": jnp.concatenate([cache["k"], neg_cache["k"]], axis=1),
-           "v": jnp.concatenate([cache["v"], neg_cache["v"]], axis=1),
+      rows = lambda name: tuple(jnp.concatenate([a, b], axis=0) for a, b in zip(cache[name], neg_cache[name]))
+      c = {"k": rows("k"), "v": rows("v"),
            "segments": jnp.concatenate([cache["segments"], neg_cache["segments"]], axis=0),
            "index": cache["index"]}
       groups, rows_h = 2, jnp.concatenate([h_last, neg_h], axis=0)
       rows_pos = jnp.asarray([pos, len(neg_ids)], jnp.int32)
-    toks, c, hs = _image_jit(graphdef, state, c, rows_h, rows_pos, jax.random.fold_in(key_img, n_images),
+    toks, c, hs = _image_jit(weights, c, rows_h, rows_pos, jax.random.fold_in(key_img, n_images),
                              jnp.float32(cfg), jnp.float32(1.0), jnp.float32(time_shift), groups=groups, h=hh,
                              w=ww, steps=int(steps), sde=bool(sde), use_norm=bool(use_norm))
-    cache = {"k": c["k"][:, :1], "v": c["v"][:, :1], "segments": c["segments"][:1], "index": c["index"]}
+    cache = {"k": tuple(x[:1] for x in c["k"]), "v": tuple(x[:1] for x in c["v"]), "segments": c["segments"][:1],
+             "index": c["index"]}  # the prompt's row goes on
     h_last = hs[:1]
     pos += hh * ww
     used += hh * ww
@@ -201,7 +205,7 @@ def generate(model: ns.NextStep, tokenizer: TokenizerLike, prompt_text: str, key
     run_image(*hw)
 
   while n_text < max_new_tokens and used < capacity - 1:
-    tok_arr, h_new, cache_new = _text_step_jit(graphdef, state, cache, h_last, jnp.asarray([pos], jnp.int32),
+    tok_arr, h_new, cache_new = _text_step_jit(weights, cache, h_last, jnp.asarray([pos], jnp.int32),
                                                jax.random.fold_in(key_text, n_text), temp, topp, vocab_limit)
     tok = int(tok_arr[0])
     n_text += 1

@@ -194,16 +194,6 @@ def init_cache(c: bb.BackboneConfig, batch: int, max_len: int) -> Cache:
           "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
-def stacked_cache(cache: Cache) -> bb.Cache:
-  """A per-layer cache as the backbone's stacked one (unified generation keeps that between images)."""
-  return dict(cache, k=jnp.stack(cache["k"]), v=jnp.stack(cache["v"]))
-
-
-def per_layer_cache(cache: bb.Cache) -> Cache:
-  n = cache["k"].shape[0]
-  return dict(cache, k=tuple(cache["k"][i] for i in range(n)), v=tuple(cache["v"][i] for i in range(n)))
-
-
 def decode(c: bb.BackboneConfig, dec: dict, x_bld: jax.Array, positions_bl: jax.Array,
            segment_ids_bl: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
   """``Backbone.__call__`` with a cache, over per-layer weights and cache: the inputs occupy slots
