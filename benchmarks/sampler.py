@@ -22,6 +22,8 @@ Per run it prints:
   timed over whole tokens in a compiled loop in this process;
 - decode: one KV-cached backbone step with the sampler's per-layer weights and cache, against the
   training layout (``Backbone.__call__``: a scan over stacked weights and a stacked cache);
+- text: one text token of ``sampling.generate`` (the LM head, the choice, one decode step on the sampler's
+  layout) against the same step on the training layout, both driven per token from Python as generate does;
 - naive: ``sampling.sample_images_naive`` (the whole sequence recomputed per token, the head's steps a
   Python loop), over --naive_tokens tokens, extrapolated to the image;
 - floor: the bytes a token must read (the head's per-evaluation weights x evaluations, the condition's
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import threading
@@ -56,6 +59,8 @@ from nextstep_jax.models import nextstep as ns  # noqa: E402
 from nextstep_jax.models import presets  # noqa: E402
 from nextstep_jax.sampling import flow, layout  # noqa: E402
 from nextstep_jax.sampling import sampler as sampler_lib  # noqa: E402
+# The module itself: the package's name ``sampling.generate`` is its function.
+generate_lib = importlib.import_module("nextstep_jax.sampling.generate")
 
 PROMPT_LEN, NEG_LEN = 46, 46
 
@@ -249,6 +254,42 @@ def time_decode(model: ns.NextStep, slots: int, n: int, repeats: int) -> tuple[f
   return out[0], out[1]
 
 
+def time_text_step(model: ns.NextStep, slots: int, n: int, repeats: int) -> tuple[float, float]:
+  """Seconds per text token of ``sampling.generate`` (its compiled step, driven from Python per token as
+  generate drives it: the LM head's logits, greedy choice, one decode step of the chosen token on the
+  sampler's layout), against the same step on the training layout (``Backbone.__call__`` over the stacked
+  weights and a stacked cache, as generate ran before)."""
+  graphdef, state = nnx.split(model)
+  c = model.config.backbone
+  weights = sampling.sampler_weights(model)
+  args = (jnp.float32(0.0), jnp.float32(1.0), jnp.int32(c.vocab_size))
+  pos, key = jnp.asarray([slots - n - 1], jnp.int32), jax.random.key(4)
+  h0 = jax.random.normal(jax.random.key(3), (1, c.hidden_size), jnp.float32).astype(c.dtype)
+
+  @jax.jit
+  def stacked(state, cache, h, pos, key, temperature, top_p, vocab_limit):
+    backbone = nnx.merge(graphdef, state).backbone
+    tok = sampling.sample_logits(backbone.logits(h[:, None])[:, 0], key, temperature, top_p, vocab_limit)
+    hs, cache = backbone(backbone.embed(tok[:, None]), pos[:, None], jnp.ones((1, 1), jnp.int32), cache=cache)
+    return tok, hs[:, 0], cache
+
+  text_step = generate_lib._text_step_jit  # pylint: disable=protected-access
+  steps = {"sampler": (lambda cache, h: text_step(weights, cache, h, pos, key, *args),
+                       lambda: layout.init_cache(c, 1, slots)),
+           "training": (lambda cache, h: stacked(state, cache, h, pos, key, *args),
+                        lambda: model.backbone.init_cache(1, slots))}
+  out = []
+  for step, fresh in steps.values():
+    def tokens(step=step, fresh=fresh):
+      cache, h = fresh(), h0
+      for _ in range(n):
+        _, h, cache = step(cache, h)
+      return h
+    tokens().block_until_ready()
+    out.append(best_of(tokens, repeats) / n)
+  return out[0], out[1]
+
+
 def bench(run: str, args, bandwidth: float) -> None:
   name, side = run.split("@")
   side = int(side)
@@ -288,6 +329,9 @@ def bench(run: str, args, bandwidth: float) -> None:
   print(f"decode:  {1e3 * d_fast:.3f} ms per step (training layout {1e3 * d_stacked:.3f} ms: "
         f"{d_stacked / d_fast:.2f}x); in the token: head {steps * fast / per_token:.0%}, decode "
         f"{d_fast / per_token:.0%}")
+  t_fast, t_stacked = time_text_step(model, slots, min(16, t_img - 1), args.repeats)
+  print(f"text:    {1e3 * t_fast:.3f} ms per text token of sampling.generate (training layout "
+        f"{1e3 * t_stacked:.3f} ms: {t_stacked / t_fast:.2f}x)")
 
   if args.naive_tokens:
     n = min(args.naive_tokens, t_img)
