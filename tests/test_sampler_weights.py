@@ -45,6 +45,7 @@ def test_sampler_weights_sample_what_the_model_samples():
   from_model = np.asarray(sampling.sample_guided(model, ps, 2, 3, key, **kw))
   weights = sampling.sampler_weights(model)
   assert isinstance(weights, sampling.SamplerWeights) and weights.config == model.config
+  assert sampling.sampler_weights(weights) is weights  # laid out already: taken as it is
   assert len(weights.layers) == CFG.backbone.num_layers and len(weights.head_blocks) == CFG.head.num_layers
   got = np.asarray(sampling.sample_guided(weights, ps, 2, 3, key, **kw))
   assert_close_fp32(got, ref, rtol=5e-5)  # the naive loop's tolerance (tests/test_sampling.py)
@@ -53,7 +54,9 @@ def test_sampler_weights_sample_what_the_model_samples():
   graphdef, state = nnx.split(model)
   host = nnx.merge(graphdef, jax.device_get(state))
   assert isinstance(host.backbone.layers.q_kernel[...], np.ndarray)
-  np.testing.assert_array_equal(np.asarray(sampling.sample_guided(host, ps, 2, 3, key, **kw)), from_model)
+  from_host = np.asarray(sampling.sample_guided(host, ps, 2, 3, key, **kw))
+  assert_close_fp32(from_host, ref, rtol=5e-5)
+  np.testing.assert_array_equal(from_host, from_model)
   # The public wrappers take the weights too.
   np.testing.assert_array_equal(np.asarray(sampling.sample_images(weights, ps[0], ps[1], 2, 3, key, **kw)), got)
 
@@ -95,7 +98,8 @@ def _old_sampler(graphdef, state, tokens, mask, key):
   dec = layout.decoder_layout(model)
   cache = layout.init_cache(model.config.backbone, r, p + 16)
   h_last, cache, lengths = sampler_lib.prefill(model, dec, cache, tokens, mask, None, None)
-  out, _, _ = sampler_lib.image_loop(model, dec, cache, h_last, lengths, key, groups=2, num_tokens=16, steps=4,
+  out, _, _ = sampler_lib.image_loop(model, dec, layout.head_layout(model.head), cache, h_last, lengths, key,
+                                     groups=2, num_tokens=16, steps=4,
                                      sde=True, use_norm=True, cfg=jnp.float32(3.0), cfg_img=jnp.float32(2.0),
                                      time_shift=jnp.float32(1.0))
   return out

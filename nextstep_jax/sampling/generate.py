@@ -84,9 +84,9 @@ def _image_jit(weights: layout.SamplerWeights, cache, h_last, next_pos, key, cfg
                w, steps, sde, use_norm, cfg_schedule="constant", noise_repeat=0):
   TRACES["image"] += 1
   model = weights.model()
-  return image_loop(model, weights.decoder(model), cache, h_last, next_pos, key, groups=groups, num_tokens=h * w,
-                    steps=steps, sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
-                    cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, hl=weights.head(model))
+  return image_loop(model, weights.decoder(model), weights.head(model), cache, h_last, next_pos, key, groups=groups,
+                    num_tokens=h * w, steps=steps, sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img,
+                    time_shift=time_shift, cfg_schedule=cfg_schedule, noise_repeat=noise_repeat)
 
 
 _AREA_RE = re.compile(r"^\s*(\d+)\s*\*\s*(\d+)\s*$")
@@ -134,7 +134,7 @@ def generate(model: ns.NextStep | layout.SamplerWeights, tokenizer: TokenizerLik
   p_len = bucket_length(len(prompt_ids), bucket)
   forced = len(image_prefix_ids(tokenizer, h0, w0)) if think else 0
   capacity = bucket_length(p_len + max_new_tokens + forced + max_images * (max_img + 1) + 1, bucket)
-  weights = model if isinstance(model, layout.SamplerWeights) else layout.sampler_weights(model)
+  weights = layout.sampler_weights(model)  # the model's weights laid out for this call, or those given
   bc = model.config.backbone
   cache = layout.init_cache(bc, 1, capacity)
   prompt = pad_prompts([prompt_ids], pad_id=pad, length=p_len)

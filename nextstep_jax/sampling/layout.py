@@ -144,7 +144,9 @@ def sampler_weights(model: ns.NextStep, *, consume: bool = False) -> SamplerWeig
   device holds at most the weights and one stacked weight; `model`'s layer and head weights are deleted
   (it cannot be used afterwards). An abstract model (``jax.ShapeDtypeStruct`` leaves, with or without
   shardings, as ``nnx.eval_shape`` or ``run.param_target`` give) gives abstract weights; host (numpy)
-  weights give per-layer views of them (nothing to free)."""
+  weights give per-layer views of them (nothing to free). `model` already a ``SamplerWeights``: itself."""
+  if isinstance(model, SamplerWeights):
+    return model
   graphdef, stacked, head, rest = nnx.split(model, _is_layer_weight, _is_head_weight, ...)
 
   def unstack(x):

@@ -85,16 +85,15 @@ def draw_token(hl: dict, ttable: jax.Array, cy_rd: jax.Array, x0: jax.Array, zs:
   return integrate(velocity, x0, zs, steps=steps, time_shift=time_shift, indexed=True)
 
 
-def image_loop(model: ns.NextStep, dec: dict, cache, h_last, next_pos, key, *, groups: int, num_tokens: int,
-               steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift, cfg_schedule: str = "constant",
-               noise_repeat: int = 0, hl: dict | None = None, progress_every: int = 0):
+def image_loop(model: ns.NextStep, dec: dict, hl: dict, cache, h_last, next_pos, key, *, groups: int,
+               num_tokens: int, steps: int, sde: bool, use_norm: bool, cfg, cfg_img, time_shift,
+               cfg_schedule: str = "constant", noise_repeat: int = 0, progress_every: int = 0):
   """h*w image tokens, each fed back into every row. `key`: one key (rows drawn together,
-  ``flow.token_noise``) or one per image (B,) (``flow.row_noise``). `hl`: the head's weights laid out
-  (``layout.head_layout``; default made from `model`'s). `progress_every` n > 0: ``reporting``'s listeners
+  ``flow.token_noise``) or one per image (B,) (``flow.row_noise``). `dec`, `hl`: the decoder's and the head's
+  weights laid out (``layout.SamplerWeights.decoder`` / ``.head``). `progress_every` n > 0: ``reporting``'s listeners
   hear of every n-th token and of the last. Returns (tokens (B, T, d), cache, h_last)."""
   r = h_last.shape[0]
   b, d = r // groups, model.config.token_dim
-  hl = layout.head_layout(model.head) if hl is None else hl
   ttable = model.head.time_embed(eval_grid(steps, time_shift, sde))  # once per image
   per_row = key.ndim == 1
 
@@ -137,9 +136,9 @@ def _sample_jit(weights: layout.SamplerWeights, tokens, mask, img_tokens, img_in
   dec = weights.decoder(model)
   cache = layout.init_cache(model.config.backbone, r, p + h * w)
   h_last, cache, lengths = prefill(model, dec, cache, tokens, mask, img_tokens, img_index)
-  out, _, _ = image_loop(model, dec, cache, h_last, lengths, key, groups=groups, num_tokens=h * w, steps=steps,
-                          sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img, time_shift=time_shift,
-                          cfg_schedule=cfg_schedule, noise_repeat=noise_repeat, hl=weights.head(model),
+  out, _, _ = image_loop(model, dec, weights.head(model), cache, h_last, lengths, key, groups=groups,
+                          num_tokens=h * w, steps=steps, sde=sde, use_norm=use_norm, cfg=cfg, cfg_img=cfg_img,
+                          time_shift=time_shift, cfg_schedule=cfg_schedule, noise_repeat=noise_repeat,
                           progress_every=progress_every)
   return out
 
@@ -194,7 +193,7 @@ def sample_guided(model: ns.NextStep | layout.SamplerWeights, prompts: Sequence[
     raise ValueError(f"key: one key, or one per image ({rows}); got shape {key.shape}")
   if key.ndim == 1 and noise_repeat:
     raise ValueError("noise_repeat shares one key's draws across rows; with one key per image it has no use")
-  weights = model if isinstance(model, layout.SamplerWeights) else layout.sampler_weights(model)
+  weights = layout.sampler_weights(model)  # the model's weights laid out for this call, or those given
   args = (weights, jnp.asarray(s["tokens"]), jnp.asarray(s["mask"]),
           None if s["image_tokens"] is None else jnp.asarray(s["image_tokens"]),
           None if s["image_index"] is None else jnp.asarray(s["image_index"]), key,
